@@ -41,7 +41,7 @@ from einops import reduce
 
 def bcast(v, x):
     """Reshape a per-example (B,) tensor to (B, 1, ..., 1) so it broadcasts against x (B, ...)."""
-    v = torch.as_tensor(v)
+    v = v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
     return v.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
@@ -193,8 +193,15 @@ def _at(arr, t, x):
     return bcast(arr[t.cpu()], x)
 
 
+def _coefs(sched, t):
+    """float64 (B,) beta_t, alpha_t, alpha_bar_t, alpha_bar_{t-1}: form coefficients, then cast."""
+    t = t.cpu()
+    return sched.beta[t], sched.alpha[t], sched.alpha_bar[t], sched.alpha_bar[t - 1]
+
+
 def marginal_coefs(sched, t):
     """(scale, std) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), each (B,) float64. [F3]"""
+    _check_t(sched, t, t)
     alpha_bar = sched.alpha_bar[t.cpu()]
     return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
 
@@ -214,15 +221,16 @@ def q_step(sched, x_prev, t, noise=None, *, generator=None):
     _check_batch(x_prev, "x_prev")
     _check_t(sched, t, x_prev)
     z = _noise(x_prev, noise, generator)
-    return _at(sched.alpha, t, x_prev).sqrt() * x_prev + _at(sched.beta, t, x_prev).sqrt() * z
+    beta, alpha, _, _ = _coefs(sched, t)
+    return bcast(alpha.sqrt(), x_prev) * x_prev + bcast(beta.sqrt(), x_prev) * z
 
 
 def q_mean_var(sched, x0, t):
     """q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I); returns (mean, var). [F3]"""
     _check_batch(x0, "x0")
     _check_t(sched, t, x0)
-    alpha_bar = _at(sched.alpha_bar, t, x0)
-    return alpha_bar.sqrt() * x0, 1 - alpha_bar
+    _, _, alpha_bar, _ = _coefs(sched, t)
+    return bcast(alpha_bar.sqrt(), x0) * x0, bcast(1 - alpha_bar, x0)
 
 
 def q_sample(sched, x0, t, noise=None, *, generator=None):
@@ -243,10 +251,9 @@ def posterior_mean_var(sched, x0, xt, t):
     _check_batch(x0, "x0")
     _check_same_shape(x0, xt, "x0", "xt")
     _check_t(sched, t, x0)
-    beta, alpha = _at(sched.beta, t, x0), _at(sched.alpha, t, x0)
-    alpha_bar, alpha_bar_prev = _at(sched.alpha_bar, t, x0), _at(sched.alpha_bar, t - 1, x0)
-    mu_tilde = (alpha_bar_prev.sqrt() * beta / (1 - alpha_bar) * x0
-                + alpha.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar) * xt)
+    beta, alpha, alpha_bar, alpha_bar_prev = _coefs(sched, t)
+    mu_tilde = (bcast(alpha_bar_prev.sqrt() * beta / (1 - alpha_bar), x0) * x0
+                + bcast(alpha.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar), x0) * xt)
     return mu_tilde, _at(sched.beta_tilde, t, x0)
 
 
@@ -258,8 +265,8 @@ def mu_from_eps(sched, xt, t, eps):
     _check_batch(xt, "xt")
     _check_same_shape(xt, eps, "xt", "eps")
     _check_t(sched, t, xt)
-    beta, alpha = _at(sched.beta, t, xt), _at(sched.alpha, t, xt)
-    return (xt - beta / (1 - _at(sched.alpha_bar, t, xt)).sqrt() * eps) / alpha.sqrt()
+    beta, alpha, alpha_bar, _ = _coefs(sched, t)
+    return (xt - bcast(beta / (1 - alpha_bar).sqrt(), xt) * eps) / bcast(alpha.sqrt(), xt)
 
 
 def gaussian_kl(mean1, var1, mean2, var2):
@@ -268,7 +275,8 @@ def gaussian_kl(mean1, var1, mean2, var2):
     1/2 [log(var2 / var1) + (var1 + (mean1 - mean2)^2) / var2 - 1]; the arguments broadcast.
     Sum over the data dimensions for the KL of N(m1, v1 I) and N(m2, v2 I).
     """
-    var1, var2 = torch.as_tensor(var1), torch.as_tensor(var2)
+    var1, var2 = (v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
+                  for v in (var1, var2))
     if (var1 <= 0).any() or (var2 <= 0).any():
         raise ValueError("var1 and var2 must be > 0")
     return 0.5 * (torch.log(var2 / var1) + (var1 + (mean1 - mean2) ** 2) / var2 - 1)
@@ -281,6 +289,7 @@ def reverse_var(sched, t, kind="beta"):
     DDPM the log-variance is clipped: at t = 1 we use beta_tilde_2 (beta_1 when T = 1).
     """
     _check_choice("kind", kind, {"beta", "beta_tilde"})
+    _check_t(sched, t, t)
     t = t.cpu()
     if kind == "beta":
         return sched.beta[t]
@@ -301,7 +310,10 @@ def discretized_gaussian_logp(x0, mean, var):
     Elementwise, in nats. Probabilities are floored at 1e-12 to keep the log finite.
     """
     _check_same_shape(x0, mean, "x0", "mean")
-    std = torch.as_tensor(var, dtype=x0.dtype, device=x0.device).sqrt()
+    var = torch.as_tensor(var, dtype=x0.dtype, device=x0.device)
+    if not (var > 0).all():
+        raise ValueError(f"var must be > 0, got min {var.min().item()}")
+    std = var.sqrt()
     upper = _std_normal_cdf((x0 + 1 / 255 - mean) / std)
     lower = _std_normal_cdf((x0 - 1 / 255 - mean) / std)
     upper = torch.where(x0 > 1 - 1e-3, torch.ones_like(upper), upper)    # k = 255: up to +inf
@@ -324,6 +336,9 @@ def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized", gener
     _check_batch(x0, "x0")
     _check_choice("decoder", decoder, {"discretized", "gaussian"})
     _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
+    if decoder == "discretized" and not ((x0 >= -1) & (x0 <= 1)).all():
+        raise ValueError(f"x0 must be 8-bit data scaled to [-1, 1] for decoder='discretized', got "
+                         f"values in {x0.min().item():.4g}..{x0.max().item():.4g} (PITFALLS #12)")
     B, d = x0.shape[0], x0[0].numel()
     terms = x0.new_zeros(B, sched.T)
     for step in range(1, sched.T + 1):
@@ -381,7 +396,7 @@ def tweedie(xt, score, scale, std):
 
 def _as_coef(v, x, name):
     """A (B,) or broadcastable coefficient, cast to x's dtype; must be > 0."""
-    v = torch.as_tensor(v)
+    v = v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
     if (v <= 0).any():
         raise ValueError(f"{name} must be > 0, got min {v.min().item()}")
     if v.ndim == 1 and v.shape[0] == x.shape[0] and x.ndim > 1:
@@ -419,9 +434,14 @@ def dsm_loss(score_model, x0, sigmas, *, sigma=None, noise=None, generator=None)
     _check_batch(x0, "x0")
     if sigma is None:
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+        if sigmas.ndim != 1 or len(sigmas) < 1 or not (sigmas > 0).all():
+            raise ValueError(f"sigmas must be a non-empty 1-D sequence of numbers > 0, "
+                             f"got {sigmas.tolist()}")
         idx = torch.randint(0, len(sigmas), x0.shape[:1], generator=generator, device=x0.device)
         sigma = sigmas.to(x0.device)[idx].to(x0.dtype)
     _check_per_example(sigma, x0, "sigma")
+    if not (sigma > 0).all():
+        raise ValueError(f"sigma must be > 0, got min {sigma.min().item()}")
     z = _noise(x0, noise, generator)
     sigma_b = bcast(sigma, x0)
     x_tilde = x0 + sigma_b * z
@@ -439,10 +459,13 @@ def sde_loss(score_model, sde, x0, *, likelihood_weighting=False, s=None, noise=
     score_model(x, s) gets s as a (B,) tensor.
     """
     _check_batch(x0, "x0")
+    _check_unit_open("eps_s", eps_s)
     if s is None:
         s = eps_s + (1 - eps_s) * torch.rand(x0.shape[:1], generator=generator,
                                              device=x0.device, dtype=x0.dtype)
     _check_per_example(s, x0, "s")
+    if not ((s >= 0) & (s <= 1)).all():
+        raise ValueError(f"s must lie in [0, 1], got values in {s.min().item()}..{s.max().item()}")
     z = _noise(x0, noise, generator)
     mean, std = sde.marginal(x0, s)
     x_s = mean + std * z
@@ -696,7 +719,7 @@ def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", generator=Non
 def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, generator=None, callback=None):
     """DDIM: x_t' = sqrt(alpha_bar_t') x0_hat + sqrt(1 - alpha_bar_t' - sigma^2) eps + sigma z.
 
-    [F29] x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t) with eps = eps_theta(x_t, t).
+    [F29] x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), eps = eps_theta(x_t, t).
 
     t' is the previous point of the grid (``steps``: an int S <= T or an explicit descending grid
     from T; the previous point of the last one is 0, where alpha_bar = 1, so the result is x0_hat).
@@ -745,7 +768,8 @@ def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0
     low dimension: a point near a mode has a tiny score and would jump far), and alpha = 1 (the
     continuous-time rule; the discretized VP's alpha_i = 1 - beta_i -> 1 as steps grow).
     Predictor: Euler-Maruyama, x <- x - [f - g^2 score] ds + g sqrt(ds) z, ds = (1 - eps_s) / steps;
-    the last predictor step adds no noise. The corrector runs before the predictor at each s. score_fn(x, s) gets s as a (B,) tensor.
+    the last predictor step adds no noise. The corrector runs before the predictor at each s.
+    score_fn(x, s) gets s as a (B,) tensor.
     """
     _check_batch(x, "x")
     grid = _s_grid(1.0, eps_s, steps, x)
