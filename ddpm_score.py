@@ -687,29 +687,61 @@ def _time_grid(sched, steps):
     return grid
 
 
+def _check_inpainting(x, known, mask):
+    if known is None and mask is None:
+        return
+    if known is None or mask is None:
+        raise ValueError("known and mask must be given together for inpainting")
+    _check_same_shape(x, known, "x", "known")
+    if mask.dtype != torch.bool or mask.shape != x.shape:
+        raise ValueError(f"mask must be a bool tensor of the data's shape {tuple(x.shape)}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
+
+
+def _replace_known(x, known, mask, alpha_bar, generator):
+    """F31: on the mask, x_t := sqrt(alpha_bar) known + sqrt(1 - alpha_bar) z ~ q(x_t | known)."""
+    if mask is None:
+        return x
+    noisy = math.sqrt(alpha_bar) * known + math.sqrt(1 - alpha_bar) * _randn_like(x, generator)
+    return torch.where(mask, noisy, x)
+
+
+def _replace_known_sde(x, known, mask, sde, s, generator):
+    """F31 for an SDE: on the mask, x_s := m(s) known + std(s) z ~ p_{0s}(x_s | known)."""
+    if mask is None:
+        return x
+    mean, std = sde.marginal(known, _full(x, s))
+    return torch.where(mask, mean + std * _randn_like(x, generator), x)
+
+
 @torch.no_grad()
 def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", generator=None,
-                callback=None):
+                callback=None, known=None, mask=None):
     """Ancestral sampling x_{t-1} = mu_theta(x_t, t) + sigma_t z, from x = x_T to x_0. [F6, F9]
 
     sigma_t^2 = beta_t or beta_tilde_t (``sigma2``). With a subsequence tau_S = T > ... > tau_1 of
     steps (``steps``, see _time_grid) the chain is respaced: beta'_i = 1 - alpha_bar_{tau_i} /
     alpha_bar_{tau_{i-1}} (tau_0 = 0), which keeps every alpha_bar_{tau_i}; with all T steps it is
     the original chain. The last step returns the mean: no noise is added at t = 1.
+    Inpainting (F31): where the boolean ``mask`` is True, x is replaced after every step by a
+    sample of q(x_t | known) at the new step, so the result equals ``known`` there exactly.
     ``callback(i, x)``, if given, sees x after each step.
     """
     _check_batch(x, "x")
     _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
+    _check_inpainting(x, known, mask)
     taus = _time_grid(sched, steps)[::-1]  # ascending tau_1..tau_S
     alpha_bar = sched.alpha_bar[taus]
     sub = Schedule.from_betas(1 - alpha_bar / torch.cat([torch.ones(1, dtype=torch.float64),
                                                          alpha_bar[:-1]]))
+    x = _replace_known(x, known, mask, sub.alpha_bar[-1].item(), generator)
     for i in range(len(taus), 0, -1):
         i_b = torch.full(x.shape[:1], i, dtype=torch.long, device=x.device)
         t_b = torch.full(x.shape[:1], taus[i - 1], dtype=torch.long, device=x.device)
-        mean = mu_from_eps(sub, x, i_b, eps_model(x, t_b))
-        noise = bcast(reverse_var(sub, i_b, sigma2), x).sqrt() * _randn_like(x, generator)
-        x = mean + noise if i > 1 else mean
+        x = mu_from_eps(sub, x, i_b, eps_model(x, t_b))
+        if i > 1:
+            x = x + bcast(reverse_var(sub, i_b, sigma2), x).sqrt() * _randn_like(x, generator)
+        x = _replace_known(x, known, mask, sub.alpha_bar[i - 1].item(), generator)
         if callback is not None:
             callback(len(taus) - i, x)
     return x
@@ -759,7 +791,7 @@ def _full(x, s):
 
 @torch.no_grad()
 def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0.16,
-                       eps_s=1e-3, generator=None, callback=None):
+                       eps_s=1e-3, generator=None, callback=None, known=None, mask=None):
     """Predictor-corrector sampling of the reverse SDE from s = 1 to eps_s. [F24, F28]
 
     Corrector (``corrector_steps`` Langevin steps at fixed s, F17 with eps = 2 delta):
@@ -769,10 +801,14 @@ def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0
     continuous-time rule; the discretized VP's alpha_i = 1 - beta_i -> 1 as steps grow).
     Predictor: Euler-Maruyama, x <- x - [f - g^2 score] ds + g sqrt(ds) z, ds = (1 - eps_s) / steps;
     the last predictor step adds no noise. The corrector runs before the predictor at each s.
+    Inpainting (F31): where the boolean ``mask`` is True, x is replaced after every step by a
+    sample of p_{0s}(x_s | known); the result equals ``known`` there exactly.
     score_fn(x, s) gets s as a (B,) tensor.
     """
     _check_batch(x, "x")
+    _check_inpainting(x, known, mask)
     grid = _s_grid(1.0, eps_s, steps, x)
+    x = _replace_known_sde(x, known, mask, sde, 1.0, generator)
     for i, (s, s_next) in enumerate(zip(grid, grid[1:])):
         s_b, ds = _full(x, s), s - s_next
         for _ in range(corrector_steps):
@@ -783,6 +819,9 @@ def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0
         x = x - reverse_drift(sde, score_fn(x, s_b), x, s_b) * ds
         if i < steps - 1:
             x = x + bcast(sde.diffusion(s_b), x) * math.sqrt(ds) * _randn_like(x, generator)
+            x = _replace_known_sde(x, known, mask, sde, s_next, generator)
+        elif mask is not None:
+            x = torch.where(mask, known, x)
         if callback is not None:
             callback(i, x)
     return x
@@ -895,3 +934,95 @@ def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5,
     nats = sde.prior_logp(state[:, :d].reshape(shape)) + state[:, d]
     offset = d * math.log(2 / 255) if dequantize else 0.0
     return {"nats": nats, "bpd": -(nats + offset) / (d * math.log(2))}
+
+
+# --- controllable generation [F30, F31] and energy-based scores [F14] ----------------------------
+
+
+def guided_score(score_fn, log_likelihood_fn, w):
+    """grad log p_s(x) + w grad_x log p_s(y | x), by autograd of the log-likelihood. [F30]
+
+    Bayes' rule for scores: with w = 1 this is grad log p_s(x | y) (p(y) drops out); w > 1
+    sharpens the conditional (classifier guidance). log_likelihood_fn(x, s) returns log p_s(y | x)
+    per example (B,) for the wanted y, e.g. a noise-conditional classifier's log-softmax at y.
+    Returns a score function (x, s) usable in every sampler. Not differentiable in the classifier's
+    parameters (a sampling tool).
+    """
+    def guided(x, s):
+        with torch.enable_grad():
+            x_ = x.detach().requires_grad_(True)
+            grad = torch.autograd.grad(log_likelihood_fn(x_, s).sum(), x_)[0]
+        return score_fn(x, s) + w * grad
+    return guided
+
+
+def classifier_free(cond_fn, uncond_fn, w):
+    """Classifier-free guidance: (1 + w) cond(x, s) - w uncond(x, s). [F30]
+
+    For eps-models eps_tilde = (1 + w) eps(x, y) - w eps(x, null); the same line combines scores.
+    It is F30 with the classifier's gradient grad log p(y | x) = score(x | y) - score(x) read off
+    one network trained with label dropout: w = 0 is the plain conditional model.
+    """
+    return lambda x, s: (1 + w) * cond_fn(x, s) - w * uncond_fn(x, s)
+
+
+def energy_score(energy_fn):
+    """Score of p(x) = exp(-E(x)) / Z: s(x, ...) = -grad_x E(x, ...); Z drops out. [F14]
+
+    energy_fn(x, *cond) returns one energy per example (B,). The returned score takes the same
+    arguments, so it plugs into every loss and sampler. While gradients are enabled (training) the
+    gradient is taken with create_graph=True, so losses differentiate through it; inside a sampler
+    (no_grad) it is a plain tensor.
+    """
+    def score(x, *cond):
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            x_ = x if x.requires_grad else x.detach().requires_grad_(True)
+            energy = energy_fn(x_, *cond)
+            return -torch.autograd.grad(energy.sum(), x_, create_graph=create_graph)[0]
+    return score
+
+
+def colour_basis(dtype=torch.float64, device=None):
+    """An orthogonal 3x3 matrix M whose first row (1, 1, 1) / sqrt(3) is the grey axis. [F31]
+
+    Colorization is inpainting in y = M x (per pixel, over the channel dimension): the first
+    channel, sqrt(3) x grey, is known; the other two (orthonormal colour differences) are filled in.
+    """
+    return torch.tensor([[1 / math.sqrt(3)] * 3,
+                         [1 / math.sqrt(2), -1 / math.sqrt(2), 0.0],
+                         [1 / math.sqrt(6), 1 / math.sqrt(6), -2 / math.sqrt(6)]],
+                        dtype=dtype, device=device)
+
+
+def to_colour_basis(x):
+    """y = M x over the channel dimension of (B, 3, ...) images. [F31]"""
+    return torch.einsum("ij,bj...->bi...", colour_basis(x.dtype, x.device), x)
+
+
+def from_colour_basis(y):
+    """x = M^T y, the inverse of to_colour_basis (M is orthogonal). [F31]"""
+    return torch.einsum("ji,bj...->bi...", colour_basis(y.dtype, y.device), y)
+
+
+def in_colour_basis(model_fn):
+    """The model seen in the colour basis: y -> M model(M^T y, ...). [F31]
+
+    An orthogonal change of variables maps scores (and eps predictions) by the same M, so any
+    sampler run in y space with this model and ``colorization_known`` colorizes a grey image:
+    ``from_colour_basis(ddpm_sample(in_colour_basis(eps_model), sched, to_colour_basis(x_T),
+    known=known, mask=mask))``.
+    """
+    return lambda y, *args: to_colour_basis(model_fn(from_colour_basis(y), *args))
+
+
+def colorization_known(grey, channels=3):
+    """(known, mask) in the colour basis for a grey image (B, 1, ...), the channels' mean. [F31]"""
+    if grey.ndim < 2 or grey.shape[1] != 1:
+        raise ValueError(f"grey must have shape (B, 1, ...), got {tuple(grey.shape)}")
+    known = torch.zeros(grey.shape[0], channels, *grey.shape[2:], dtype=grey.dtype,
+                        device=grey.device)
+    known[:, :1] = math.sqrt(channels) * grey
+    mask = torch.zeros_like(known, dtype=torch.bool)
+    mask[:, :1] = True
+    return known, mask
