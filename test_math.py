@@ -14,6 +14,7 @@ file runs in well under a minute) and 'thorough' (many random examples):
 """
 import math
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -34,6 +35,16 @@ RTOL = 1e-10  # float64 identities: relative tolerance ...
 ATOL = 1e-12  # ... and an absolute floor for entries that are O(1) quantities close to 0
 N_SE = 5      # statistical checks: allowed deviation in Monte Carlo standard errors
 LN2 = math.log(2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests use small tensors, where a second intra-op thread only adds overhead (and on a
+    loaded 2-core machine it made this file 6x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 # --- independent references (notation and helpers) ----------------------------------------------
 
@@ -1108,3 +1119,930 @@ def test_bad_input_raises_value_error_naming_the_argument(case):
     fn, match = BAD_INPUT[case]
     with pytest.raises(ValueError, match=match):
         fn()
+
+
+# --- Samplers and likelihood: exact-score tests --------------------------------------------------
+# Every sampler runs with the exact score of a density we know: a 3-D Gaussian N(MU, SIGMA) with a
+# non-diagonal covariance, and a 2-D mixture of four Gaussians with unequal weights and widths.
+# The references (prefix ref_) are written here from FORMULAS.md, never with the module's helpers.
+# For Gaussian data every sampler is affine in its start and its noise, so its exact output law
+# is read off the module (ref_affine_law) and compared with (a) the same sampler's update written
+# here and propagated step by step -- agreement to rounding, which is what sees an off-by-one --
+# and (b) the target, within a measured and stated discretization bound. The mixture checks are
+# statistical, each at 5 Monte Carlo standard errors (two-sided p ~ 6e-7 per check).
+
+F64 = torch.float64
+MU = torch.tensor([1.0, -0.5, 0.25], dtype=F64)
+SIGMA = torch.tensor([[1.0, 0.5, 0.2], [0.5, 0.8, -0.2], [0.2, -0.2, 0.5]], dtype=F64)
+# eigenvalues of SIGMA: 0.158, 0.731, 1.411
+MIX_W = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=F64)
+MIX_MU = torch.tensor([[-1.5, -1.5], [1.5, -1.5], [-1.5, 1.5], [1.5, 1.5]], dtype=F64)
+MIX_STD = torch.tensor([0.3, 0.2, 0.15, 0.1], dtype=F64)
+VP, VE = dict(beta_min=0.1, beta_max=20.0), dict(sigma_min=0.01, sigma_max=50.0)
+SDES = {"vp": lambda: ds.VPSDE(**VP), "subvp": lambda: ds.SubVPSDE(**VP),
+        "ve": lambda: ds.VESDE(**VE)}
+N_MIX = 10_000   # mixture samples per statistical test: SE of a weight 0.1 is 0.003
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _col(v, x):
+    """A float or (B,) tensor as a (B, 1, ..., 1) column in x's dtype."""
+    return torch.as_tensor(v, dtype=x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+
+
+# Exact scores, schedules and SDE marginals --------------------------------------------------------
+
+def ref_gauss_score(x, m, v, mu=MU, cov=SIGMA):
+    """grad log N(x; m mu, m^2 cov + v I): N(mu, cov) pushed through x = m x0 + sqrt(v) eps."""
+    lam, Q = torch.linalg.eigh(cov.to(x.dtype))
+    m, v = _col(m, x), _col(v, x)
+    y = (x - m * mu.to(x.dtype)) @ Q
+    return -(y / (m ** 2 * lam + v)) @ Q.T
+
+
+def ref_gauss_affine(m, v, mu=MU, cov=SIGMA):
+    """(S, c) with ref_gauss_score(x) = S x + c for one (m, v): S = -C^{-1}, c = C^{-1} m mu."""
+    C_inv = torch.linalg.inv(m ** 2 * cov + v * torch.eye(len(mu), dtype=F64))
+    return -C_inv, C_inv @ (m * mu)
+
+
+def ref_mix_score(x, m, v):
+    """grad log sum_k w_k N(x; m mu_k, (m^2 std_k^2 + v) I) = -sum_k r_k (x - m mu_k) / var_k,
+    r_k the responsibilities. Laid out (K, B), which is much faster than (B, K, 2) for K = 4."""
+    m, v = _col(m, x).reshape(1, -1), _col(v, x).reshape(1, -1)              # (1, B)
+    if (m == m[0, 0]).all() and (v == v[0, 0]).all():   # samplers share one time per batch
+        m, v = m[:, :1], v[:, :1]
+    mu, w = MIX_MU.to(x.dtype), MIX_W.to(x.dtype)
+    var = m ** 2 * MIX_STD.to(x.dtype)[:, None] ** 2 + v                       # (K, B)
+    dx, dy = x[:, 0] - m * mu[:, :1], x[:, 1] - m * mu[:, 1:]                  # (K, B) each
+    r = torch.softmax(w.log()[:, None] - (dx ** 2 + dy ** 2) / (2 * var)
+                      - torch.log(2 * math.pi * var), 0)
+    return -torch.stack([(r * dx / var).sum(0), (r * dy / var).sum(0)], 1)
+
+
+def ref_mix_sample(n, generator):
+    """n points of the mixture."""
+    k = torch.multinomial(MIX_W, n, replacement=True, generator=generator)
+    return MIX_MU[k] + MIX_STD[k, None] * torch.randn(n, 2, generator=generator, dtype=F64)
+
+
+def ref_alpha_bar_table(betas):
+    """alpha_bar_t = prod_{i<=t} (1 - beta_i) by a product loop, index 0 = 1. [F2]"""
+    ab = [1.0]
+    for b in betas.tolist():
+        ab.append(ab[-1] * (1 - b))
+    return torch.tensor(ab, dtype=F64)
+
+
+def ref_eps_model(score, alpha_bar, calls=None):
+    """eps(x_t, t) = -sqrt(1 - alpha_bar_t) score_t(x_t), score_t that of x_t = sqrt(alpha_bar_t)
+    x0 + sqrt(1 - alpha_bar_t) eps [F3, F21]. With a list ``calls``, each call appends
+    (x, t, eps)."""
+    def eps_model(x, t):
+        assert t.dtype == torch.long and t.shape == x.shape[:1]
+        ab = alpha_bar[t].to(x.dtype)
+        eps = -_col((1 - ab).sqrt(), x) * score(x, ab.sqrt(), 1 - ab)
+        if calls is not None:
+            calls.append((x.clone(), t.clone(), eps.clone()))
+        return eps
+    return eps_model
+
+
+def ref_sde_coefs(name, s, beta_min=0.1, beta_max=20.0, sigma_min=0.01, sigma_max=50.0):
+    """(m, var, a, g2) at time s (float or tensor) from F22/F23: mean coefficient, variance, drift
+    a(s) with f = a(s) x, and g(s)^2; int_0^s beta = beta_min s + (beta_max - beta_min) s^2 / 2."""
+    s = torch.as_tensor(s, dtype=F64)
+    if name == "ve":
+        sig2 = sigma_min ** 2 * (sigma_max / sigma_min) ** (2 * s)
+        return (torch.ones_like(s), sig2 - sigma_min ** 2, torch.zeros_like(s),
+                sig2 * 2 * math.log(sigma_max / sigma_min))
+    B = beta_min * s + (beta_max - beta_min) * s ** 2 / 2
+    beta = beta_min + s * (beta_max - beta_min)
+    if name == "vp":
+        return torch.exp(-B / 2), 1 - torch.exp(-B), -beta / 2, beta
+    return torch.exp(-B / 2), (1 - torch.exp(-B)) ** 2, -beta / 2, beta * (1 - torch.exp(-2 * B))
+
+
+def ref_sde_score(score, name):
+    """score_fn(x, s) of the marginal p_s for data whose noised score is score(x, m, v)."""
+    def score_fn(x, s):
+        m, var, _, _ = ref_sde_coefs(name, s)
+        return score(x, m, var)
+    return score_fn
+
+
+def ref_prior_std(name):
+    """Std of the prior the SDE samplers start from: 1, or sqrt(sigma_max^2 - sigma_min^2) (VE)."""
+    return math.sqrt(VE["sigma_max"] ** 2 - VE["sigma_min"] ** 2) if name == "ve" else 1.0
+
+
+def ref_sde_target(name, s, mu=MU, cov=SIGMA):
+    """p_s for data N(mu, cov): N(m mu, m^2 cov + v I) (F23). The samplers stop at s = eps_s."""
+    m, v, _, _ = (c.item() for c in ref_sde_coefs(name, s))
+    return m * mu, m ** 2 * cov + v * torch.eye(len(mu), dtype=F64)
+
+
+def ref_flow_loglik(name, x, eps_s, mu=MU, cov=SIGMA):
+    """What F27 with the exact flow returns for data N(mu, cov) and the N(0, prior_std^2 I) prior:
+    log p_{eps_s}(x) + log prior(x_1) - log p_1(x_1). For Gaussian data the flow is
+    x_s = m_s mu + C_s^{1/2} C_{eps_s}^{-1/2} (x - m_{eps_s} mu), C_s = m_s^2 cov + v_s I (the C_s
+    commute; it solves F26 since dC/ds = 2 a C + g^2 I, F23). The last two terms are the price of
+    starting from the prior instead of p_1: up to 0.005 (VP) and 0.016 (VE) nats per dimension."""
+    lam, Q = torch.linalg.eigh(cov)
+    (m0, v0, _, _), (m1, v1, _, _) = ref_sde_coefs(name, eps_s), ref_sde_coefs(name, 1.0)
+    x1 = m1 * mu + ((x - m0 * mu) @ Q * ((m1 ** 2 * lam + v1) / (m0 ** 2 * lam + v0)).sqrt()) @ Q.T
+    eye = torch.eye(len(mu), dtype=F64)
+    law = lambda m, v: torch.distributions.MultivariateNormal(m * mu, m ** 2 * cov + v * eye)
+    prior = torch.distributions.Normal(torch.zeros((), dtype=F64), ref_prior_std(name))
+    return law(m0, v0).log_prob(x) + prior.log_prob(x1).sum(1) - law(m1, v1).log_prob(x1)
+
+
+# Exact output laws of samplers on Gaussian data ------------------------------------------------
+
+def ref_affine_law(run, d, start_std=1.0):
+    """Exact law N(mean, cov) of run(x), x ~ N(0, start_std^2 I) of shape (B, d), for a sampler that
+    is affine in x and in its noise draws (any sampler on Gaussian data, without corrector).
+
+    torch.randn (the module's documented noise source) is replaced: counting runs find the K draws
+    (and that no other noise enters); then one run with rows [0, start_std e_1.., noise rows]
+    where draw k is e_j in row (k, j) and 0 elsewhere: row r - row 0 is a column of the linear
+    map, row 0 the mean. No Monte Carlo at all."""
+    def shape_of(size):
+        return tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
+
+    draws = []
+
+    def counting_randn(*size, dtype=None, device=None, generator=None, **kw):
+        draws.append(shape_of(size))
+        return torch.zeros(shape_of(size), dtype=dtype or F64)
+
+    with mock.patch.object(torch, "randn", counting_randn):
+        once, twice = run(torch.ones(1, d, dtype=F64)), run(torch.ones(1, d, dtype=F64))
+    assert torch.equal(once, twice), "the sampler draws noise other than through torch.randn"
+    K = len(draws) // 2
+    x = torch.zeros(1 + d + K * d, d, dtype=F64)
+    x[1:1 + d] = start_std * torch.eye(d, dtype=F64)
+    k_next = iter(range(K))
+
+    def basis_randn(*size, dtype=None, device=None, generator=None, **kw):
+        z, k = torch.zeros(shape_of(size), dtype=dtype or F64), next(k_next)
+        z[1 + d + k * d:1 + d + (k + 1) * d] = torch.eye(d, dtype=z.dtype)
+        return z
+
+    with mock.patch.object(torch, "randn", basis_randn):
+        out = run(x)
+    cols = out[1:] - out[0]
+    return out[0], cols.T @ cols
+
+
+def ref_propagate(steps, mean, cov):
+    """Push N(mean, cov) through x <- cx x + cs (S x + c) + sigma z for (cx, cs, (S, c), sigma)."""
+    I = torch.eye(len(mean), dtype=F64)
+    for cx, cs, (S, c), sigma in steps:
+        A = cx * I + cs * S
+        mean, cov = A @ mean + cs * c, A @ cov @ A.T + sigma ** 2 * I
+    return mean, cov
+
+
+def ref_w2(m1, P1, m2, P2):
+    """2-Wasserstein distance between N(m1, P1) and N(m2, P2)."""
+    def sqrtm(P):
+        lam, Q = torch.linalg.eigh(P)
+        return Q @ torch.diag(lam.clamp(min=0).sqrt()) @ Q.T
+    r = sqrtm(P2)
+    w2 = (m1 - m2).square().sum() + torch.trace(P1 + P2 - 2 * sqrtm(r @ P1 @ r))
+    return w2.clamp(min=0).sqrt().item()
+
+
+def ref_assert_same_law(law, ref, tol=1e-9):
+    """The module's law equals the one propagated here, to rounding (float64)."""
+    scale = max(1.0, ref[1].abs().max().item())
+    assert torch.allclose(law[0], ref[0], rtol=0, atol=tol * scale ** 0.5)
+    assert torch.allclose(law[1], ref[1], rtol=0, atol=tol * scale)
+
+
+# The samplers' updates, written here as x <- cx x + cs score(x) + sigma z -----------------------
+
+def ref_ddpm_steps(grid, ab, sigma2, mu=MU, cov=SIGMA):
+    """Ancestral sampling (F6, F7, F9) on a grid T = tau_S > ... > tau_1: with eps = -sqrt(1 - ab)
+    score, mu_theta = (x - beta' eps / sqrt(1 - ab)) / sqrt(alpha') = (x + beta' score)
+    / sqrt(alpha'), beta' = 1 - ab[tau_i] / ab[tau_{i-1}] (tau_0 = 0); sigma^2 = beta' or
+    beta_tilde'; no noise at the last step."""
+    steps, taus = [], list(grid) + [0]
+    for t, t_prev in zip(taus, taus[1:]):
+        a, a_prev = ab[t].item(), ab[t_prev].item()
+        beta = 1 - a / a_prev
+        var = beta if sigma2 == "beta" else (1 - a_prev) / (1 - a) * beta
+        steps.append((1 / math.sqrt(1 - beta), beta / math.sqrt(1 - beta),
+                      ref_gauss_affine(math.sqrt(a), 1 - a, mu, cov),
+                      math.sqrt(var) if t_prev > 0 else 0.0))
+    return steps
+
+
+def ref_ddim_steps(grid, ab, eta, mu=MU, cov=SIGMA):
+    """DDIM (F29) on a grid T = tau_S > ... > tau_1, the previous point of tau_1 being 0 (ab = 1).
+    With eps = -sqrt(1 - ab) score and x0_hat = (x + (1 - ab) score) / sqrt(ab):
+    x' = sqrt(ab'/ab) x + (sqrt(ab'/ab) (1 - ab) - k sqrt(1 - ab)) score + sigma z,
+    k = sqrt(1 - ab' - sigma^2), sigma = eta sqrt((1 - ab') / (1 - ab)) sqrt(1 - ab / ab')."""
+    steps, taus = [], list(grid) + [0]
+    for t, t_prev in zip(taus, taus[1:]):
+        a, a_prev = ab[t].item(), ab[t_prev].item()
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        k, r = math.sqrt(1 - a_prev - sigma ** 2), math.sqrt(a_prev / a)
+        steps.append((r, r * (1 - a) - k * math.sqrt(1 - a),
+                      ref_gauss_affine(math.sqrt(a), 1 - a, mu, cov), sigma))
+    return steps
+
+
+def ref_langevin_steps(eps, n_steps, v=0.0, mu=MU, cov=SIGMA):
+    """n_steps of F17, x' = x + (eps / 2) score(x) + sqrt(eps) z, score that of N(mu, cov + v I)."""
+    return [(1.0, eps / 2, ref_gauss_affine(1.0, v, mu, cov), math.sqrt(eps))] * n_steps
+
+
+def ref_annealed_steps(sigmas, eps, n_steps_each, mu=MU, cov=SIGMA):
+    """F20: for each sigma_i, n_steps_each of F17 with alpha_i = eps sigma_i^2 / sigma_L^2 on the
+    sigma_i-noised density; then the Tweedie step x + sigma_L^2 score(x, sigma_L) (F21)."""
+    steps, lo = [], sigmas[-1]
+    for sigma in sigmas:
+        steps += ref_langevin_steps(eps * sigma ** 2 / lo ** 2, n_steps_each, sigma ** 2, mu, cov)
+    return steps + [(1.0, lo ** 2, ref_gauss_affine(1.0, lo ** 2, mu, cov), 0.0)]
+
+
+def ref_sde_steps(name, n_steps, eps_s, ode=False, mu=MU, cov=SIGMA):
+    """Euler-Maruyama for the reverse SDE (F24), or Euler for the probability flow (F26), on the
+    grid linspace(1, eps_s, n_steps + 1), ds < 0: x' = x + (a x - c g^2 score) ds + g sqrt(-ds) z,
+    c = 1 (no noise at the last step) or c = 1/2 (ODE, no noise)."""
+    grid, steps = torch.linspace(1, eps_s, n_steps + 1, dtype=F64).tolist(), []
+    for i, (s, s_next) in enumerate(zip(grid, grid[1:])):
+        m, v, a, g2 = (c.item() for c in ref_sde_coefs(name, s))
+        ds_ = s_next - s
+        noise = 0.0 if ode or i == n_steps - 1 else math.sqrt(-g2 * ds_)
+        steps.append((1 + a * ds_, -(0.5 if ode else 1.0) * g2 * ds_,
+                      ref_gauss_affine(m, v, mu, cov), noise))
+    return steps
+
+
+# Statistical checks on the mixture --------------------------------------------------------------
+
+def ref_check_mixture(x, law=None, m=1.0, v=0.0, far=6.0, max_far=0):
+    """Samples x (N, 2) against the mixture pushed through x = m x0 + sqrt(v) eps (F3, F23): at
+    most ``max_far`` samples more than ``far`` of its mode's std from every mode (P(r > 6 std) =
+    exp(-18) in 2-D: ~2e-4 expected in 10,000) and the mode weights within 5 SE (SE =
+    sqrt(w (1 - w) / N)).
+    With ``law`` = (means (K, 2), variances (K,)), the samples nearest mode k must also have that
+    mean and per-coordinate variance within 5 SE (SE std / sqrt(n_k) for the mean; var
+    sqrt(1 / n_k) for the pooled variance of 2 n_k values)."""
+    x = x.to(F64)
+    assert torch.isfinite(x).all()
+    N, std = len(x), (m ** 2 * MIX_STD ** 2 + v).sqrt()
+    dist = (x[:, None, :] - m * MIX_MU).norm(dim=-1)                   # (N, K)
+    assert ((dist / std).min(1).values > far).sum() <= max_far, "samples far from every mode"
+    k = dist.argmin(1)
+    for j in range(len(MIX_W)):
+        y, w = x[k == j], MIX_W[j].item()
+        n = len(y)
+        assert abs(n / N - w) < 5 * math.sqrt(w * (1 - w) / N), f"weight of mode {j}: {n / N}"
+        if law is not None:
+            mean, var = law[0][j], law[1][j]
+            assert ((y.mean(0) - mean).abs() < 5 * (var / n).sqrt()).all(), f"mean of mode {j}"
+            rel = y.var(0).mean() / var - 1
+            assert abs(rel) < 5 * math.sqrt(1 / n), f"variance of mode {j} off by {rel:.4f}"
+
+
+def ref_mixture_component_laws(steps_of, start_std=1.0):
+    """Per mode k, the exact law (mean, per-coordinate variance) that a sampler -- steps_of(mu, cov)
+    gives its update written above -- produces for that component N(mu_k, std_k^2 I) alone.
+    With modes 3 apart and widths <= 0.3, the samples that land in mode k have this law to within
+    Monte Carlo error for the long samplers (full chains, 1000-step SDEs, annealed Langevin): it
+    carries the sampler's own bias for that width (e.g. the full chain with beta_tilde leaves the
+    0.1-wide mode's variance 3% low, 5 SE at N = 10,000, exactly as this law predicts)."""
+    means, variances = [], []
+    for mu, std in zip(MIX_MU, MIX_STD):
+        cov = std ** 2 * torch.eye(2, dtype=F64)
+        mean, P = ref_propagate(steps_of(mu, cov), torch.zeros(2, dtype=F64),
+                                start_std ** 2 * torch.eye(2, dtype=F64))
+        means.append(mean)
+        variances.append(P.diagonal().mean())
+    return torch.stack(means), torch.stack(variances)
+
+
+def _linear_sched(T=1000):
+    betas = torch.linspace(1e-4, 0.02, T, dtype=F64)   # F1 linear schedule, Ho et al. defaults
+    return ds.Schedule.from_betas(betas), ref_alpha_bar_table(betas)
+
+
+def _visited(calls):
+    """The t of each recorded eps_model call, checking it is the same for the whole batch."""
+    assert all((t == t[0]).all() for _, t, _ in calls)
+    return [int(t[0]) for _, t, _ in calls]
+
+
+def _grid_of(sampler, ab, d=3):
+    """The steps t a chain sampler visits: sampler(eps_model, x) run once, recorded."""
+    calls = []
+    sampler(ref_eps_model(lambda x, m, v: torch.zeros_like(x), ab, calls), torch.zeros(1, d))
+    return _visited(calls)
+
+
+def _gauss_points(n, seed):
+    """n points of N(MU, SIGMA), seeded."""
+    z = torch.randn(n, 3, generator=_gen(seed), dtype=F64)
+    return MU + z @ torch.linalg.cholesky(SIGMA).T
+
+
+def test_ref_scores_are_gradients_of_log_densities():
+    """The references themselves: autograd of the log-density (logsumexp for the mixture). [F14]"""
+    x = torch.randn(64, 2, generator=_gen(0), dtype=F64).mul(2).requires_grad_(True)
+    m, v = 0.7, 0.4
+    var = m ** 2 * MIX_STD ** 2 + v
+    logp = torch.logsumexp(MIX_W.log() - ((x[:, None] - m * MIX_MU) ** 2).sum(-1) / (2 * var)
+                           - torch.log(2 * math.pi * var), 1)
+    grad, = torch.autograd.grad(logp.sum(), x)
+    assert torch.allclose(ref_mix_score(x.detach(), m, v), grad, rtol=1e-10, atol=1e-12)
+    x3 = torch.randn(16, 3, generator=_gen(1), dtype=F64).requires_grad_(True)
+    cov = m ** 2 * SIGMA + v * torch.eye(3, dtype=F64)
+    log_p = torch.distributions.MultivariateNormal(m * MU, cov).log_prob(x3)
+    grad, = torch.autograd.grad(log_p.sum(), x3)
+    assert torch.allclose(ref_gauss_score(x3.detach(), m, v), grad, rtol=1e-10, atol=1e-12)
+    S, c = ref_gauss_affine(m, v)
+    assert torch.allclose(x3.detach() @ S.T + c, grad, rtol=1e-10, atol=1e-12)
+
+
+# Langevin dynamics and NCSN [F17, F20] ------------------------------------------------------------
+
+def test_langevin_exact_law_has_the_discretization_bias():
+    """Unadjusted Langevin with the exact score of N(MU, SIGMA): the module's exact law after n
+    steps is the update propagated here, and it converges to the chain's stationary law
+    N(MU, (SIGMA^-1 - eps/4 SIGMA^-2)^-1) -- per eigenvalue c^2: c^2 / (1 - eps / (4 c^2)) --
+    not to SIGMA: with eps = 0.1 the smallest variance is 19% too large. [F17]"""
+    eps, n = 0.1, 400
+    score = lambda x: ref_gauss_score(x, 1.0, 0.0)
+    start = 2.0 * torch.ones(3, dtype=F64)                       # start away from the target
+    law = ref_affine_law(lambda x: ds.langevin(score, x + start, step_size=eps, n_steps=n), 3)
+    ref_assert_same_law(law, ref_propagate(ref_langevin_steps(eps, n), start,
+                                           torch.eye(3, dtype=F64)))
+    P_inv = torch.linalg.inv(SIGMA)
+    stationary = torch.linalg.inv(P_inv - eps / 4 * P_inv @ P_inv)
+    # contraction per step 1 - eps / (2 * 1.411): after 400 steps the start is forgotten (1e-6)
+    assert torch.allclose(law[0], MU, atol=1e-5)
+    assert torch.allclose(law[1], stationary, atol=1e-5)
+    assert (law[1] - SIGMA).abs().max() > 0.02
+
+
+def test_langevin_samples_match_the_biased_stationary_variance():
+    """Statistically, on 1-D N(0, c^2) with c = 0.5 and eps = 0.2: the sample variance of 20,000
+    chains matches c^2 / (1 - eps / (4 c^2)) = 0.3125 within 5 SE (SE = var sqrt(2 / N)), and is
+    more than 5 SE away from c^2 = 0.25: the test sees the bias it accounts for. [F17]"""
+    c2, eps, N = 0.25, 0.2, 20000
+    x = torch.randn(N, 1, generator=_gen(11), dtype=F64)
+    x = ds.langevin(lambda y: -y / c2, x, step_size=eps, n_steps=100, generator=_gen(12))
+    stationary = c2 / (1 - eps / (4 * c2))
+    se = stationary * math.sqrt(2 / N)                           # 0.0031
+    assert abs(x.var().item() - stationary) < 5 * se
+    assert abs(x.var().item() - c2) > 5 * se
+    assert abs(x.mean().item()) < 5 * math.sqrt(stationary / N)
+
+
+def test_annealed_langevin_exact_law():
+    """Annealed Langevin with the exact noised scores of N(MU, SIGMA), sigmas geometric 3 -> 0.01
+    (L = 10), eps = 2e-5, 100 steps each, Tweedie denoising: the module's exact law is the update
+    propagated here, and near the target (W2 measured 0.060: the steps alpha_i = eps sigma_i^2 /
+    sigma_L^2 of the last levels are too short to finish mixing). [F20, F21]"""
+    sigmas = torch.exp(torch.linspace(math.log(3.0), math.log(0.01), 10, dtype=F64)).tolist()
+    score = lambda x, sigma: ref_gauss_score(x, 1.0, sigma ** 2)
+    law = ref_affine_law(lambda x: ds.annealed_langevin(score, 3.0 * x, sigmas), 3)
+    start = torch.zeros(3, dtype=F64), 9.0 * torch.eye(3, dtype=F64)      # x = 3 N(0, I)
+    ref_assert_same_law(law, ref_propagate(ref_annealed_steps(sigmas, 2e-5, 100), *start))
+    assert ref_w2(*law, MU, SIGMA) < 0.09
+
+
+def test_annealed_langevin_on_the_mixture():
+    """Annealed Langevin with sigma_1 = 3 (about the largest distance between modes, so the first
+    level mixes them), sigma_L = 0.01, eps = 2e-5, 100 steps each, 5,000 points: mode weights, and
+    each mode's law as the same schedule gives that component alone. Annealed Langevin has its own
+    mode-weight bias, shrinking as the annealing gets finer (measured, weight-0.1 mode: 0.117 with
+    L = 10, 0.105 with L = 10 and 1000 steps each, 0.106 with L = 20); with L = 20 it is ~1.5 SE
+    here, so this check sees gross errors (a wrong sign or step size), not that bias. [F20]"""
+    sigmas = torch.exp(torch.linspace(math.log(3.0), math.log(0.01), 20, dtype=F64)).tolist()
+    x = 3.0 * torch.randn(N_MIX // 2, 2, generator=_gen(24), dtype=F64)
+    out = ds.annealed_langevin(lambda y, sigma: ref_mix_score(y, 1.0, sigma ** 2), x, sigmas,
+                               generator=_gen(25))
+    ref_check_mixture(out, ref_mixture_component_laws(
+        lambda mu, cov: ref_annealed_steps(sigmas, 2e-5, 100, mu, cov), start_std=3.0))
+
+
+# The SDE classes [F22, F23] ---------------------------------------------------------------------
+
+@settings(deadline=None)
+@given(name=st.sampled_from(["vp", "subvp", "ve"]), lo=st.floats(0.01, 2.0),
+       ratio=st.floats(1.5, 5000.0), s=st.floats(0.02, 0.98))
+def test_sde_drift_diffusion_marginal_agree(name, lo, ratio, s):
+    """drift = a(s) x and diffusion g(s) as in F22, marginal as in F23 (float64, 1e-12), and the
+    module's marginal obeys dm/ds = a m, dv/ds = 2 a v + g^2 with the module's drift and diffusion
+    (central differences, h = 1e-5, to 1e-6 of the size of the terms). [F22, F23]"""
+    params = (dict(sigma_min=lo, sigma_max=lo * ratio) if name == "ve"
+              else dict(beta_min=lo, beta_max=lo * min(ratio, 100.0)))
+    sde = {"vp": ds.VPSDE, "subvp": ds.SubVPSDE, "ve": ds.VESDE}[name](**params)
+    x0 = torch.randn(3, 2, generator=_gen(60), dtype=F64)
+    full = lambda u, B=3: torch.full((B,), u, dtype=F64)
+    m, v, a, g2 = (c.item() for c in ref_sde_coefs(name, s, **params))
+    mean, std = sde.marginal(x0, full(s))
+    assert std.shape == (3, 1)
+    assert torch.allclose(mean, m * x0, rtol=1e-12, atol=0)
+    assert torch.allclose(std ** 2, torch.full_like(std, v), rtol=1e-10, atol=0)
+    assert torch.allclose(sde.drift(x0, full(s)), a * x0, rtol=1e-12, atol=0)
+    assert torch.allclose(sde.diffusion(full(s)) ** 2, full(g2), rtol=1e-12, atol=0)
+    h, one = 1e-5, torch.ones(1, 1, dtype=F64)
+    coefs = lambda u: [c.item() for c in sde.marginal(one, full(u, 1))]
+    (m_hi, std_hi), (m_lo, std_lo) = coefs(s + h), coefs(s - h)
+    a_s, g2_s = sde.drift(one, full(s, 1)).item(), sde.diffusion(full(s, 1)).item() ** 2
+    assert abs((m_hi - m_lo) / (2 * h) - a_s * m) <= 1e-6 * abs(a_s * m)
+    dv = (std_hi ** 2 - std_lo ** 2) / (2 * h)      # a small difference when v is near 1
+    assert abs(dv - (2 * a_s * v + g2_s)) < 1e-6 * (abs(2 * a_s * v) + g2_s)
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_sde_prior(name):
+    """prior_logp is log N(z; 0, prior_std^2 I) summed per example (torch.distributions), for
+    points and images; prior_sample has that std (5 SE, SE = std / sqrt(2 n)), shape and dtype,
+    and is reproducible. [F22, F5]"""
+    sde, std = SDES[name](), ref_prior_std(name)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=F64), torch.tensor(std, dtype=F64))
+    for shape in [(5, 2), (5, 1, 4, 4)]:
+        z = std * torch.randn(shape, generator=_gen(61), dtype=F64)
+        assert torch.allclose(sde.prior_logp(z), normal.log_prob(z).flatten(1).sum(1), rtol=1e-12)
+    z = sde.prior_sample((20000, 2), generator=_gen(62), dtype=F64)
+    assert z.shape == (20000, 2) and z.dtype == F64
+    assert abs(z.std().item() / std - 1) < 5 / math.sqrt(2 * z.numel())
+    assert torch.equal(z, sde.prior_sample((20000, 2), generator=_gen(62), dtype=F64))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ds.VPSDE(beta_min=-0.1), lambda: ds.VPSDE(beta_min=0.0),
+    lambda: ds.VPSDE(beta_max=-1.0), lambda: ds.VPSDE(beta_min=float("nan")),
+    lambda: ds.SubVPSDE(beta_min=-0.1), lambda: ds.SubVPSDE(beta_max=float("inf")),
+    lambda: ds.VESDE(sigma_min=0.0), lambda: ds.VESDE(sigma_min=-0.01),
+    lambda: ds.VESDE(sigma_min=1.0, sigma_max=0.5), lambda: ds.VESDE(sigma_max=float("nan"))])
+def test_sde_invalid_parameters_raise(make):
+    """beta(s) must be > 0 and finite; VE needs 0 < sigma_min < sigma_max for a real g(s). [F22]"""
+    with pytest.raises(ValueError):
+        make()
+
+
+# DDPM ancestral sampling [F6, F7, F9] -------------------------------------------------------------
+
+@pytest.mark.parametrize("steps", [None, 100, [1000, 900, 500, 200, 50, 10, 3]])
+@pytest.mark.parametrize("sigma2", ["beta", "beta_tilde"])
+def test_ddpm_exact_output_law(sigma2, steps):
+    """The full chain (T..1, every step) and respaced chains with the exact eps of N(MU, SIGMA):
+    the module's exact output law is the F9 update propagated here (to 1e-9), and near the target:
+    W2 measured, full chain 9.8e-4 (beta), 7.4e-3 (beta_tilde: too small a variance for non-point
+    data); 100 steps 0.011, 0.065. The 7-step grid only checks exactness. [F6, F7, F9]"""
+    sched, ab = _linear_sched()
+    sample = lambda eps_model, x: ds.ddpm_sample(eps_model, sched, x, steps=steps, sigma2=sigma2)
+    grid = _grid_of(sample, ab)
+    if steps == 100:   # evenly spaced from T down: starts at T, strictly descending, ends >= 1
+        assert len(grid) == 100 and grid[0] == 1000 and grid[-1] >= 1
+        assert all(a > b for a, b in zip(grid, grid[1:]))
+    else:
+        assert grid == (list(range(1000, 0, -1)) if steps is None else steps)
+    law = ref_affine_law(lambda x: sample(ref_eps_model(ref_gauss_score, ab), x), 3)
+    ref_assert_same_law(law, ref_propagate(ref_ddpm_steps(grid, ab, sigma2),
+                                           torch.zeros(3, dtype=F64), torch.eye(3, dtype=F64)))
+    bound = {(None, "beta"): 1.5e-3, (None, "beta_tilde"): 1.1e-2,
+             (100, "beta"): 0.017, (100, "beta_tilde"): 0.1}
+    if not isinstance(steps, list):
+        assert ref_w2(*law, MU, SIGMA) < bound[steps, sigma2]
+
+
+@pytest.mark.parametrize("sigma2", ["beta", "beta_tilde"])
+def test_ddpm_full_chain_on_the_mixture(sigma2):
+    """Ancestral sampling, T = 1000, exact eps of the mixture: weights, no stray samples, and each
+    mode's mean and variance as the same chain gives that component alone. [F6, F9, F21]"""
+    sched, ab = _linear_sched()
+    x = torch.randn(N_MIX, 2, generator=_gen(20), dtype=F64)
+    out = ds.ddpm_sample(ref_eps_model(ref_mix_score, ab), sched, x, sigma2=sigma2,
+                         generator=_gen(21))
+    ref_check_mixture(out, ref_mixture_component_laws(
+        lambda mu, cov: ref_ddpm_steps(range(1000, 0, -1), ab, sigma2, mu, cov)))
+
+
+# DDIM [F29] ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eta,steps", [(0.0, 50), (0.0, 1000), (1.0, 50), (0.5, 20)])
+def test_ddim_exact_output_law(eta, steps):
+    """DDIM with the exact eps of N(MU, SIGMA): the module's exact output law is the F29 update
+    propagated here (to 1e-9), and near the target: W2 measured, eta 0: 0.059 (50 steps), 0.0067
+    (1000 steps: the floor set by sqrt(alpha_bar_T) = 0.0064, x_T ~ N(0, I) instead of
+    N(0.0064 MU, ...)); eta 1, 50 steps: 0.12. [F29]"""
+    sched, ab = _linear_sched()
+    sample = lambda eps_model, x: ds.ddim_sample(eps_model, sched, x, steps=steps, eta=eta)
+    grid = _grid_of(sample, ab)
+    assert len(grid) == steps and grid[0] == 1000 and grid[-1] >= 1
+    assert all(a > b for a, b in zip(grid, grid[1:]))
+    law = ref_affine_law(lambda x: sample(ref_eps_model(ref_gauss_score, ab), x), 3)
+    ref_assert_same_law(law, ref_propagate(ref_ddim_steps(grid, ab, eta),
+                                           torch.zeros(3, dtype=F64), torch.eye(3, dtype=F64)))
+    bound = {(0.0, 50): 0.09, (0.0, 1000): 0.01, (1.0, 50): 0.18}
+    if (eta, steps) in bound:
+        assert ref_w2(*law, MU, SIGMA) < bound[eta, steps]
+
+
+def test_ddim_eta1_full_grid_is_ancestral_ddpm():
+    """DDIM with eta = 1 and S = T has sigma_t^2 = beta_tilde_t: its exact output law is that of
+    ancestral sampling with sigma2 = 'beta_tilde' (at t = 1 both add no noise; measured difference
+    3e-14), and differs from the sigma2 = 'beta' chain's (W2 0.017 apart here). [F29, F7]"""
+    sched, ab = _linear_sched(200)
+    eps_model = ref_eps_model(ref_gauss_score, ab)
+    ddim = ref_affine_law(lambda x: ds.ddim_sample(eps_model, sched, x, steps=200, eta=1.0), 3)
+    ddpm = ref_affine_law(lambda x: ds.ddpm_sample(eps_model, sched, x, sigma2="beta_tilde"), 3)
+    ref_assert_same_law(ddim, ddpm)
+    beta = ref_affine_law(lambda x: ds.ddpm_sample(eps_model, sched, x, sigma2="beta"), 3)
+    assert ref_w2(*ddim, *beta) > 5e-3
+
+
+@pytest.mark.parametrize("steps", [1, 7, 50, 1000, [1000, 999, 500, 2, 1]])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_grid_starts_at_T_and_ends_at_x0(steps, eta):
+    """The eps model sees t = T first, then a strictly descending grid (every step T..1 when
+    S = T), and the last update lands on x_0: the result is x0_hat of the last call. [F29]"""
+    sched, ab = _linear_sched()
+    calls = []
+    x = torch.randn(16, 2, generator=_gen(3), dtype=F64)
+    out = ds.ddim_sample(ref_eps_model(ref_mix_score, ab, calls), sched, x, steps=steps, eta=eta,
+                         generator=_gen(4))
+    grid = _visited(calls)
+    if isinstance(steps, list):
+        assert grid == steps
+    else:
+        assert len(grid) == steps and grid[0] == 1000 and grid[-1] >= 1
+        assert all(a > b for a, b in zip(grid, grid[1:]))
+    if steps == 1000:
+        assert grid == list(range(1000, 0, -1))
+    x_last, t_last, eps_last = calls[-1]
+    a = ab[t_last[0]].item()
+    assert torch.allclose(out, (x_last - math.sqrt(1 - a) * eps_last) / math.sqrt(a),
+                          rtol=1e-10, atol=1e-10)
+
+
+def test_ddim_eta0_is_deterministic_and_eta_is_checked():
+    """eta = 0 draws no noise: different generators give identical samples. eta outside [0, 1]
+    raises ValueError (for eta <= 1, 1 - alpha_bar_prev - sigma^2 >= 0 always holds). [F29]"""
+    sched, ab = _linear_sched()
+    eps_model = ref_eps_model(ref_mix_score, ab)
+    x = torch.randn(64, 2, generator=_gen(5), dtype=F64)
+    a = ds.ddim_sample(eps_model, sched, x, steps=20, eta=0.0, generator=_gen(1))
+    b = ds.ddim_sample(eps_model, sched, x, steps=20, eta=0.0, generator=_gen(2))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, ds.ddim_sample(eps_model, sched, x, steps=20, eta=1.0,
+                                                generator=_gen(1)))
+    for eta in (-0.1, 1.5, 2.0):
+        with pytest.raises(ValueError, match="eta"):
+            ds.ddim_sample(eps_model, sched, x, steps=20, eta=eta)
+
+
+def test_ddim_eta0_is_euler_for_the_probability_flow_ode():
+    """DDIM (eta = 0) is a first-order discretization of the probability-flow ODE of the VP SDE
+    with beta(s) = T beta_{sT} (F26): its exact output law approaches the ODE's (rk4, 200 steps),
+    the W2 gap halving as S doubles. Measured gaps: 0.118, 0.059, 0.030, 0.015 (S = 25..200).
+    [F29, F26]"""
+    sched, ab = _linear_sched()
+    eps_model = ref_eps_model(ref_gauss_score, ab)
+    sde, score_fn = ds.VPSDE(**VP), ref_sde_score(ref_gauss_score, "vp")
+    ode = ref_affine_law(lambda x: ds.ode_sample(score_fn, sde, x, steps=200), 3)
+    gaps = [ref_w2(*ref_affine_law(lambda x: ds.ddim_sample(eps_model, sched, x, steps=S), 3),
+                   *ode) for S in (25, 50, 100, 200)]
+    assert gaps[0] < 0.15
+    for g, g_half in zip(gaps, gaps[1:]):
+        assert 1.8 < g / g_half < 2.2
+
+
+def test_ddim_eta0_converges_on_the_mixture():
+    """On the mixture (a nonlinear score) DDIM from the same x_T converges to its S = T = 1000
+    limit at first order, and that limit is the VP probability-flow ODE's (rk4) map. The median
+    distance is used: a few points near a boundary between modes switch mode. Measured medians:
+    0.045, 0.023, 0.0113 for S = 25, 50, 100; DDIM(1000) to the ODE: 0.0021. [F29, F26]"""
+    sched, ab = _linear_sched()
+    eps_model = ref_eps_model(ref_mix_score, ab)
+    x = torch.randn(2000, 2, generator=_gen(6), dtype=F64)
+    limit = ds.ddim_sample(eps_model, sched, x, steps=1000)
+    errs = [(ds.ddim_sample(eps_model, sched, x, steps=S) - limit).norm(dim=1).median().item()
+            for S in (25, 50, 100)]
+    for e, e_half in zip(errs, errs[1:]):
+        assert 1.7 < e / e_half < 2.4
+    ode = ds.ode_sample(ref_sde_score(ref_mix_score, "vp"), ds.VPSDE(**VP), x, steps=100)
+    assert (ode - limit).norm(dim=1).median() < 0.005
+
+
+@pytest.mark.parametrize("run", [
+    lambda em, sched, x, g: ds.ddpm_sample(em, sched, x, steps=100, generator=g),
+    lambda em, sched, x, g: ds.ddpm_sample(em, sched, x, steps=100, sigma2="beta_tilde",
+                                           generator=g),
+    lambda em, sched, x, g: ds.ddim_sample(em, sched, x, steps=50, generator=g),
+    lambda em, sched, x, g: ds.ddim_sample(em, sched, x, steps=50, eta=1.0, generator=g)],
+    ids=["ddpm100-beta", "ddpm100-beta_tilde", "ddim50-eta0", "ddim50-eta1"])
+def test_few_step_samplers_keep_the_mode_weights(run):
+    """Respaced DDPM (100 steps) and DDIM (50 steps) on the mixture: mode weights, and at most
+    0.1% stray samples -- coarse steps leave a few points between modes (measured, DDIM 50 steps,
+    4 seeds: 0 or 1 in 10,000 beyond 6 std, up to 9 std). Their within-mode law is biased for
+    narrow modes (DDIM, 50 steps: the 0.1-wide mode's variance is 32% low) and is pinned exactly
+    by the Gaussian exact-law tests. [F6, F29]"""
+    sched, ab = _linear_sched()
+    x = torch.randn(N_MIX, 2, generator=_gen(22), dtype=F64)
+    ref_check_mixture(run(ref_eps_model(ref_mix_score, ab), sched, x, _gen(23)),
+                      max_far=N_MIX // 1000)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_chain_samplers_finite_with_default_schedules(schedule):
+    """T = 1000 default linear and cosine schedules (cosine's last beta clipped at 0.999: the first
+    reverse step divides by sqrt(alpha_T) = 0.03), float32 data N(0, I) and its exact eps,
+    eps(x_t, t) = sqrt(1 - alpha_bar_t) x_t (the marginal stays N(0, I)): every output is finite,
+    float32, and has the variance propagated here -- 1 - beta_1 for sigma2 = 'beta' (the true
+    reverse kernel, no noise at the last step), 0.991 / 0.995 for beta_tilde, 0.93 / 0.95 for
+    DDIM with 50 steps -- within 5 SE (SE = var sqrt(2 / n), n = 8,000 values). [F6, F29]"""
+    betas = ds.linear_betas() if schedule == "linear" else ds.cosine_betas()
+    sched, ab, g = ds.Schedule.from_betas(betas), ref_alpha_bar_table(betas), _gen(40)
+    eps_model = lambda x, t: _col((1 - ab[t]).sqrt(), x) * x
+    zero, one = torch.zeros(1, dtype=F64), torch.eye(1, dtype=F64)
+    full = list(range(1000, 0, -1))
+    grid = lambda sample: _grid_of(sample, ab, d=1)
+    runs = [(lambda em, x: ds.ddpm_sample(em, sched, x, generator=g),
+             lambda: ref_ddpm_steps(full, ab, "beta", zero, one)),
+            (lambda em, x: ds.ddpm_sample(em, sched, x, sigma2="beta_tilde", generator=g),
+             lambda: ref_ddpm_steps(full, ab, "beta_tilde", zero, one)),
+            (lambda em, x: ds.ddpm_sample(em, sched, x, steps=50, generator=g),
+             lambda: ref_ddpm_steps(grid(runs[2][0]), ab, "beta", zero, one)),
+            (lambda em, x: ds.ddim_sample(em, sched, x, steps=50),
+             lambda: ref_ddim_steps(grid(runs[3][0]), ab, 0.0, zero, one)),
+            (lambda em, x: ds.ddim_sample(em, sched, x, steps=1000, eta=1.0, generator=g),
+             lambda: ref_ddim_steps(full, ab, 1.0, zero, one))]
+    for i, (sample, steps_of) in enumerate(runs):
+        out = sample(eps_model, torch.randn(2000, 4, generator=g))
+        var = ref_propagate(steps_of(), zero, one)[1].item()
+        assert out.dtype == torch.float32 and torch.isfinite(out).all(), i
+        assert abs(out.double().var().item() - var) < 5 * var * math.sqrt(2 / out.numel()), i
+        if i == 0:
+            assert abs(var - (1 - betas[0].item())) < 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16],
+                         ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_chain_samplers_finite_in_half_precision(schedule, dtype):
+    """PITFALLS #11: in float16 / bfloat16, alpha_bar_t rounds to 1 for the first steps, so a
+    coefficient 1 / sqrt(1 - alpha_bar_t) formed after the cast divides by zero. Schedules are
+    float64 and cast at use: with the exact eps of N(0, I) data every sampler's output is
+    finite. (Only finiteness: 1000 steps of 8-bit-mantissa arithmetic do move the variance.)
+    [F6, F9, F29]"""
+    betas = ds.linear_betas() if schedule == "linear" else ds.cosine_betas()
+    sched, ab, g = ds.Schedule.from_betas(betas), ref_alpha_bar_table(betas), _gen(41)
+    eps_model = lambda x, t: _col((1 - ab[t]).sqrt(), x) * x
+    x = torch.randn(256, 4, generator=g).to(dtype)
+    for out in [ds.ddpm_sample(eps_model, sched, x, generator=g),
+                ds.ddpm_sample(eps_model, sched, x, sigma2="beta_tilde", generator=g),
+                ds.ddpm_sample(eps_model, sched, x, steps=50, generator=g),
+                ds.ddim_sample(eps_model, sched, x, steps=50),
+                ds.ddim_sample(eps_model, sched, x, steps=1000, eta=1.0, generator=g)]:
+        assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+# Reverse SDE, predictor-corrector [F24, F28] ----------------------------------------------------
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_reverse_sde_exact_law(name):
+    """Euler-Maruyama on the reverse SDE, 1000 steps, exact score of N(MU, SIGMA), no corrector,
+    started from the prior: the module's exact law is the update propagated here, and near
+    p_{eps_s} (W2 measured: VP 1.1e-3, sub-VP 1.4e-3, VE 3.4e-4). [F24]"""
+    sde, score_fn, std = SDES[name](), ref_sde_score(ref_gauss_score, name), ref_prior_std(name)
+    law = ref_affine_law(lambda x: ds.reverse_sde_sample(score_fn, sde, x, steps=1000), 3,
+                         start_std=std)
+    ref_assert_same_law(law, ref_propagate(ref_sde_steps(name, 1000, 1e-3),
+                                           torch.zeros(3, dtype=F64),
+                                           std ** 2 * torch.eye(3, dtype=F64)))
+    bound = {"vp": 1.7e-3, "subvp": 2.1e-3, "ve": 5e-4}[name]
+    assert ref_w2(*law, *ref_sde_target(name, 1e-3)) < bound
+
+
+def test_pc_corrector_step_is_f28():
+    """One corrector step checked by hand: x <- x + delta score + sqrt(2 delta) z with
+    delta = 2 (snr ||z|| / ||score||)^2, the norms averaged over the batch (as the module documents
+    and Song et al.'s code does; API.md said per example). torch.randn is replaced by a fixed z
+    (rows of very different norms, so per-example norms would differ) so the hand computation sees
+    the sampler's noise; with steps = 1 the one predictor step is the last and adds no noise.
+    Either order of corrector and predictor is accepted (score_sde corrects first). [F28, F24]"""
+    sde, score = ds.VPSDE(**VP), ref_sde_score(ref_gauss_score, "vp")
+    z = torch.randn(6, 3, generator=_gen(30), dtype=F64) * torch.tensor([[0.1], [1], [3]] * 2)
+    x = torch.randn(6, 3, generator=_gen(31), dtype=F64) * torch.tensor([[5.0]] * 3 + [[0.2]] * 3)
+    calls, snr, eps_s = [], 0.3, 1e-3
+
+    def score_fn(y, s):
+        calls.append((y.clone(), s.clone()))
+        return score(y, s)
+
+    def fixed_randn(*size, **kw):
+        assert tuple(size[0] if len(size) == 1 else size) == tuple(z.shape)
+        return z.clone()
+
+    with mock.patch.object(torch, "randn", fixed_randn):
+        out = ds.reverse_sde_sample(score_fn, sde, x, steps=1, corrector_steps=1, snr=snr,
+                                    eps_s=eps_s)
+
+    def corrector(y, s):
+        g = score(y, torch.full((6,), s, dtype=F64))
+        delta = 2 * (snr * z.norm(dim=1).mean() / g.norm(dim=1).mean()) ** 2
+        return y + delta * g + (2 * delta).sqrt() * z
+
+    def predictor(y):                    # F24, one Euler step from s = 1 to eps_s, no noise
+        _, _, a, g2 = ref_sde_coefs("vp", 1.0)
+        return y + (a * y - g2 * score(y, torch.ones(6, dtype=F64))) * (eps_s - 1)
+
+    assert len(calls) == 2
+    if calls[1][1][0] == 1.0:            # corrector first, then the predictor
+        mid, expected = corrector(x, 1.0), predictor(corrector(x, 1.0))
+    else:                                # predictor first, then the corrector at eps_s
+        mid, expected = predictor(x), corrector(predictor(x), eps_s)
+    assert torch.allclose(calls[1][0], mid, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("corrector_steps", [0, 1])
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_reverse_sde_on_the_mixture(name, corrector_steps):
+    """Predictor-corrector sampling, 1000 steps, exact score of the mixture, from the prior: mode
+    weights and no stray samples; without corrector, each mode has the law the same EM chain gives
+    that component alone; with one Langevin corrector step (snr 0.16; not affine, 5,000 points),
+    the law of p_{eps_s} (measured |z| <= 2.9). [F24, F28]"""
+    sde, score_fn = SDES[name](), ref_sde_score(ref_mix_score, name)
+    n = N_MIX if corrector_steps == 0 else N_MIX // 2        # the corrector doubles the cost
+    x = sde.prior_sample((n, 2), generator=_gen(26), dtype=F64)
+    out = ds.reverse_sde_sample(score_fn, sde, x, steps=1000, corrector_steps=corrector_steps,
+                                generator=_gen(27))
+    m, v = (c.item() for c in ref_sde_coefs(name, 1e-3)[:2])
+    if corrector_steps == 0:
+        law = ref_mixture_component_laws(
+            lambda mu, cov: ref_sde_steps(name, 1000, 1e-3, False, mu, cov), ref_prior_std(name))
+    else:
+        law = m * MIX_MU, m ** 2 * MIX_STD ** 2 + v
+    ref_check_mixture(out, law, m, v)
+
+
+# Probability-flow ODE [F26] ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,order", [("euler", 1), ("heun", 2), ("rk4", 4)])
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_ode_sample_exact_law_and_order(name, method, order):
+    """The probability-flow ODE with the exact score of N(MU, SIGMA), started from the exact p_1
+    so that the exact flow lands on p_{eps_s}: the W2 error of the exact output law shrinks by
+    2^order from 50 to 100 steps (measured ratios: Euler 1.95-2.03, Heun 3.9-4.1, RK4 on VE 17;
+    RK4 on VP / sub-VP: 3.9e-8 / 5.9e-8 at 100 steps, already at the floor of the W2
+    computation; VE 2.0e-6). Euler is also checked against the update written here. [F26]"""
+    sde, score_fn = SDES[name](), ref_sde_score(ref_gauss_score, name)
+    m1, P1 = ref_sde_target(name, 1.0)
+    L1 = torch.linalg.cholesky(P1)
+    errs = []
+    for n in (50, 100):
+        law = ref_affine_law(lambda x: ds.ode_sample(score_fn, sde, m1 + x @ L1.T, steps=n,
+                                                     method=method), 3)
+        errs.append(ref_w2(*law, *ref_sde_target(name, 1e-3)))
+    if method == "euler":
+        ref_assert_same_law(law, ref_propagate(ref_sde_steps(name, 100, 1e-3, ode=True), m1, P1))
+    if method == "rk4":
+        assert errs[1] < 1e-5 and (name != "ve" or errs[0] / errs[1] > 12)
+    else:
+        assert 0.9 * 2 ** order < errs[0] / errs[1] < 1.1 * 2 ** order
+
+
+@pytest.mark.parametrize("name,method", [("vp", "heun"), ("vp", "rk4"), ("subvp", "rk4"),
+                                         ("ve", "rk4")])
+def test_ode_sample_on_the_mixture(name, method):
+    """The probability-flow ODE, 100 steps, exact score of the mixture, from the prior: mode
+    weights, no stray samples, and each mode's mean and variance those of p_{eps_s}. (Euler with
+    100 steps is too coarse for the 0.1-wide mode: its variance comes out 26% low on VP.) [F26]"""
+    sde, score_fn = SDES[name](), ref_sde_score(ref_mix_score, name)
+    x = sde.prior_sample((N_MIX, 2), generator=_gen(28), dtype=F64)
+    out = ds.ode_sample(score_fn, sde, x, steps=100, method=method)
+    m, v = (c.item() for c in ref_sde_coefs(name, 1e-3)[:2])
+    ref_check_mixture(out, (m * MIX_MU, m ** 2 * MIX_STD ** 2 + v), m, v)
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_ode_encode_then_sample_is_the_identity(name):
+    """ode_encode then ode_sample (rk4, 100 steps each) gives back 2,000 mixture samples: measured
+    round-trip error, median 3e-8 .. 3e-7, max 9e-4 .. 2.6e-3 (the max from points between modes,
+    where the flow is steep). [F26]"""
+    sde, score_fn = SDES[name](), ref_sde_score(ref_mix_score, name)
+    x0 = ref_mix_sample(2000, _gen(32))
+    err = (ds.ode_sample(score_fn, sde, ds.ode_encode(score_fn, sde, x0)) - x0).norm(dim=1)
+    assert err.median() < 2e-6 and err.max() < 1e-2
+
+
+# Likelihood [F27] ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_ode_likelihood_exact_trace(name):
+    """F27 with the exact score of N(MU, SIGMA) and the exact divergence (rk4, 100 steps): 'nats'
+    equals the closed form ref_flow_loglik, the rk4 error falling at 4th order (per dimension at
+    50 / 100 / 200 steps, measured: VP 1.1e-6 / 6.9e-8 / 4.4e-9, VE 6.6e-5 / 4.4e-6 / 2.8e-7);
+    so it equals log N(x; MU, SIGMA) within 1e-3 nats per dimension once the prior mismatch
+    (up to 5e-3 VP, 1.6e-2 VE per dimension) is accounted for; 'bpd' = -nats / (d ln 2). [F27]"""
+    sde, score_fn = SDES[name](), ref_sde_score(ref_gauss_score, name)
+    x = _gauss_points(32, 33)
+    out = ds.ode_likelihood(score_fn, sde, x, steps=100)
+    expected = ref_flow_loglik(name, x, 1e-5)
+    assert ((out["nats"] - expected) / 3).abs().max() < (2e-5 if name == "ve" else 1e-6)
+    log_p0 = torch.distributions.MultivariateNormal(MU, SIGMA).log_prob(x)
+    mismatch = expected - log_p0
+    assert ((out["nats"] - mismatch - log_p0) / 3).abs().max() < 1e-3
+    assert torch.allclose(out["bpd"], -out["nats"] / (3 * math.log(2)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_ode_likelihood_hutchinson_is_unbiased(probe):
+    """Hutchinson's v^T J v with one probe per example, on 4 points repeated 500 times: the mean
+    of each point's 500 estimates is within 5 SE (SE = sample std / sqrt(500); measured std of
+    one estimate 1.07 Rademacher, 1.4 Gaussian) of the exact-trace result and of the closed form
+    (which differ by ~3e-6 nats at 50 steps, far below 5 SE ~ 0.25). [F27]"""
+    sde, score_fn = ds.VPSDE(**VP), ref_sde_score(ref_gauss_score, "vp")
+    x = _gauss_points(4, 34)
+    est = ds.ode_likelihood(score_fn, sde, x.repeat(500, 1), steps=50, divergence="hutchinson",
+                            probe=probe, generator=_gen(35))["nats"].reshape(500, 4)
+    se = est.std(0) / math.sqrt(500)
+    assert (se > 1e-3).all()                                     # the probe does matter
+    exact = ds.ode_likelihood(score_fn, sde, x, steps=50)["nats"]
+    assert ((est.mean(0) - exact).abs() < 5 * se).all()
+    assert ((est.mean(0) - ref_flow_loglik("vp", x, 1e-5)).abs() < 5 * se).all()
+
+
+# Every sampler: reproducibility, shapes, argument checks ----------------------------------------
+
+def _all_samplers():
+    """Every sampler as run(x, generator), with the exact score of N(0, I) data, few steps."""
+    sched, ab = _linear_sched(50)
+    eps_model = lambda x, t: _col((1 - ab[t]).sqrt(), x) * x
+
+    def sde_score(name):                     # data N(0, I): p_s = N(0, (m^2 + v) I)
+        def score_fn(x, s):
+            m, v, _, _ = ref_sde_coefs(name, s)
+            return -x / _col(m ** 2 + v, x)
+        return score_fn
+
+    vp, ve = ds.VPSDE(**VP), ds.VESDE(**VE)
+    return {
+        "ddpm": lambda x, g: ds.ddpm_sample(eps_model, sched, x, generator=g),
+        "ddpm respaced": lambda x, g: ds.ddpm_sample(eps_model, sched, x, steps=10,
+                                                     sigma2="beta_tilde", generator=g),
+        "ddim": lambda x, g: ds.ddim_sample(eps_model, sched, x, steps=10, eta=0.5, generator=g),
+        "langevin": lambda x, g: ds.langevin(lambda y: -y, x, step_size=0.1, n_steps=20,
+                                             generator=g),
+        "annealed": lambda x, g: ds.annealed_langevin(
+            lambda y, sigma: -y / _col(1 + sigma ** 2, y), x, [1.0, 0.3, 0.1], n_steps_each=10,
+            generator=g),
+        "pc vp": lambda x, g: ds.reverse_sde_sample(sde_score("vp"), vp, x, steps=20,
+                                                    corrector_steps=1, generator=g),
+        "pc ve": lambda x, g: ds.reverse_sde_sample(sde_score("ve"), ve, 50 * x, steps=20,
+                                                    corrector_steps=1, generator=g),
+        "ode": lambda x, g: ds.ode_sample(sde_score("vp"), vp, x, steps=10, method="heun"),
+        "ode_encode": lambda x, g: ds.ode_encode(sde_score("vp"), vp, x, steps=10),
+        "ode_likelihood": lambda x, g: ds.ode_likelihood(      # (Rademacher probes are exact
+            sde_score("vp"), vp, x, steps=5, divergence="hutchinson", probe="gaussian",
+            generator=g)["nats"]}                              # here: the Jacobian is c(s) I)
+
+
+@pytest.mark.parametrize("name", list(_all_samplers()))
+def test_samplers_are_reproducible_and_shape_agnostic(name):
+    """The same generator seed gives bit-identical output and another seed another output;
+    image-shaped input (B, 1, 4, 4) keeps its shape and gives the same numbers as the same data
+    flattened to (B, 16): one broadcasting rule for points and images (ode_likelihood: (B,)).
+    [F6, F17, F20, F24, F26, F27, F28, F29]"""
+    run = _all_samplers()[name]
+    x = torch.randn(8, 1, 4, 4, generator=_gen(50), dtype=F64)
+    a, b = run(x, _gen(51)), run(x, _gen(51))
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert a.shape == ((8,) if name == "ode_likelihood" else x.shape)
+    flat = run(x.reshape(8, 16), _gen(51))
+    assert torch.allclose(flat.reshape(a.shape), a, rtol=1e-12, atol=1e-12)
+    if name not in ("ode", "ode_encode"):
+        assert not torch.equal(run(x, _gen(52)), a)
+
+
+def test_sampler_arguments_are_checked():
+    """Unknown names and impossible step grids raise ValueError naming the argument.
+    [F6, F26, F27, F29]"""
+    sched, ab = _linear_sched(50)
+    eps_model, x = ref_eps_model(ref_mix_score, ab), torch.zeros(4, 2, dtype=F64)
+    score_fn, vp = ref_sde_score(ref_mix_score, "vp"), ds.VPSDE(**VP)
+    bad = [(lambda: ds.ode_sample(score_fn, vp, x, method="midpoint"), "method"),
+           (lambda: ds.ode_likelihood(score_fn, vp, x, divergence="skilling"), "divergence"),
+           (lambda: ds.ddpm_sample(eps_model, sched, x, sigma2="learned"), "sigma2"),
+           (lambda: ds.ddpm_sample(eps_model, sched, x, steps=[40, 20, 1]), "steps"),
+           (lambda: ds.ddim_sample(eps_model, sched, x, steps=51), "steps"),
+           (lambda: ds.ddim_sample(eps_model, sched, x, steps=0), "steps"),
+           (lambda: ds.ddim_sample(eps_model, sched, x, steps=[50, 30, 30, 1]), "steps"),
+           (lambda: ds.reverse_sde_sample(score_fn, vp, x, steps=0), "steps")]
+    for call, arg in bad:
+        with pytest.raises(ValueError, match=arg):
+            call()
