@@ -724,7 +724,11 @@ def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", generator=Non
     alpha_bar_{tau_{i-1}} (tau_0 = 0), which keeps every alpha_bar_{tau_i}; with all T steps it is
     the original chain. The last step returns the mean: no noise is added at t = 1.
     Inpainting (F31): where the boolean ``mask`` is True, x is replaced after every step by a
-    sample of q(x_t | known) at the new step, so the result equals ``known`` there exactly.
+    sample of q(x_t | known) at the new step, so the result equals ``known`` there exactly. The
+    rest only approximates p(x_unknown | known): measured exactly on a 4-D correlated Gaussian
+    (test_math.py), replacement recovers ~58% of the conditional mean shift, leaves variances
+    ~0.1 too large and loses the correlation (KL 0.12 nats to the exact conditional, 1.05 for the
+    prior), at 200 steps and at 1000 alike: a gap of the method, not of the discretization.
     ``callback(i, x)``, if given, sees x after each step.
     """
     _check_batch(x, "x")
@@ -802,7 +806,8 @@ def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0
     Predictor: Euler-Maruyama, x <- x - [f - g^2 score] ds + g sqrt(ds) z, ds = (1 - eps_s) / steps;
     the last predictor step adds no noise. The corrector runs before the predictor at each s.
     Inpainting (F31): where the boolean ``mask`` is True, x is replaced after every step by a
-    sample of p_{0s}(x_s | known); the result equals ``known`` there exactly.
+    sample of p_{0s}(x_s | known); the result equals ``known`` there exactly. The filled-in part
+    is an approximation of the conditional (see ddpm_sample for the measured gap).
     score_fn(x, s) gets s as a (B,) tensor.
     """
     _check_batch(x, "x")
@@ -1016,13 +1021,12 @@ def in_colour_basis(model_fn):
     return lambda y, *args: to_colour_basis(model_fn(from_colour_basis(y), *args))
 
 
-def colorization_known(grey, channels=3):
-    """(known, mask) in the colour basis for a grey image (B, 1, ...), the channels' mean. [F31]"""
+def colorization_known(grey):
+    """(known, mask) in the colour basis for a grey image (B, 1, ...), the mean of R, G, B. [F31]"""
     if grey.ndim < 2 or grey.shape[1] != 1:
         raise ValueError(f"grey must have shape (B, 1, ...), got {tuple(grey.shape)}")
-    known = torch.zeros(grey.shape[0], channels, *grey.shape[2:], dtype=grey.dtype,
-                        device=grey.device)
-    known[:, :1] = math.sqrt(channels) * grey
+    known = torch.zeros(grey.shape[0], 3, *grey.shape[2:], dtype=grey.dtype, device=grey.device)
+    known[:, :1] = math.sqrt(3) * grey
     mask = torch.zeros_like(known, dtype=torch.bool)
     mask[:, :1] = True
     return known, mask
