@@ -30,11 +30,33 @@ Three ways in
     python ddpm_score.py train        # train on built-in data (no download), then sample
     make test                         # the spec tests
 """
+import argparse
+import ast
+import contextlib
+import hashlib
+import inspect
+import json
 import math
-from dataclasses import dataclass
+import os
+import re
+import signal
+import struct
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Callable
 
 import torch
-from einops import reduce
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange, reduce
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 # --- notation and helpers -----------------------------------------------------------------------
 
@@ -1030,3 +1052,1125 @@ def colorization_known(grey):
     mask = torch.zeros_like(known, dtype=torch.bool)
     mask[:, :1] = True
     return known, mask
+
+
+# --- networks: residual MLP, small UNet, EMA, and how each method reads the output ---------------
+# A network is called as net(x, c, y=None): x the noisy data, c (B,) float the noise level mapped
+# to [0, 1000] (0 = clean), y (B,) optional class labels. c is 1000 t / T for DDPM, 1000 s for the
+# SDEs and 1000 log(sigma / sigma_min) / log(sigma_max / sigma_min) for NCSN. Every method reads
+# the output as an eps (score = -net / std), so every loss is an eps-prediction error of O(1).
+
+
+def sinusoidal_embedding(c, dim, max_period=10_000.0):
+    """emb(c) = [cos(c w_k), sin(c w_k)], w_k = max_period^(-k / (dim/2)), k < dim/2 (Vaswani et
+    al. 2017, as used for t by Ho et al. 2020). c (B,) float -> (B, dim) float32."""
+    half = dim // 2
+    w = torch.exp(-math.log(max_period) * torch.arange(half, device=c.device) / half)
+    angle = rearrange(c.float(), "b -> b 1") * w
+    return torch.cat([angle.cos(), angle.sin()], dim=-1)
+
+
+class NoiseEmbedding(nn.Module):
+    """Noise level c (B,) and optional class y (B,) -> (B, dim). With num_classes, label
+    num_classes is the null label, used when y is None (for classifier-free guidance)."""
+
+    def __init__(self, dim, num_classes=None):
+        super().__init__()
+        self.dim, self.num_classes = dim, num_classes
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.label = None if num_classes is None else nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, c, y=None):
+        emb = self.mlp(sinusoidal_embedding(c, self.dim))
+        if self.label is None:
+            if y is not None:
+                raise ValueError("y: class labels given to a network built with num_classes=None")
+            return emb
+        if y is None:
+            y = torch.full(c.shape, self.num_classes, dtype=torch.long, device=c.device)
+        return emb + self.label(y)
+
+
+class MLP(nn.Module):
+    """Residual MLP for vectors (B, d): h = W_in x, then `depth` times
+    h = h + W_k silu(LayerNorm(h) + emb(c, y)), output W_out silu(LayerNorm(h))."""
+
+    def __init__(self, dim, width=256, depth=3, num_classes=None):
+        super().__init__()
+        self.embed = NoiseEmbedding(width, num_classes)
+        self.inp = nn.Linear(dim, width)
+        self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+
+    def forward(self, x, c, y=None):
+        emb = self.embed(c, y)
+        h = self.inp(x)
+        for norm, layer in zip(self.norms, self.layers):
+            h = h + layer(F.silu(norm(h) + emb))
+        return self.out(h)
+
+
+class ResBlock(nn.Module):
+    """x + conv(silu(GN(conv(silu(GN(x))) + W emb))), with a 1x1 conv on the skip when the
+    channel count changes (Ho et al. 2020, appendix B)."""
+
+    def __init__(self, c_in, c_out, emb_dim):
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, c_out)
+        self.norm2, self.conv2 = nn.GroupNorm(8, c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + rearrange(self.emb(F.silu(emb)), "b c -> b c 1 1")
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Residual multi-head self-attention over the pixels of a feature map:
+    x + W_o softmax(q k^T / sqrt(d)) v, with q, k, v = W_qkv GN(x) per pixel."""
+
+    def __init__(self, channels, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(8, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        qkv = self.qkv(self.norm(x))
+        q, k, v = rearrange(qkv, "b (n h d) u v -> n b h (u v) d", n=3, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(rearrange(out, "b h (u v) d -> b (h d) u v", u=x.shape[-2]))
+
+
+class UNet(nn.Module):
+    """Small UNet for images (B, C, H, W), H and W divisible by 2^(len(mults) - 1): one ResBlock
+    per level going down (average pooling between levels) and up (nearest upsampling, skip
+    connections concatenated), ResBlock-attention-ResBlock at the lowest resolution."""
+
+    def __init__(self, channels=1, width=32, mults=(1, 2, 2), num_classes=None):
+        super().__init__()
+        widths, emb_dim = [width * m for m in mults], 4 * width
+        self.embed = NoiseEmbedding(emb_dim, num_classes)
+        self.inp = nn.Conv2d(channels, width, 3, padding=1)
+        self.down = nn.ModuleList(ResBlock(a, b, emb_dim) for a, b in zip([width] + widths, widths))
+        self.mid1, self.attn = ResBlock(widths[-1], widths[-1], emb_dim), Attention(widths[-1])
+        self.mid2 = ResBlock(widths[-1], widths[-1], emb_dim)
+        ups = zip([widths[-1]] + widths[::-1], widths[::-1])
+        self.up = nn.ModuleList(ResBlock(a + b, b, emb_dim) for a, b in ups)
+        self.out = nn.Sequential(nn.GroupNorm(8, width), nn.SiLU(),
+                                 nn.Conv2d(width, channels, 3, padding=1))
+
+    def forward(self, x, c, y=None):
+        emb, h, skips = self.embed(c, y), self.inp(x), []
+        for i, block in enumerate(self.down):
+            h = F.avg_pool2d(h, 2) if i > 0 else h
+            h = block(h, emb)
+            skips.append(h)
+        h = self.mid2(self.attn(self.mid1(h, emb)), emb)
+        for i, block in enumerate(self.up):
+            h = F.interpolate(h, scale_factor=2, mode="nearest") if i > 0 else h
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)
+
+
+def make_network(config, shape, num_classes=None):
+    """The default network for examples of `shape`: MLP for (d,), UNet for (C, H, W)."""
+    if len(shape) == 1:
+        return MLP(shape[0], config.width, config.depth, num_classes)
+    if shape[1] % 4 or shape[2] % 4:
+        raise ValueError(f"data: image size {tuple(shape[1:])} must be divisible by 4 (UNet)")
+    return UNet(shape[0], config.channels, num_classes=num_classes)
+
+
+def make_ema(net, decay):
+    """EMA of the weights, theta_ema <- decay theta_ema + (1 - decay) theta, as an AveragedModel.
+    Schedules, sigmas and SDEs are plain objects outside the network, so they are never averaged."""
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def update_ema(ema, net, step, warmup):
+    """One EMA update; for the first `warmup` steps the EMA copies the live weights instead."""
+    if step <= warmup:
+        ema.n_averaged.zero_()  # AveragedModel copies the weights when n_averaged == 0
+    ema.update_parameters(net)
+
+
+def eps_model_of(net, sched, y=None):
+    """DDPM eps_model(xt, t) = net(xt, 1000 t / T, y). [F12]"""
+    return lambda xt, t: net(xt, 1000 * t.float() / sched.T, y)
+
+
+def ncsn_score_of(net, sigmas, y=None):
+    """NCSN score_model(x, sigma) = -net(x, c(log sigma), y) / sigma: the output divided by sigma
+    (Song & Ermon 2020, technique 3), signed so the net predicts the noise. [F19, F21]"""
+    lo, hi = math.log(sigmas.min()), math.log(sigmas.max())
+    return lambda x, sigma: -net(x, 1000 * (sigma.log() - lo) / (hi - lo), y) / bcast(sigma, x)
+
+
+def sde_score_of(net, sde, y=None):
+    """SDE score_fn(x, s) = -net(x, 1000 s, y) / std(s), std from sde.marginal. [F21, F23]"""
+    def score_fn(x, s):
+        _, std = sde.marginal(x, s)
+        return -net(x, 1000 * s, y) / std
+    return score_fn
+
+
+# --- data: built-in sets, user files, sample quality (MMD), pictures (PNG) -----------------------
+
+
+def rng(*key, device="cpu"):
+    """A torch.Generator seeded by a hash of `key`, e.g. rng(seed, 'batch', rank, step): every
+    random draw of a run is a function of its key, so resuming replays it exactly."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def moons(n, generator):
+    """Two interleaving half circles with N(0, 0.1^2) noise, centred and scaled; y = the moon."""
+    y = torch.randint(0, 2, (n,), generator=generator)
+    a = math.pi * torch.rand(n, generator=generator)
+    x = torch.stack([a.cos(), a.sin()], dim=1)
+    x = torch.where(rearrange(y, "n -> n 1") == 1, torch.tensor([1.0, 0.5]) - x, x)
+    x = x + 0.1 * torch.randn(n, 2, generator=generator)
+    return (x - torch.tensor([0.5, 0.25])) / 0.75, y
+
+
+def swiss_roll(n, generator):
+    """The 2-D swiss roll (t cos t, t sin t), t ~ U(1.5 pi, 4.5 pi), noise 0.3, scaled by 1/6."""
+    t = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator))
+    x = torch.stack([t * t.cos(), t * t.sin()], dim=1)
+    return (x + 0.3 * torch.randn(n, 2, generator=generator)) / 6, None
+
+
+def gaussian_ring(n, generator, k=8):
+    """A ring of k Gaussians (radius sqrt 2, std 0.1); y = the mode."""
+    y = torch.randint(0, k, (n,), generator=generator)
+    angle = 2 * math.pi * y / k
+    x = math.sqrt(2) * torch.stack([angle.cos(), angle.sin()], dim=1)
+    return x + 0.1 * torch.randn(n, 2, generator=generator), y
+
+
+def checkerboard(n, generator):
+    """Uniform on the 8 dark squares of a 4x4 board on [-2, 2]^2, scaled by 1/1.15."""
+    col = torch.randint(0, 4, (n,), generator=generator)
+    row = 2 * torch.randint(0, 2, (n,), generator=generator) + col % 2
+    x = torch.stack([col, row], dim=1) + torch.rand(n, 2, generator=generator) - 2
+    return x / 1.15, None
+
+
+def shapes(n, generator, size=16):
+    """size x size gray images of a disk, square, triangle or cross (y = 0..3) of random centre
+    and radius, anti-aliased, on the 8-bit grid, in [-1, 1] (shape (n, 1, size, size))."""
+    y = torch.randint(0, 4, (n,), generator=generator)
+    r = 3 + 3 * torch.rand(n, 1, 1, generator=generator)  # radius in pixels
+    cx, cy = r + (size - 2 * r) * torch.rand(2, n, 1, 1, generator=generator)
+    grid = torch.arange(size) + 0.5  # pixel centres
+    dx, dy = (grid.view(1, 1, -1) - cx) / r, (grid.view(1, -1, 1) - cy) / r
+    gauge = torch.stack([
+        (dx ** 2 + dy ** 2).sqrt(),                                       # disk
+        torch.maximum(dx.abs(), dy.abs()),                                # square
+        2 * torch.maximum(dy, 0.866 * dx.abs() - 0.5 * dy),               # triangle
+        torch.minimum(torch.maximum(dx.abs(), 3 * dy.abs()), torch.maximum(3 * dx.abs(), dy.abs())),
+    ])[y, torch.arange(n)]
+    inside = ((1 - gauge) * r + 0.5).clamp(0, 1)  # ~1 pixel of anti-aliasing at the edge
+    return rearrange(torch.round(255 * inside) / 127.5 - 1, "n h w -> n 1 h w"), y
+
+
+DATASETS = {"moons": moons, "swissroll": swiss_roll, "ring": gaussian_ring,
+            "checkerboard": checkerboard, "shapes": shapes}
+NPY_DTYPES = {"<f4": torch.float32, "<f8": torch.float64, "<f2": torch.float16,
+              "|u1": torch.uint8, "|i1": torch.int8, "<i2": torch.int16, "<i4": torch.int32,
+              "<i8": torch.int64}
+
+
+def one_line(error, limit=200):
+    """An exception's message on one line: whitespace collapsed, cut at `limit` characters."""
+    return " ".join(str(error).split())[:limit] or type(error).__name__
+
+
+def read_npy(path):
+    """Read a little-endian .npy array with the standard library: magic, version, header dict
+    (ast.literal_eval), then the raw bytes through torch.frombuffer."""
+    raw = Path(path).read_bytes()
+    if raw[:6] != b"\x93NUMPY":
+        raise ValueError(f"{path}: not a .npy file (bad magic bytes)")
+    size_fmt = "<H" if raw[6] == 1 else "<I"
+    start = 8 + struct.calcsize(size_fmt)
+    (header_len,) = struct.unpack(size_fmt, raw[8:start])
+    header = ast.literal_eval(raw[start:start + header_len].decode("latin1"))
+    dtype = NPY_DTYPES.get(header["descr"])
+    if dtype is None:
+        raise ValueError(f"{path}: unsupported dtype {header['descr']!r} (use float or uint8)")
+    shape, offset = header["shape"], start + header_len
+    nbytes = math.prod(shape) * dtype.itemsize
+    if len(raw) - offset < nbytes:
+        raise ValueError(f"{path}: truncated ({len(raw) - offset} of {nbytes} data bytes)")
+    x = torch.frombuffer(bytearray(raw[offset:offset + nbytes]), dtype=dtype)
+    if header["fortran_order"]:
+        return x.reshape(shape[::-1]).permute(*reversed(range(len(shape))))
+    return x.reshape(shape)
+
+
+def read_tensor(path):
+    """A tensor from a .pt (torch.load, weights_only) or .npy file; ValueError naming the file."""
+    if not str(path).endswith((".pt", ".npy")):
+        raise ValueError(f"{path}: unsupported file type (expected .pt or .npy)")
+    try:
+        x = read_npy(path) if str(path).endswith(".npy") else torch.load(path, weights_only=True)
+    except ValueError:
+        raise
+    except Exception as e:  # unreadable, missing or corrupt: one line naming the file
+        raise ValueError(f"{path}: cannot read ({type(e).__name__}: {one_line(e)})")
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{path}: expected a tensor, found {type(x).__name__}")
+    return x
+
+
+def load_data(path):
+    """User data from .pt or .npy, shape (N, d) or (N, C, H, W). uint8 images are scaled to
+    [-1, 1]; float images must already lie in [-1, 1], vectors within +-100 (roughly unit scale:
+    the prior is N(0, I)). Anything else is a ValueError naming the file and the problem."""
+    x = read_tensor(path)
+    if x.ndim not in (2, 4) or len(x) < 10:
+        raise ValueError(f"{path}: expected shape (N, d) or (N, C, H, W) with N >= 10, "
+                         f"found {tuple(x.shape)}")
+    x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{path}: {int((~torch.isfinite(x)).sum())} non-finite values (NaN/inf)")
+    lo, hi = x.min().item(), x.max().item()
+    if x.ndim == 4 and (lo < -1 or hi > 1):
+        raise ValueError(f"{path}: image values must lie in [-1, 1] (or be uint8), "
+                         f"found [{lo:.4g}, {hi:.4g}]")
+    if x.ndim == 2 and max(-lo, hi) > 100:
+        raise ValueError(f"{path}: values up to {max(-lo, hi):.4g}; standardize the data first "
+                         "(the prior is N(0, I))")
+    return x
+
+
+@dataclass
+class Data:
+    """Training and held-out examples, with class labels (None where the data has none)."""
+    x: torch.Tensor
+    y: torch.Tensor | None
+    x_test: torch.Tensor
+    y_test: torch.Tensor | None
+
+
+def get_data(config, n_test=10_000):
+    """Built-in data: n_train training and n_test held-out examples, drawn from generators keyed
+    by the seed. A file: a seeded permutation holds out 10% (at most n_test)."""
+    if config.data in DATASETS:
+        make = DATASETS[config.data]
+        x, y = make(config.n_train, rng(config.seed, "train"))
+        return Data(x, y, *make(n_test, rng(config.seed, "test")))
+    x = load_data(config.data)
+    perm = torch.randperm(len(x), generator=rng(config.seed, "split"))
+    held = min(len(x) // 10, n_test)
+    return Data(x[perm[held:]], None, x[perm[:held]], None)
+
+
+def mmd2_unbiased(x, y, bandwidths):
+    """Unbiased MMD^2 (Gretton et al. 2012, eq. 3) with k(a, b) = mean_h exp(-|a - b|^2 / (2 h^2)):
+    sum_{i!=j} k(x_i, x_j) / (m(m-1)) + sum_{i!=j} k(y_i, y_j) / (n(n-1)) - 2 mean_ij k(x_i, y_j).
+    x (m, ...), y (n, ...); computed in float64; its mean is 0 when x and y share a law."""
+    x, y = x.flatten(1).double(), y.flatten(1).double()
+
+    def k(a, b):
+        d2 = torch.cdist(a, b) ** 2
+        return sum(torch.exp(-d2 / (2 * h ** 2)) for h in bandwidths) / len(bandwidths)
+
+    def within(a):
+        kaa, m = k(a, a), len(a)
+        return (kaa.sum() - kaa.diagonal().sum()) / (m * (m - 1))
+    return (within(x) + within(y) - 2 * k(x, y).mean()).item()
+
+
+def mmd_bandwidths(x):
+    """RBF bandwidths for mmd2_unbiased: the median distance between points of x, times
+    1/8, 1/4, 1/2 and 1 (fine structure to global shape)."""
+    x = x[:1000].flatten(1).double()
+    med = torch.pdist(x).median().item()
+    return [med / 8, med / 4, med / 2, med]
+
+
+def mmd2_floor(x_test, n, bandwidths, generator, pairs=10):
+    """The noise floor of mmd2_unbiased at n vs n points: the root mean square of the MMD^2
+    between `pairs` pairs of disjoint held-out subsets of size n. Its mean being 0, this is its
+    standard deviation when the model is perfect (needs len(x_test) >= 2 n)."""
+    values = []
+    for _ in range(pairs):
+        i = torch.randperm(len(x_test), generator=generator)[:2 * n]
+        values.append(mmd2_unbiased(x_test[i[:n]], x_test[i[n:]], bandwidths))
+    return math.sqrt(sum(v * v for v in values) / pairs)
+
+
+def write_png(path, img):
+    """Write a uint8 image, gray (H, W) or RGB (H, W, 3), as a PNG with zlib and struct."""
+    img = img.to(torch.uint8).cpu()
+    h, w = img.shape[:2]
+    rows = torch.cat([torch.zeros(h, 1, dtype=torch.uint8), img.reshape(h, -1)], dim=1)
+
+    def chunk(kind, data):  # length, type, data, CRC-32 of type and data
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+    header = struct.pack(">IIBBBBB", w, h, 8, 2 if img.ndim == 3 else 0, 0, 0, 0)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+           + chunk(b"IDAT", zlib.compress(bytes(rows.flatten().tolist()), 6)) + chunk(b"IEND", b""))
+    write_atomic(path, lambda f: f.write(png))
+
+
+def density_image(x, lo, hi, res=160, zoom=2):
+    """2-D points -> uint8 (res zoom, res zoom) histogram picture of the square [lo, hi]^2, white
+    background, darker where denser (square-root scale), y axis up."""
+    ij = ((x.float().cpu() - lo) / (hi - lo) * res).floor().long()
+    ij = ij[((ij >= 0) & (ij < res)).all(dim=1)]
+    counts = torch.bincount((res - 1 - ij[:, 1]) * res + ij[:, 0], minlength=res * res)
+    v = (counts.float() / max(counts.float().quantile(0.995).item(), 1.0)).clamp(max=1).sqrt()
+    img = (255 * (1 - v)).round().to(torch.uint8).reshape(res, res)
+    return img.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
+
+
+def image_grid(x, ncol=8, zoom=4):
+    """Images (N, C, H, W) in [-1, 1] -> uint8 grid picture (gray or RGB), 1 pixel of white
+    between images, each pixel shown as zoom x zoom."""
+    n = len(x)
+    x = torch.cat([x.float().cpu(), x.new_full((-n % ncol, *x.shape[1:]), -1).float().cpu()])
+    x = F.pad(x, (1, 1, 1, 1), value=1.0)
+    grid = rearrange(x, "(r c) ch h w -> (r h) (c w) ch", c=ncol)
+    img = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    img = img.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
+    return img[..., 0] if img.shape[-1] == 1 else img
+
+
+def picture(samples, reference=None):
+    """The picture of a sample: 2-D points as a density beside the reference points (samples
+    left, reference right, on one square); images as a grid of the first 64."""
+    if samples.ndim == 4:
+        return image_grid(samples[:64])
+    if samples.shape[1] != 2:
+        raise ValueError(f"samples: can only picture 2-D points or images, found {samples.shape}")
+    panels = [p[torch.isfinite(p).all(dim=1)] for p in (samples, reference) if p is not None]
+    hi = max(p.abs().quantile(0.995).item() for p in panels if len(p)) * 1.1
+    imgs = [density_image(p, -hi, hi) for p in panels]
+    gap = torch.full((imgs[0].shape[0], 6), 160, dtype=torch.uint8)
+    return torch.cat([imgs[0]] + [t for img in imgs[1:] for t in (gap, img)], dim=1)
+
+
+def trajectory_picture(frames):
+    """A strip of frames from noise (left) to data (right): 2-D densities side by side, or one
+    row of images per sample (the first 8 samples)."""
+    if frames[0].ndim == 4:
+        return image_grid(rearrange(torch.stack([f[:8] for f in frames]), "k b ... -> (b k) ..."),
+                          ncol=len(frames))
+    frames = [f[torch.isfinite(f).all(dim=1)] for f in frames]
+    hi = frames[-1].abs().quantile(0.995).item() * 1.1
+    imgs = [density_image(f, -hi, hi, res=100) for f in frames]
+    gap = torch.full((imgs[0].shape[0], 4), 160, dtype=torch.uint8)
+    return torch.cat([t for img in imgs for t in (img, gap)][:-1], dim=1)
+
+
+# --- training: the methods, TrainConfig, checkpoints, the loop, using a trained run --------------
+
+
+def ddpm_process(config):
+    """The discrete schedule: linear or cosine betas, T steps. [F1, F2]"""
+    return Schedule.from_betas(BETAS[config.schedule](config.T))
+
+
+def ncsn_process(config):
+    """The NCSN noise levels: geometric from sigma_max down to sigma_min. [F19]"""
+    return geometric_sigmas(config.sigma_max, config.sigma_min, config.n_sigmas)
+
+
+def ddpm_loss(net, sched, x0, y, generator):
+    """eps_loss with the network as eps_model. [F12]"""
+    return eps_loss(eps_model_of(net, sched, y), sched, x0, generator=generator)
+
+
+def ncsn_loss(net, sigmas, x0, y, generator):
+    """dsm_loss over the noise levels, lambda(sigma) = sigma^2. [F19]"""
+    return dsm_loss(ncsn_score_of(net, sigmas, y), x0, sigmas, generator=generator)
+
+
+def sde_train_loss(net, sde, x0, y, generator):
+    """sde_loss with lambda(s) = std(s)^2. [F25]"""
+    return sde_loss(sde_score_of(net, sde, y), sde, x0, generator=generator)
+
+
+def gaussian_prior(process, shape, generator, device):
+    """x_T ~ N(0, I), the prior of the DDPM chain. [F5]"""
+    return torch.randn(shape, generator=generator, device=device)
+
+
+def ncsn_prior(sigmas, shape, generator, device):
+    """x ~ N(0, sigma_max^2 I), the start of annealed Langevin dynamics. [F20]"""
+    return float(sigmas.max()) * torch.randn(shape, generator=generator, device=device)
+
+
+def sde_prior(sde, shape, generator, device):
+    """x_1 ~ p_1, the SDE's prior. [F22]"""
+    return sde.prior_sample(shape, generator=generator, device=device)
+
+
+def sample_ancestral(net, sched, x, steps, y, generator):
+    """Ancestral DDPM sampling, respaced to `steps` steps. [F6, F9]"""
+    return ddpm_sample(eps_model_of(net, sched, y), sched, x, steps=steps, generator=generator)
+
+
+def sample_ddim(net, sched, x, steps, y, generator):
+    """Deterministic DDIM (eta = 0) on `steps` steps. [F29]"""
+    return ddim_sample(eps_model_of(net, sched, y), sched, x, steps=steps, generator=generator)
+
+
+def sample_als(net, sigmas, x, steps, y, generator):
+    """Annealed Langevin dynamics, `steps` steps per noise level. [F20]"""
+    score = ncsn_score_of(net, sigmas, y)
+    return annealed_langevin(score, x, sigmas, n_steps_each=steps, generator=generator)
+
+
+def sample_em(net, sde, x, steps, y, generator):
+    """Euler-Maruyama on the reverse SDE. [F24]"""
+    return reverse_sde_sample(sde_score_of(net, sde, y), sde, x, steps=steps, generator=generator)
+
+
+def sample_pc(net, sde, x, steps, y, generator):
+    """Predictor-corrector: reverse-SDE step plus one Langevin corrector step. [F28]"""
+    score = sde_score_of(net, sde, y)
+    return reverse_sde_sample(score, sde, x, steps=steps, corrector_steps=1, generator=generator)
+
+
+def sample_ode(net, sde, x, steps, y, generator):
+    """Probability-flow ODE with RK4 (deterministic; `generator` unused). [F26]"""
+    return ode_sample(sde_score_of(net, sde, y), sde, x, steps=steps)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: its noise process (built from the config), per-example loss, prior, and
+    samplers {name: (sampler, default steps)}, the first being the default."""
+    process: Callable  # config -> Schedule | sigmas | SDE
+    loss: Callable  # (net, process, x0, y, generator) -> (B,)
+    prior: Callable  # (process, shape, generator, device) -> start of sampling
+    samplers: dict  # name -> (sampler(net, process, x, steps, y, generator), default steps)
+
+
+BETAS = {"linear": linear_betas, "cosine": cosine_betas}
+SDE_SAMPLERS = {"em": (sample_em, 500), "pc": (sample_pc, 250), "ode": (sample_ode, 50)}
+METHODS = {
+    "ddpm": Method(ddpm_process, ddpm_loss, gaussian_prior,
+                   {"ancestral": (sample_ancestral, 250), "ddim": (sample_ddim, 50)}),
+    "ncsn": Method(ncsn_process, ncsn_loss, ncsn_prior, {"als": (sample_als, 100)}),
+    "vp": Method(lambda config: VPSDE(), sde_train_loss, sde_prior, SDE_SAMPLERS),
+    "ve": Method(lambda config: VESDE(config.sigma_min, config.sigma_max), sde_train_loss,
+                 sde_prior, SDE_SAMPLERS),
+    "subvp": Method(lambda config: SubVPSDE(), sde_train_loss, sde_prior, SDE_SAMPLERS),
+}
+SAMPLERS = sorted({name for m in METHODS.values() for name in m.samplers})
+
+
+@dataclass
+class TrainConfig:
+    """Everything `train` needs; `python ddpm_score.py train --help` lists the same fields."""
+    data: str = "moons"  # built-in data set or a .pt/.npy file of shape (N, d) or (N, C, H, W)
+    method: str = "ddpm"  # ddpm (eps_loss), ncsn (dsm_loss), vp, ve or subvp (sde_loss)
+    steps: int = 2000  # total optimizer steps (with --resume: the new total)
+    batch_size: int = 512  # global batch size, split evenly across DDP ranks
+    lr: float = 1e-3  # peak Adam learning rate, reached after lr_warmup steps
+    lr_warmup: int = 100  # steps of linear learning-rate warm-up
+    lr_decay: bool = True  # cosine decay to 0 at `steps` (so a resume that raises it re-plans)
+    grad_clip: float = 1.0  # largest gradient norm (0: no clipping)
+    ema: float = 0.99  # EMA decay of the weights used for sampling (0: EMA = live weights)
+    ema_warmup: int = 100  # steps during which the EMA copies the live weights
+    seed: int = 0  # seeds the data, the initial weights, every training draw and the samples
+    device: str = "auto"  # auto (cuda when available), cpu or cuda
+    threads: int = 0  # CPU threads for torch, 0 = torch's default (1 is faster on busy cores)
+    amp: bool = False  # bf16 autocast on CUDA
+    out: str = "runs/default"  # run folder: ckpt.pt, config.json, loss.csv, samples.png
+    resume: bool = False  # continue from OUT/ckpt.pt (its config.json supplies the defaults)
+    width: int = 256  # MLP width (vector data)
+    depth: int = 3  # MLP residual layers (vector data)
+    channels: int = 32  # UNet base channels (image data)
+    cond: bool = False  # condition the network on the data's class labels
+    label_dropout: float = 0.1  # with cond: share of labels dropped (for classifier-free guidance)
+    schedule: str = "linear"  # ddpm: beta schedule, linear or cosine
+    T: int = 1000  # ddpm: number of discrete steps
+    sigma_min: float = 0.01  # ncsn and ve: smallest noise level
+    sigma_max: float = 0.0  # ncsn and ve: largest noise level; 0 = largest data distance
+    n_sigmas: int = 10  # ncsn: number of noise levels
+    sampler: str = ""  # sampler for the final samples; '' = the method's default
+    sample_steps: int = 0  # steps of that sampler; 0 = its default
+    n_samples: int = 2000  # final samples for picture and MMD (images: <= 256; 0: none)
+    n_train: int = 50_000  # training examples drawn for a built-in data set
+    log_every: int = 100  # steps between plain progress lines and loss-log rows
+    ckpt_every: int = 1000  # steps between checkpoints (one is also written at the end)
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns. `ema` is the network to sample with."""
+    loss: float  # mean training loss over the last logged interval
+    step: int  # steps done
+    net: nn.Module  # live network
+    ema: nn.Module  # EMA network
+    process: object  # the method's Schedule, sigmas or SDE
+    paths: dict  # name -> path of each file written in the run folder
+    quality: dict  # mmd2, floor and prior_mmd2 of the final samples (empty if not evaluated)
+    interrupted: bool = False  # stopped early by Ctrl-C (a checkpoint was saved)
+
+
+def check_config(config):
+    """Raise ValueError naming the first bad field of a TrainConfig."""
+    m = METHODS.get(config.method)
+    checks = [
+        (config.data in DATASETS or config.data.endswith((".pt", ".npy")),
+         f"data: {config.data!r} is neither one of {sorted(DATASETS)} nor a .pt/.npy file"),
+        (m is not None, f"method: {config.method!r} is not one of {sorted(METHODS)}"),
+        (config.schedule in BETAS, f"schedule: {config.schedule!r} is not one of {sorted(BETAS)}"),
+        (config.device in ("auto", "cpu", "cuda"),
+         f"device: {config.device!r} is not one of auto, cpu, cuda"),
+        (m is None or config.sampler in ("", *m.samplers),
+         f"sampler: {config.sampler!r} is not one of {sorted(m.samplers) if m else []}"),
+        (config.steps >= 0 and config.batch_size >= 1 and config.lr > 0 and config.T >= 1,
+         "steps, batch_size, lr, T: expected steps >= 0, batch_size >= 1, lr > 0, T >= 1"),
+        (0 <= config.ema < 1, f"ema: decay {config.ema} is not in [0, 1)"),
+        (0 <= config.label_dropout < 1, f"label_dropout: {config.label_dropout} not in [0, 1)"),
+        (config.device != "cuda" or torch.cuda.is_available(), "device: cuda is not available"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def pick_device(name):
+    """'auto' -> cuda when available, else cpu."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def setup_distributed(device):
+    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group: nccl
+    with one GPU per rank on CUDA, gloo on CPU (with the cores shared out between ranks)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def write_atomic(path, write):
+    """Write a file so readers see the old or the new one, never half of one: write(f) into a
+    temporary file in the same folder, fsync, then os.replace onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path, net, ema, opt, step, log, shape, num_classes):
+    """Tensors-only checkpoint (weights, EMA, optimizer, step, loss log, data shape), written
+    atomically. No RNG state is needed: every draw of step k comes from rng(seed, ..., k)."""
+    state = {"model": net.state_dict(), "ema": ema.module.state_dict(), "ema_n": ema.n_averaged,
+             "opt": opt.state_dict(), "step": torch.tensor(step),
+             "loss_log": torch.tensor(log, dtype=torch.float64).reshape(-1, 3),
+             "shape": torch.tensor(shape), "num_classes": torch.tensor(num_classes or 0)}
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a checkpoint with weights_only=True; strip a DDP 'module.' prefix from the weights.
+    A missing, truncated or foreign file is a ValueError naming it."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # missing, truncated, corrupt: one line naming the file
+        raise ValueError(f"{path}: cannot load checkpoint ({type(e).__name__}: {one_line(e)})")
+    if not isinstance(state, dict) or not {"model", "ema", "step"} <= state.keys():
+        raise ValueError(f"{path}: not a ddpm_score checkpoint (no model/ema/step)")
+    for key in ("model", "ema"):
+        state[key] = {k.removeprefix("module."): v for k, v in state[key].items()}
+    return state
+
+
+def write_run_files(run, config, log):
+    """config.json and loss.csv (step, mean loss since the previous row, seconds), atomically."""
+    text = json.dumps(asdict(config), indent=2) + "\n"
+    write_atomic(run / "config.json", lambda f: f.write(text.encode()))
+    rows = "".join(f"{int(s)},{loss:.6g},{t:.2f}\n" for s, loss, t in log)
+    write_atomic(run / "loss.csv", lambda f: f.write(("step,loss,seconds\n" + rows).encode()))
+
+
+def resolve_config(config, data):
+    """Fill in the automatic fields: sigma_max = 0 becomes the largest distance between two of
+    (up to) 2,000 training points, rounded up (Song & Ermon 2020, technique 1)."""
+    if config.sigma_max > 0 or config.method not in ("ncsn", "ve"):
+        return config
+    x = data.x[:2000].flatten(1)
+    return replace(config, sigma_max=math.ceil(torch.pdist(x).max().item()))
+
+
+@dataclass
+class Run:
+    """The state the training loop works on (built by `setup_run`)."""
+    config: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    data: Data
+    method: Method
+    process: object
+    net: nn.Module
+    model: nn.Module  # net, or net wrapped in DistributedDataParallel
+    ema: AveragedModel
+    opt: torch.optim.Optimizer
+    step: int
+    log: list  # rows (step, mean loss, seconds)
+    dir: Path
+
+
+def build_model(config, shape, num_classes, device, world):
+    """Network (initialized from the seed, the same on every rank), EMA, Adam, and the network as
+    the loss calls it (wrapped in DistributedDataParallel when world > 1)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        net = make_network(config, shape, num_classes).to(device)
+    model = DistributedDataParallel(net) if world > 1 else net
+    return net, model, make_ema(net, config.ema), torch.optim.Adam(net.parameters(), lr=config.lr)
+
+
+def setup_run(config):
+    """Check the config, join DDP, load the data (this rank's shard x[rank::world]), build the
+    model; resume from OUT/ckpt.pt when config.resume."""
+    check_config(config)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    rank, world, device = setup_distributed(pick_device(config.device))
+    if config.batch_size % world:
+        raise ValueError(f"batch_size: {config.batch_size} is not divisible by {world} ranks")
+    if config.amp and device.type != "cuda":
+        raise ValueError("amp: bf16 autocast is for CUDA, and the device is cpu")
+    data = get_data(config)
+    config = resolve_config(config, data)
+    num_classes = int(data.y.max()) + 1 if config.cond and data.y is not None else None
+    if config.cond and num_classes is None:
+        raise ValueError(f"cond: data {config.data!r} has no class labels")
+    net, model, ema, opt = build_model(config, data.x.shape[1:], num_classes, device, world)
+    shard = Data(data.x[rank::world].to(device),
+                 None if num_classes is None else data.y[rank::world].to(device),
+                 data.x_test, data.y_test)
+    method = METHODS[config.method]
+    run = Run(config, rank, world, device, shard, method, method.process(config), net, model,
+              ema, opt, 0, [], Path(config.out))
+    return resume(run) if config.resume else run
+
+
+def resume(run):
+    """Load weights, EMA, optimizer, step and loss log from OUT/ckpt.pt into `run`."""
+    path = run.dir / "ckpt.pt"
+    if not path.exists():
+        raise ValueError(f"resume: no checkpoint at {path}")
+    state = load_checkpoint(path, run.device)
+    try:
+        run.net.load_state_dict(state["model"])
+        run.ema.module.load_state_dict(state["ema"])
+        run.opt.load_state_dict(state["opt"])
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: does not fit this config ({one_line(e)})")
+    run.ema.n_averaged.copy_(state["ema_n"])
+    run.step, run.log = int(state["step"]), state["loss_log"].tolist()
+    return run
+
+
+def learning_rate(config, step):
+    """lr min(1, step / lr_warmup), times (1 + cos(pi step / steps)) / 2 with lr_decay."""
+    lr = config.lr * min(1.0, step / max(config.lr_warmup, 1))
+    return lr * (1 + math.cos(math.pi * step / config.steps)) / 2 if config.lr_decay else lr
+
+
+def get_batch(run, step):
+    """This rank's batch of step `step` (a function of seed, rank and step): examples drawn with
+    replacement from its shard; with labels, a label_dropout share replaced by the null label."""
+    B, g = run.config.batch_size // run.world, rng(run.config.seed, "batch", run.rank, step)
+    i = torch.randint(len(run.data.x), (B,), generator=g).to(run.device)
+    if run.data.y is None:
+        return run.data.x[i], None
+    drop = (torch.rand(B, generator=g) < run.config.label_dropout).to(run.device)
+    return run.data.x[i], torch.where(drop, run.net.embed.num_classes, run.data.y[i])
+
+
+def train_step(run, step):
+    """One optimizer step on the batch of `step`: forward (bf16 autocast when config.amp),
+    backward, clip, Adam at learning_rate(step), EMA. Returns the loss tensor."""
+    config = run.config
+    x0, y = get_batch(run, step)
+    noise_rng = rng(config.seed, "noise", run.rank, step, device=run.device.type)
+    with torch.autocast("cuda", torch.bfloat16, enabled=config.amp):
+        loss = run.method.loss(run.model, run.process, x0, y, noise_rng).mean()
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = nn.utils.clip_grad_norm_(run.net.parameters(), config.grad_clip or math.inf)
+    if not (torch.isfinite(loss) and torch.isfinite(norm)):  # the same on every DDP rank
+        raise FloatingPointError(f"non-finite loss ({loss.item():.4g}) or gradient at step {step}")
+    for group in run.opt.param_groups:
+        group["lr"] = learning_rate(config, step)
+    run.opt.step()
+    update_ema(run.ema, run.net, step, config.ema_warmup)
+    return loss.detach()
+
+
+class Progress:
+    """One progress line: step/total, loss, steps/s, time left. Redrawn in place (\\r) on a
+    terminal, printed as plain lines every log_every steps when stderr is not a terminal."""
+
+    def __init__(self, start, total, log_every):
+        self.start, self.total, self.log_every = start, total, log_every
+        self.t0 = self.last = time.time()
+        self.tty = sys.stderr.isatty()
+
+    def show(self, step, loss):
+        now = time.time()
+        due = step % self.log_every == 0 or step == self.total
+        if not (due or self.tty and now - self.last > 0.2):
+            return
+        self.last = now
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        left = (self.total - step) / max(rate, 1e-9)
+        line = (f"step {step}/{self.total}  loss {loss:.4f}  {rate:.1f} steps/s  "
+                f"{left:.0f} s left")
+        end = "\n" if not self.tty or step == self.total else ""
+        print(("\r" + line if self.tty else line), end=end, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def stop_on_sigint():
+    """Turn the first Ctrl-C into a request to stop after the current step (an Event that the
+    loop checks); a second Ctrl-C interrupts at once. Only in the main thread."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def save(run):
+    """Rank 0 writes the checkpoint, config.json and loss.csv of the run."""
+    if run.rank == 0:
+        shape, k = tuple(run.data.x.shape[1:]), run.net.embed.num_classes
+        save_checkpoint(run.dir / "ckpt.pt", run.net, run.ema, run.opt, run.step, run.log, shape, k)
+        write_run_files(run.dir, run.config, run.log)
+
+
+def train_loop(run, stop):
+    """Steps run.step + 1 .. config.steps; a loss-log row every log_every steps, a checkpoint
+    every ckpt_every steps and at the end. Stops early, saved, once `stop` is set."""
+    config, t0 = run.config, time.time() - (run.log[-1][2] if run.log else 0.0)
+    progress, total, count = Progress(run.step, config.steps, config.log_every), 0.0, 0
+    while run.step < config.steps and not stop.is_set():
+        loss = train_step(run, run.step + 1).item()
+        run.step, total, count = run.step + 1, total + loss, count + 1
+        last = run.step == config.steps or stop.is_set()
+        if run.rank == 0:
+            progress.show(run.step, total / count)
+        if run.step % config.log_every == 0 or last:
+            run.log.append((run.step, total / count, time.time() - t0))
+            total, count = 0.0, 0
+        if run.step % config.ckpt_every == 0 or last:
+            save(run)
+    return run.log[-1][1] if run.log else math.nan
+
+
+def train(config):
+    """Train a model as `config` says and write the run folder (rank 0 only): ckpt.pt,
+    config.json, loss.csv, samples.png. Returns a TrainResult. Ctrl-C stops after the current
+    step with a checkpoint; a non-finite loss raises FloatingPointError and writes nothing, so the
+    last checkpoint stays as it was."""
+    joined = not dist.is_initialized()
+    run = setup_run(config)
+    try:
+        with stop_on_sigint() as stop:
+            loss = train_loop(run, stop)
+    except FloatingPointError as e:
+        kept = run.dir / "ckpt.pt"
+        kept = f'{kept} (step {int(load_checkpoint(kept)["step"])})' if kept.exists() else "none"
+        raise FloatingPointError(f"{e}; training stopped, last good checkpoint: {kept}") from None
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
+    paths = {name: run.dir / name for name in ("ckpt.pt", "config.json", "loss.csv")}
+    quality = {}
+    if run.rank == 0 and config.n_samples > 0 and not stop.is_set():
+        quality, paths["samples.png"] = final_samples(run)
+    return TrainResult(loss, run.step, run.net, run.ema.module, run.process, paths, quality,
+                       interrupted=stop.is_set())
+
+
+def draw_samples(net, config, process, shape, n, *, sampler="", steps=0, seed=0, y=None,
+                 device="cpu"):
+    """n samples of `shape` from the network with the method's `sampler` ('' = the config's, else
+    the method's default) and `steps` (0 = the sampler's default), in batches of 2,000."""
+    method = METHODS[config.method]
+    name = sampler or config.sampler or next(iter(method.samplers))
+    if name not in method.samplers:
+        raise ValueError(f"sampler: {name!r} is not one of {sorted(method.samplers)} for "
+                         f"method {config.method}")
+    fn, default_steps = method.samplers[name]
+    steps = steps or config.sample_steps or default_steps
+    g, out = rng(seed, "sample", device=torch.device(device).type), []
+    for start in range(0, n, 2000):
+        x = method.prior(process, (min(2000, n - start), *shape), g, device)
+        yb = None if y is None else y[start:start + len(x)].to(device)
+        out.append(fn(net, process, x, steps, yb, g).float().cpu())
+    return torch.cat(out)
+
+
+def class_labels(num_classes, n):
+    """Labels 0, 1, ..., K-1, 0, 1, ... for a class-conditional network, else None."""
+    return None if num_classes is None else torch.arange(n) % num_classes
+
+
+def final_samples(run):
+    """Draw the final samples with the EMA network, write samples.png (samples beside held-out
+    data) and print their MMD^2 to held-out data, its noise floor and the prior's MMD^2."""
+    config, net, x_test = run.config, run.ema.module.eval(), run.data.x_test
+    shape = tuple(x_test.shape[1:])
+    n = min(config.n_samples, len(x_test) // 2, 256 if len(shape) > 1 else len(x_test))
+    t0 = time.time()
+    samples = draw_samples(net, config, run.process, shape, n, seed=config.seed, device=run.device,
+                           y=class_labels(net.embed.num_classes, n))
+    seconds = time.time() - t0
+    write_png(run.dir / "samples.png", picture(samples, x_test[:n]))
+    h, g = mmd_bandwidths(x_test), rng(config.seed, "mmd")
+    prior = run.method.prior(run.process, samples.shape, g, "cpu")
+    quality = {"mmd2": mmd2_unbiased(samples, x_test[:n], h), "floor": mmd2_floor(x_test, n, h, g),
+               "prior_mmd2": mmd2_unbiased(prior, x_test[:n], h), "n": n,
+               "sample_seconds": seconds}
+    layout = "a grid" if len(shape) > 1 else "left samples, right held-out data"
+    print(f"samples: {run.dir / 'samples.png'} ({n} in {seconds:.1f} s; {layout})\n"
+          f"MMD^2 to held-out data {quality['mmd2']:.2e}, noise floor "
+          f"{quality['floor']:.2e} (std of MMD^2 between two held-out sets of {n}), "
+          f"prior {quality['prior_mmd2']:.2e}")
+    return quality, run.dir / "samples.png"
+
+
+@dataclass
+class Trained:
+    """A trained run loaded for use: its config, network, process and example shape."""
+    config: TrainConfig
+    net: nn.Module  # EMA (or live) weights, in eval mode
+    process: object  # Schedule, sigmas or SDE
+    shape: tuple  # shape of one example
+    num_classes: int | None
+
+
+def load_run(run_dir, device="cpu", use_ema=True):
+    """Load a run folder written by `train`: config.json and the weights from ckpt.pt."""
+    run_dir = Path(run_dir)
+    try:
+        config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{run_dir / 'config.json'}: cannot read the run's config ({e})")
+    state = load_checkpoint(run_dir / "ckpt.pt", device)
+    shape, k = tuple(state["shape"].tolist()), int(state["num_classes"]) or None
+    net = make_network(config, shape, k).to(device)
+    try:
+        net.load_state_dict(state["ema" if use_ema else "model"])
+    except RuntimeError as e:
+        raise ValueError(f"{run_dir}: ckpt.pt does not fit config.json "
+                         f"({one_line(e)})")
+    return Trained(config, net.eval(), METHODS[config.method].process(config), shape, k)
+
+
+def nll_bpd(net, config, process, x, *, steps=100, generator=None):
+    """Bits per dimension of held-out x: {'ode': probability-flow ODE (ode_likelihood) [F27],
+    'elbo': the DDPM variational bound (vlb_bpd) [F10-F13]}. 8-bit images are dequantized.
+    DDPM's ODE uses the VP SDE matching its linear schedule, beta(s) = T beta_{sT}."""
+    eight_bit = bool(((x + 1) * 127.5 - ((x + 1) * 127.5).round()).abs().max() < 1e-3)
+    div = "exact" if x[0].numel() <= 16 else "hutchinson"
+    out, sde = {}, process
+    if config.method == "ncsn":
+        raise ValueError("nll: method ncsn has discrete noise levels and no likelihood; "
+                         "use ddpm, vp, ve or subvp")
+    if config.method == "ddpm":
+        elbo = vlb_bpd(eps_model_of(net, process), process, x, generator=generator,
+                       decoder="discretized" if eight_bit else "gaussian")
+        out["elbo"] = elbo["total"]
+        if config.schedule != "linear":
+            return out
+        sde = VPSDE(float(process.beta[1]) * process.T, float(process.beta[-1]) * process.T)
+    score = sde_score_of(net, sde)
+    out["ode"] = ode_likelihood(score, sde, x, steps=steps, divergence=div,
+                                dequantize=eight_bit, generator=generator)["bpd"]
+    return out
+
+
+# --- command line: python ddpm_score.py train | sample | nll -------------------------------------
+
+
+def sample_command(args):
+    """`sample`: draw --n samples from a run, write samples_SAMPLER.pt and .png (and with
+    --trajectory a strip of frames from noise to data)."""
+    device = pick_device(args.device)
+    run, out = load_run(args.run, device, use_ema=not args.no_ema), Path(args.run)
+    name = args.sampler or run.config.sampler or next(iter(METHODS[run.config.method].samplers))
+    frames = []
+
+    def recording_net(x, c, y=None):  # the network, keeping each input: the trajectory
+        frames.append(x.detach().float().cpu())
+        return run.net(x, c, y)
+    y = class_labels(run.num_classes, args.n)
+    x = draw_samples(recording_net if args.trajectory else run.net, run.config, run.process,
+                     run.shape, args.n, sampler=name, steps=args.steps, seed=args.seed, y=y,
+                     device=device)
+    write_atomic(out / f"samples_{name}.pt", lambda f: torch.save({"x": x, "y": y}, f))
+    write_png(out / f"samples_{name}.png", picture(x))
+    print(f"wrote {out / f'samples_{name}.pt'} and {out / f'samples_{name}.png'}")
+    if args.trajectory:
+        keep = [frames[round(i * (len(frames) - 1) / 8)] for i in range(9)] + [x]
+        write_png(out / f"trajectory_{name}.png", trajectory_picture(keep))
+        print(f"wrote {out / f'trajectory_{name}.png'} (noise on the left, data on the right)")
+
+
+def nll_command(args):
+    """`nll`: bits/dim of --n held-out examples of the run's data."""
+    device = pick_device(args.device)
+    run = load_run(args.run, device)
+    x = get_data(run.config).x_test[:args.n].to(device)
+    t0, g = time.time(), rng(args.seed, "nll", device=device.type)
+    bpd = nll_bpd(run.net, run.config, run.process, x, steps=args.steps, generator=g)
+    for name, v in bpd.items():
+        se = v.std().item() / math.sqrt(len(v))
+        print(f"{name} bits/dim {v.mean().item():.4f} +- {se:.4f} (n={len(v)})")
+    print(f"({time.time() - t0:.1f} s)")
+
+
+def field_comments(cls):
+    """{field: the comment on its line in the class source}: the dataclass comments are the one
+    place the fields are described, and the --help text comes from them."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return {}
+    matches = (re.match(r"\s+(\w+): .*?#\s*(.*)", line) for line in lines)
+    return {m[1]: m[2].replace("%", "%%") for m in matches if m}
+
+
+def data_name(value):
+    """argparse type for --data: a built-in name or a .pt/.npy path."""
+    if value in DATASETS or value.endswith((".pt", ".npy")):
+        return value
+    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from "
+                                     f'{", ".join(DATASETS)}, or a .pt/.npy file)')
+
+
+def add_train_arguments(parser, defaults):
+    """One flag per TrainConfig field, defaults from `defaults`, help from the comments."""
+    helps = field_comments(TrainConfig)
+    choices = {"method": list(METHODS), "schedule": list(BETAS),
+               "device": ["auto", "cpu", "cuda"], "sampler": ["", *SAMPLERS]}
+    for f in fields(TrainConfig):
+        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
+        help = helps.get(f.name, "") + " (default: %(default)s)"
+        if isinstance(default, bool):  # --flag / --no-flag
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help)
+        elif f.name == "data":
+            parser.add_argument(flag, type=data_name, default=default, help=help)
+        else:
+            parser.add_argument(flag, type=type(default), default=default,
+                                choices=choices.get(f.name), help=help)
+
+
+def make_parser(train_defaults=TrainConfig()):
+    """The argparse parser: train (defaults from `train_defaults`), sample and nll."""
+    parser = argparse.ArgumentParser(prog="ddpm_score.py", description=main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_arguments(sub.add_parser("train", help="train a model, write a run folder"),
+                        train_defaults)
+    sample = sub.add_parser("sample", help="draw samples from a trained run")
+    sample.add_argument("--sampler", default="", choices=["", *SAMPLERS],
+                        help="sampler ('' = the run's default)")
+    sample.add_argument("--steps", type=int, default=0, help="sampler steps (0 = its default)")
+    sample.add_argument("--n", type=int, default=2000, help="number of samples (%(default)s)")
+    sample.add_argument("--trajectory", action="store_true", help="also picture the trajectory")
+    sample.add_argument("--no-ema", action="store_true", help="use the live, not the EMA, weights")
+    nll = sub.add_parser("nll", help="bits/dim of held-out data")
+    nll.add_argument("--n", type=int, default=256, help="held-out examples (%(default)s)")
+    nll.add_argument("--steps", type=int, default=100, help="ODE steps (%(default)s)")
+    for p in (sample, nll):
+        p.add_argument("--run", required=True, help="run folder written by train")
+        p.add_argument("--seed", type=int, default=0, help="random seed (%(default)s)")
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    return parser
+
+
+def train_command(args, argv):
+    """`train`: with --resume the run's config.json supplies the defaults (flags still win)."""
+    config_path = Path(args.out) / "config.json"
+    if args.resume and config_path.exists():
+        saved = TrainConfig(**json.loads(config_path.read_text()))
+        args = make_parser(replace(saved, resume=True)).parse_args(argv)
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    result = train(config)
+    if result.interrupted:
+        print(f'interrupted at step {result.step}; checkpoint {result.paths["ckpt.pt"]}; '
+              "continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    print(f"trained {result.step} steps, final loss {result.loss:.4f}; run folder {config.out}")
+
+
+def main(argv=None):
+    """Train and sample diffusion and score-based models.
+
+    examples:
+      python ddpm_score.py train                                  # moons, ddpm, about a minute
+      python ddpm_score.py train --method vp --data checkerboard --out runs/vp
+      python ddpm_score.py train --data shapes --cond --steps 4000 --lr 5e-4 --batch-size 64
+      python ddpm_score.py train --out runs/default --resume --steps 6000
+      python ddpm_score.py sample --run runs/default --sampler ddim --steps 50 --trajectory
+      python ddpm_score.py nll --run runs/default
+      torchrun --nproc_per_node=2 ddpm_score.py train --out runs/ddp
+    """
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            train_command(args, argv)
+        else:
+            {"sample": sample_command, "nll": nll_command}[args.command](args)
+    except (ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, ValueError) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -295,6 +295,9 @@ def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path, capsys):
         assert "ckpt.pt" in one_line_error(capsys, ["sample", "--run", str(tmp_path)])
     with pytest.raises(ValueError, match="no checkpoint"):
         ds.train(small_config(tmp_path / "empty", resume=True))
+    ckpt.write_bytes(good)
+    with pytest.raises(ValueError, match="does not fit"):  # a different network
+        ds.train(small_config(tmp_path, steps=10, width=32, resume=True))
 
 
 def write_npy(path, header, payload):
