@@ -114,17 +114,6 @@ def samplers():
     return out
 
 
-def rbf_mmd2(x, y, bandwidths=(0.1, 0.3, 1.0)):
-    """Unbiased MMD^2 with a sum of RBF kernels (Gretton et al. 2012)."""
-    def k(a, b):
-        d2 = torch.cdist(a, b) ** 2
-        return sum(torch.exp(-d2 / (2 * h ** 2)) for h in bandwidths)
-    n, m = len(x), len(y)
-    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
-    return ((kxx.sum() - kxx.diag().sum()) / (n * (n - 1))
-            + (kyy.sum() - kyy.diag().sum()) / (m * (m - 1)) - 2 * kxy.mean()).item()
-
-
 def quality(x, gen):
     ref = draw_data(len(x), gen)
     mmd = ds_mmd(x, ref)
@@ -138,13 +127,17 @@ def quality(x, gen):
     return mmd, tv, spread, far
 
 
+BANDWIDTHS = ds.mmd_bandwidths(draw_data(1000, torch.Generator().manual_seed(1)))
+
+
 def ds_mmd(x, y):
-    return rbf_mmd2(x, y)
+    return ds.mmd2_unbiased(x, y, BANDWIDTHS)
 
 
-def noise_floor(gen, reps=10):
-    vals = [ds_mmd(draw_data(N, gen), draw_data(N, gen)) for _ in range(reps)]
-    return torch.tensor(vals).std().item()
+def noise_floor(gen, reps=20):
+    """Root mean square of MMD^2 between fresh data sets: its std when the sampler is exact."""
+    vals = torch.tensor([ds_mmd(draw_data(N, gen), draw_data(N, gen)) for _ in range(reps)])
+    return vals.pow(2).mean().sqrt().item()
 
 
 def overhead_table():
@@ -178,9 +171,8 @@ def overhead_table():
 
 
 def default_net():
-    if hasattr(ds, "MLP"):
-        return ds.MLP(dim=2)
-    raise SystemExit("the default network (ds.MLP) is missing")
+    config = ds.TrainConfig()
+    return ds.MLP(2, config.width, config.depth)
 
 
 def timeit(fn, repeat=5):
@@ -210,8 +202,8 @@ def likelihood_table(gen):
 def main():
     gen = torch.Generator().manual_seed(0)
     floor = noise_floor(gen)
-    print(f"2-D mixture of 3 Gaussians, {N} samples per row; MMD^2 noise floor (std of MMD^2 "
-          f"between fresh data sets) = {floor:.2e}\n")
+    print(f"2-D mixture of 3 Gaussians, {N} samples per row; MMD^2 noise floor (RMS of MMD^2 "
+          f"between fresh data sets) = {floor:.2e}; load average {os.getloadavg()[0]:.1f}\n")
     print("| sampler | NFE | MMD^2 | MMD^2 / floor | mode-weight TV | spread ratio | far |")
     print("|---|---|---|---|---|---|---|")
     for name, rows in samplers().items():
