@@ -210,17 +210,6 @@ def _check_t(sched, t, x):
                          f"{int(t.min())}..{int(t.max())}")
 
 
-def _at(arr, t, x):
-    """arr[t] from a float64 schedule array, shaped (B, 1, ..., 1) in x's dtype and device."""
-    return bcast(arr[t.cpu()], x)
-
-
-def _coefs(sched, t):
-    """float64 (B,) beta_t, alpha_t, alpha_bar_t, alpha_bar_{t-1}: form coefficients, then cast."""
-    t = t.cpu()
-    return sched.beta[t], sched.alpha[t], sched.alpha_bar[t], sched.alpha_bar[t - 1]
-
-
 def marginal_coefs(sched, t):
     """(scale, std) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), each (B,) float64. [F3]"""
     _check_t(sched, t, t)
@@ -243,15 +232,15 @@ def q_step(sched, x_prev, t, noise=None, *, generator=None):
     _check_batch(x_prev, "x_prev")
     _check_t(sched, t, x_prev)
     z = _noise(x_prev, noise, generator)
-    beta, alpha, _, _ = _coefs(sched, t)
-    return bcast(alpha.sqrt(), x_prev) * x_prev + bcast(beta.sqrt(), x_prev) * z
+    t = t.cpu()
+    return bcast(sched.alpha[t].sqrt(), x_prev) * x_prev + bcast(sched.beta[t].sqrt(), x_prev) * z
 
 
 def q_mean_var(sched, x0, t):
     """q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I); returns (mean, var). [F3]"""
     _check_batch(x0, "x0")
     _check_t(sched, t, x0)
-    _, _, alpha_bar, _ = _coefs(sched, t)
+    alpha_bar = sched.alpha_bar[t.cpu()]   # coefficients in float64, then cast (PITFALLS #11)
     return bcast(alpha_bar.sqrt(), x0) * x0, bcast(1 - alpha_bar, x0)
 
 
@@ -273,10 +262,12 @@ def posterior_mean_var(sched, x0, xt, t):
     _check_batch(x0, "x0")
     _check_same_shape(x0, xt, "x0", "xt")
     _check_t(sched, t, x0)
-    beta, alpha, alpha_bar, alpha_bar_prev = _coefs(sched, t)
+    t = t.cpu()
+    beta, alpha, alpha_bar, alpha_bar_prev = (sched.beta[t], sched.alpha[t], sched.alpha_bar[t],
+                                              sched.alpha_bar[t - 1])
     mu_tilde = (bcast(alpha_bar_prev.sqrt() * beta / (1 - alpha_bar), x0) * x0
                 + bcast(alpha.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar), x0) * xt)
-    return mu_tilde, _at(sched.beta_tilde, t, x0)
+    return mu_tilde, bcast(sched.beta_tilde[t], x0)
 
 
 def mu_from_eps(sched, xt, t, eps):
@@ -287,8 +278,9 @@ def mu_from_eps(sched, xt, t, eps):
     _check_batch(xt, "xt")
     _check_same_shape(xt, eps, "xt", "eps")
     _check_t(sched, t, xt)
-    beta, alpha, alpha_bar, _ = _coefs(sched, t)
-    return (xt - bcast(beta / (1 - alpha_bar).sqrt(), xt) * eps) / bcast(alpha.sqrt(), xt)
+    t = t.cpu()
+    coef = sched.beta[t] / (1 - sched.alpha_bar[t]).sqrt()
+    return (xt - bcast(coef, xt) * eps) / bcast(sched.alpha[t].sqrt(), xt)
 
 
 def gaussian_kl(mean1, var1, mean2, var2):
@@ -805,7 +797,7 @@ def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, generator=None, callb
     return x
 
 
-def _s_grid(s_from, s_to, steps, x):
+def _s_grid(s_from, s_to, steps):
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     return torch.linspace(s_from, s_to, steps + 1, dtype=torch.float64).tolist()
@@ -834,7 +826,7 @@ def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0
     """
     _check_batch(x, "x")
     _check_inpainting(x, known, mask)
-    grid = _s_grid(1.0, eps_s, steps, x)
+    grid = _s_grid(1.0, eps_s, steps)
     x = _replace_known_sde(x, known, mask, sde, 1.0, generator)
     for i, (s, s_next) in enumerate(zip(grid, grid[1:])):
         s_b, ds = _full(x, s), s - s_next
@@ -874,7 +866,7 @@ ODE_METHODS = ("euler", "heun", "rk4")
 
 def _solve_ode(f, x, s_from, s_to, steps, method, callback=None):
     _check_choice("method", method, set(ODE_METHODS))
-    grid = _s_grid(s_from, s_to, steps, x)
+    grid = _s_grid(s_from, s_to, steps)
     for i, (s, s_next) in enumerate(zip(grid, grid[1:])):
         x = _ode_step(f, x, s, s_next - s, method)
         if callback is not None:
@@ -1894,7 +1886,8 @@ def train_loop(run, stop):
     every ckpt_every steps and at the end. Stops early, saved, once `stop` is set."""
     config, t0 = run.config, time.time() - (run.log[-1][2] if run.log else 0.0)
     progress, total, count = Progress(run.step, config.steps, config.log_every), 0.0, 0
-    while run.step < config.steps and not stop.is_set():
+    last = run.step >= config.steps
+    while not last:  # `last` is read once per step: a Ctrl-C after it is read is seen next step
         loss = train_step(run, run.step + 1).item()
         run.step, total, count = run.step + 1, total + loss, count + 1
         last = run.step == config.steps or stop.is_set()
