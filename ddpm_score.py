@@ -24,11 +24,18 @@ References
     Song, Garg, Shi, Ermon 2019, sliced score matching, arXiv:1905.07088
     Song, Ermon 2019, NCSN, arXiv:1907.05600
     Song et al. 2021, Score-Based Generative Modeling through SDEs, arXiv:2011.13456
+    Dhariwal, Nichol 2021, Diffusion Models Beat GANs (classifier guidance), arXiv:2105.05233
+    Ho, Salimans 2022, Classifier-Free Diffusion Guidance, arXiv:2207.12598
 
 Three ways in
     import ddpm_score                 # the math, samplers and networks as functions
     python ddpm_score.py train        # train on built-in data (no download), then sample
     make test                         # the spec tests
+Controllable generation from the command line (``python ddpm_score.py --help`` has more):
+    python ddpm_score.py train --data ring --conditional --out runs/ring
+    python ddpm_score.py sample --run runs/ring --class 3 --guidance 1       # classifier-free
+    python ddpm_score.py train --classifier --out RUN/classifier             # then --class K
+    python ddpm_score.py sample --run runs/shapes --inpaint --mask centre    # image data
 """
 import argparse
 import ast
@@ -1085,15 +1092,16 @@ class NoiseEmbedding(nn.Module):
 
 class MLP(nn.Module):
     """Residual MLP for vectors (B, d): h = W_in x, then `depth` times
-    h = h + W_k silu(LayerNorm(h) + emb(c, y)), output W_out silu(LayerNorm(h))."""
+    h = h + W_k silu(LayerNorm(h) + emb(c, y)), output W_out silu(LayerNorm(h)) of size d, or of
+    size out_dim (a classifier's logits)."""
 
-    def __init__(self, dim, width=256, depth=3, num_classes=None):
+    def __init__(self, dim, width=256, depth=3, num_classes=None, out_dim=None):
         super().__init__()
         self.embed = NoiseEmbedding(width, num_classes)
         self.inp = nn.Linear(dim, width)
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
         self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, out_dim or dim))
 
     def forward(self, x, c, y=None):
         emb = self.embed(c, y)
@@ -1170,12 +1178,39 @@ class UNet(nn.Module):
         return self.out(h)
 
 
+class ImageClassifier(nn.Module):
+    """Noise-conditional image classifier: logits of p_c(y | x) from the UNet's downward path
+    (ResBlocks, average pooling between levels), then GN, SiLU, the spatial mean and a linear
+    layer (Dhariwal & Nichol 2021 use the UNet's encoder the same way)."""
+
+    def __init__(self, channels, num_classes, width=32, mults=(1, 2, 2)):
+        super().__init__()
+        widths, emb_dim = [width * m for m in mults], 4 * width
+        self.embed = NoiseEmbedding(emb_dim)
+        self.inp = nn.Conv2d(channels, width, 3, padding=1)
+        self.down = nn.ModuleList(ResBlock(a, b, emb_dim) for a, b in zip([width] + widths, widths))
+        self.norm = nn.GroupNorm(8, widths[-1])
+        self.logits = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x, c):
+        emb, h = self.embed(c), self.inp(x)
+        for i, block in enumerate(self.down):
+            h = block(F.avg_pool2d(h, 2) if i > 0 else h, emb)
+        return self.logits(reduce(F.silu(self.norm(h)), "b ch u v -> b ch", "mean"))
+
+
 def make_network(config, shape, num_classes=None):
-    """The default network for examples of `shape`: MLP for (d,), UNet for (C, H, W)."""
+    """The default network for examples of `shape`: MLP for (d,), UNet for (C, H, W), with
+    num_classes labels in. With config.classifier: the MLP or the UNet's encoder, num_classes
+    logits out."""
+    if len(shape) > 1 and (shape[1] % 4 or shape[2] % 4):
+        raise ValueError(f"data: image size {tuple(shape[1:])} must be divisible by 4 (UNet)")
+    if config.classifier and len(shape) == 1:
+        return MLP(shape[0], config.width, config.depth, out_dim=num_classes)
+    if config.classifier:
+        return ImageClassifier(shape[0], num_classes, config.channels)
     if len(shape) == 1:
         return MLP(shape[0], config.width, config.depth, num_classes)
-    if shape[1] % 4 or shape[2] % 4:
-        raise ValueError(f"data: image size {tuple(shape[1:])} must be divisible by 4 (UNet)")
     return UNet(shape[0], config.channels, num_classes=num_classes)
 
 
@@ -1197,11 +1232,17 @@ def eps_model_of(net, sched, y=None):
     return lambda xt, t: net(xt, 1000 * t.float() / sched.T, y)
 
 
+def ncsn_level(sigmas, sigma):
+    """The network's c for an NCSN noise level: 1000 log(sigma / sigma_min) / log(sigma_max /
+    sigma_min), from 0 at the smallest sigma to 1000 at the largest."""
+    lo, hi = math.log(sigmas.min()), math.log(sigmas.max())
+    return 1000 * (sigma.log() - lo) / (hi - lo)
+
+
 def ncsn_score_of(net, sigmas, y=None):
     """NCSN score_model(x, sigma) = -net(x, c(log sigma), y) / sigma: the output divided by sigma
     (Song & Ermon 2020, technique 3), signed so the net predicts the noise. [F19, F21]"""
-    lo, hi = math.log(sigmas.min()), math.log(sigmas.max())
-    return lambda x, sigma: -net(x, 1000 * (sigma.log() - lo) / (hi - lo), y) / bcast(sigma, x)
+    return lambda x, sigma: -net(x, ncsn_level(sigmas, sigma), y) / bcast(sigma, x)
 
 
 def sde_score_of(net, sde, y=None):
@@ -1210,6 +1251,34 @@ def sde_score_of(net, sde, y=None):
         _, std = sde.marginal(x, s)
         return -net(x, 1000 * s, y) / std
     return score_fn
+
+
+def cfg_net(net, w):
+    """Classifier-free guidance on the network's output: (1 + w) net(x, c, y) - w net(x, c, null)
+    for one network trained with label dropout; w = 0 is the conditional model. Every method
+    reads the output as an eps (score = -net / std), so this is classifier_free on eps and on
+    the score alike. Returns a network (x, c, y) for every sampler. [F30]"""
+    def guided(x, c, y):
+        return classifier_free(lambda x, c: net(x, c, y), lambda x, c: net(x, c), w)(x, c)
+    return guided
+
+
+def classifier_guided_net(net, classifier, w, std):
+    """Classifier guidance on the network's output: the score -net(x, c) / std(c) guided by
+    log p_c(y | x) = log_softmax(classifier(x, c))[y] (guided_score), read back as an output:
+    net - std w grad_x log p_c(y | x); for DDPM eps - sqrt(1 - alpha_bar_t) w grad. [F30, F21]
+
+    w = 1 samples p(x | y) exactly when the classifier and the network are exact. std(c) is the
+    noise std at level c (Method.std); `net` is called without labels (the null label of a
+    conditional network). Returns a network (x, c, y) for every sampler.
+    """
+    def guided(x, c, y):
+        sigma = bcast(std(c), x)
+
+        def log_likelihood(x, c):  # log p_c(y | x) per example
+            return F.log_softmax(classifier(x, c), dim=-1).gather(1, y[:, None])[:, 0]
+        return -sigma * guided_score(lambda x, c: -net(x, c) / sigma, log_likelihood, w)(x, c)
+    return guided
 
 
 # --- data: built-in sets, user files, sample quality (MMD), pictures (PNG) -----------------------
@@ -1494,6 +1563,51 @@ def sde_train_loss(net, sde, x0, y, generator):
     return sde_loss(sde_score_of(net, sde, y), sde, x0, generator=generator)
 
 
+def ddpm_noised(sched, x0, generator):
+    """(x_t, c): x_t ~ q(x_t | x0) with t ~ U{1..T}, and the network's c = 1000 t / T. [F3]"""
+    t = torch.randint(1, sched.T + 1, x0.shape[:1], generator=generator, device=x0.device)
+    return q_sample(sched, x0, t, generator=generator), 1000 * t.float() / sched.T
+
+
+def ncsn_noised(sigmas, x0, generator):
+    """(x0 + sigma z, c(sigma)) with sigma uniform over the noise levels. [F19]"""
+    i = torch.randint(0, len(sigmas), x0.shape[:1], generator=generator, device=x0.device)
+    sigma = sigmas.to(x0.device)[i].to(x0.dtype)
+    return x0 + bcast(sigma, x0) * _randn_like(x0, generator), ncsn_level(sigmas, sigma)
+
+
+def sde_noised(sde, x0, generator):
+    """(x_s, c = 1000 s): x_s ~ p_{0s}(x_s | x0) with s ~ U(1e-5, 1), as in sde_loss. [F23]"""
+    s = 1e-5 + (1 - 1e-5) * torch.rand(x0.shape[:1], generator=generator, device=x0.device)
+    mean, std = sde.marginal(x0, s)
+    return mean + std * _randn_like(x0, generator), 1000 * s
+
+
+def ddpm_std(sched, c):
+    """Noise std sqrt(1 - alpha_bar_t) at the network's c = 1000 t / T. [F3]"""
+    return marginal_coefs(sched, (c * sched.T / 1000).round().long())[1]
+
+
+def ncsn_std(sigmas, c):
+    """The noise level sigma at the network's c (the inverse of ncsn_level). [F19]"""
+    lo, hi = math.log(sigmas.min()), math.log(sigmas.max())
+    return torch.exp(lo + c.double() / 1000 * (hi - lo))
+
+
+def sde_std(sde, c):
+    """std(s) of p_{0s}(x_s | x0) at the network's c = 1000 s. [F23]"""
+    return sde.marginal_coefs(c.double() / 1000)[1]
+
+
+def classifier_method(method):
+    """The method with its loss replaced by a noise-conditional classifier's cross-entropy
+    -log p_c(y | x_s), x_s drawn by the method's forward process, and no samplers."""
+    def loss(net, process, x0, y, generator):
+        x_s, c = method.noised(process, x0, generator)
+        return F.cross_entropy(net(x_s, c), y, reduction="none")
+    return replace(method, loss=loss, samplers={})
+
+
 def gaussian_prior(process, shape, generator, device):
     """x_T ~ N(0, I), the prior of the DDPM chain. [F5]"""
     return torch.randn(shape, generator=generator, device=device)
@@ -1509,9 +1623,10 @@ def sde_prior(sde, shape, generator, device):
     return sde.prior_sample(shape, generator=generator, device=device)
 
 
-def sample_ancestral(net, sched, x, steps, y, generator):
-    """Ancestral DDPM sampling, respaced to `steps` steps. [F6, F9]"""
-    return ddpm_sample(eps_model_of(net, sched, y), sched, x, steps=steps, generator=generator)
+def sample_ancestral(net, sched, x, steps, y, generator, known=None, mask=None):
+    """Ancestral DDPM sampling, respaced to `steps` steps; inpainting with known/mask. [F6, F9]"""
+    return ddpm_sample(eps_model_of(net, sched, y), sched, x, steps=steps, generator=generator,
+                       known=known, mask=mask)
 
 
 def sample_ddim(net, sched, x, steps, y, generator):
@@ -1525,15 +1640,16 @@ def sample_als(net, sigmas, x, steps, y, generator):
     return annealed_langevin(score, x, sigmas, n_steps_each=steps, generator=generator)
 
 
-def sample_em(net, sde, x, steps, y, generator):
-    """Euler-Maruyama on the reverse SDE. [F24]"""
-    return reverse_sde_sample(sde_score_of(net, sde, y), sde, x, steps=steps, generator=generator)
+def sample_em(net, sde, x, steps, y, generator, known=None, mask=None):
+    """Euler-Maruyama on the reverse SDE; inpainting with known/mask. [F24, F31]"""
+    return reverse_sde_sample(sde_score_of(net, sde, y), sde, x, steps=steps, generator=generator,
+                              known=known, mask=mask)
 
 
-def sample_pc(net, sde, x, steps, y, generator):
-    """Predictor-corrector: reverse-SDE step plus one Langevin corrector step. [F28]"""
-    score = sde_score_of(net, sde, y)
-    return reverse_sde_sample(score, sde, x, steps=steps, corrector_steps=1, generator=generator)
+def sample_pc(net, sde, x, steps, y, generator, known=None, mask=None):
+    """Predictor-corrector: reverse-SDE step plus one Langevin corrector step. [F28, F31]"""
+    return reverse_sde_sample(sde_score_of(net, sde, y), sde, x, steps=steps, corrector_steps=1,
+                              generator=generator, known=known, mask=mask)
 
 
 def sample_ode(net, sde, x, steps, y, generator):
@@ -1543,26 +1659,34 @@ def sample_ode(net, sde, x, steps, y, generator):
 
 @dataclass(frozen=True)
 class Method:
-    """A training method: its noise process (built from the config), per-example loss, prior, and
-    samplers {name: (sampler, default steps)}, the first being the default."""
+    """A training method: its noise process (built from the config), per-example loss, prior,
+    samplers {name: (sampler, default steps)}, the first being the default, and its noise levels
+    as the network sees them (for a classifier's training and for classifier guidance)."""
     process: Callable  # config -> Schedule | sigmas | SDE
     loss: Callable  # (net, process, x0, y, generator) -> (B,)
     prior: Callable  # (process, shape, generator, device) -> start of sampling
     samplers: dict  # name -> (sampler(net, process, x, steps, y, generator), default steps)
+    noised: Callable  # (process, x0, generator) -> (x at a random noise level, its c (B,))
+    std: Callable  # (process, c (B,)) -> noise std (B,) at level c: score = -net / std
 
 
 BETAS = {"linear": linear_betas, "cosine": cosine_betas}
 SDE_SAMPLERS = {"em": (sample_em, 500), "pc": (sample_pc, 250), "ode": (sample_ode, 50)}
 METHODS = {
     "ddpm": Method(ddpm_process, ddpm_loss, gaussian_prior,
-                   {"ancestral": (sample_ancestral, 250), "ddim": (sample_ddim, 50)}),
-    "ncsn": Method(ncsn_process, ncsn_loss, ncsn_prior, {"als": (sample_als, 100)}),
-    "vp": Method(lambda config: VPSDE(), sde_train_loss, sde_prior, SDE_SAMPLERS),
+                   {"ancestral": (sample_ancestral, 250), "ddim": (sample_ddim, 50)},
+                   ddpm_noised, ddpm_std),
+    "ncsn": Method(ncsn_process, ncsn_loss, ncsn_prior, {"als": (sample_als, 100)},
+                   ncsn_noised, ncsn_std),
+    "vp": Method(lambda config: VPSDE(), sde_train_loss, sde_prior, SDE_SAMPLERS,
+                 sde_noised, sde_std),
     "ve": Method(lambda config: VESDE(config.sigma_min, config.sigma_max), sde_train_loss,
-                 sde_prior, SDE_SAMPLERS),
-    "subvp": Method(lambda config: SubVPSDE(), sde_train_loss, sde_prior, SDE_SAMPLERS),
+                 sde_prior, SDE_SAMPLERS, sde_noised, sde_std),
+    "subvp": Method(lambda config: SubVPSDE(), sde_train_loss, sde_prior, SDE_SAMPLERS,
+                    sde_noised, sde_std),
 }
 SAMPLERS = sorted({name for m in METHODS.values() for name in m.samplers})
+INPAINTING_SAMPLERS = ("ancestral", "em", "pc")  # the samplers that take known= and mask=
 
 
 @dataclass
@@ -1587,8 +1711,9 @@ class TrainConfig:
     width: int = 256  # MLP width (vector data)
     depth: int = 3  # MLP residual layers (vector data)
     channels: int = 32  # UNet base channels (image data)
-    cond: bool = False  # condition the network on the data's class labels
-    label_dropout: float = 0.1  # with cond: share of labels dropped (for classifier-free guidance)
+    conditional: bool = False  # condition the network on the data's class labels (alias --cond)
+    label_dropout: float = 0.1  # conditional: share of null labels (for classifier-free guidance)
+    classifier: bool = False  # train a noise-conditional classifier for guidance; see main()
     schedule: str = "linear"  # ddpm: beta schedule, linear or cosine
     T: int = 1000  # ddpm: number of discrete steps
     sigma_min: float = 0.01  # ncsn and ve: smallest noise level
@@ -1631,6 +1756,8 @@ def check_config(config):
          "steps, batch_size, lr, T: expected steps >= 0, batch_size >= 1, lr > 0, T >= 1"),
         (0 <= config.ema < 1, f"ema: decay {config.ema} is not in [0, 1)"),
         (0 <= config.label_dropout < 1, f"label_dropout: {config.label_dropout} not in [0, 1)"),
+        (not (config.classifier and config.conditional),
+         "classifier: a classifier takes no labels in; drop --conditional"),
         (config.device != "cuda" or torch.cuda.is_available(), "device: cuda is not available"),
     ]
     for ok, message in checks:
@@ -1735,6 +1862,7 @@ class Run:
     model: nn.Module  # net, or net wrapped in DistributedDataParallel
     ema: AveragedModel
     opt: torch.optim.Optimizer
+    num_classes: int | None  # classes of the labels the network takes in or (classifier) puts out
     step: int
     log: list  # rows (step, mean loss, seconds)
     dir: Path
@@ -1763,17 +1891,29 @@ def setup_run(config):
         raise ValueError("amp: bf16 autocast is for CUDA, and the device is cpu")
     data = get_data(config)
     config = resolve_config(config, data)
-    num_classes = int(data.y.max()) + 1 if config.cond and data.y is not None else None
-    if config.cond and num_classes is None:
-        raise ValueError(f"cond: data {config.data!r} has no class labels")
+    num_classes = labels_needed(config, data)
     net, model, ema, opt = build_model(config, data.x.shape[1:], num_classes, device, world)
     shard = Data(data.x[rank::world].to(device),
                  None if num_classes is None else data.y[rank::world].to(device),
                  data.x_test, data.y_test)
     method = METHODS[config.method]
+    method = classifier_method(method) if config.classifier else method
     run = Run(config, rank, world, device, shard, method, method.process(config), net, model,
-              ema, opt, 0, [], Path(config.out))
+              ema, opt, num_classes, 0, [], Path(config.out))
     return resume(run) if config.resume else run
+
+
+def labels_needed(config, data):
+    """The number of classes when the run uses labels (conditional or classifier), else None;
+    ValueError if it needs labels and the data has none."""
+    if not (config.conditional or config.classifier):
+        return None
+    if data.y is None:
+        flag = "conditional" if config.conditional else "classifier"
+        labelled = [name for name, make in DATASETS.items() if make(1, rng(0))[1] is not None]
+        raise ValueError(f"{flag}: data {config.data!r} has no class labels "
+                         f"(built-in data with labels: {', '.join(labelled)})")
+    return int(data.y.max()) + 1
 
 
 def resume(run):
@@ -1801,13 +1941,15 @@ def learning_rate(config, step):
 
 def get_batch(run, step):
     """This rank's batch of step `step` (a function of seed, rank and step): examples drawn with
-    replacement from its shard; with labels, a label_dropout share replaced by the null label."""
+    replacement from its shard; with labels, for a conditional network a label_dropout share
+    replaced by the null label (label num_classes), for a classifier none."""
     B, g = run.config.batch_size // run.world, rng(run.config.seed, "batch", run.rank, step)
     i = torch.randint(len(run.data.x), (B,), generator=g).to(run.device)
     if run.data.y is None:
         return run.data.x[i], None
-    drop = (torch.rand(B, generator=g) < run.config.label_dropout).to(run.device)
-    return run.data.x[i], torch.where(drop, run.net.embed.num_classes, run.data.y[i])
+    dropout = run.config.label_dropout if run.config.conditional else 0.0
+    drop = (torch.rand(B, generator=g) < dropout).to(run.device)
+    return run.data.x[i], torch.where(drop, run.num_classes, run.data.y[i])
 
 
 def train_step(run, step):
@@ -1876,7 +2018,7 @@ def stop_on_sigint():
 def save(run):
     """Rank 0 writes the checkpoint, config.json and loss.csv of the run."""
     if run.rank == 0:
-        shape, k = tuple(run.data.x.shape[1:]), run.net.embed.num_classes
+        shape, k = tuple(run.data.x.shape[1:]), run.num_classes
         save_checkpoint(run.dir / "ckpt.pt", run.net, run.ema, run.opt, run.step, run.log, shape, k)
         write_run_files(run.dir, run.config, run.log)
 
@@ -1903,9 +2045,9 @@ def train_loop(run, stop):
 
 def train(config):
     """Train a model as `config` says and write the run folder (rank 0 only): ckpt.pt,
-    config.json, loss.csv, samples.png. Returns a TrainResult. Ctrl-C stops after the current
-    step with a checkpoint; a non-finite loss raises FloatingPointError and writes nothing, so the
-    last checkpoint stays as it was."""
+    config.json, loss.csv, samples.png (for a classifier no samples: its held-out accuracy).
+    Returns a TrainResult. Ctrl-C stops after the current step with a checkpoint; a non-finite
+    loss raises FloatingPointError and writes nothing, so the last checkpoint stays as it was."""
     joined = not dist.is_initialized()
     run = setup_run(config)
     try:
@@ -1920,28 +2062,37 @@ def train(config):
             dist.destroy_process_group()
     paths = {name: run.dir / name for name in ("ckpt.pt", "config.json", "loss.csv")}
     quality = {}
-    if run.rank == 0 and config.n_samples > 0 and not stop.is_set():
+    if run.rank == 0 and config.classifier and not stop.is_set():
+        quality = classifier_accuracy(run)
+    elif run.rank == 0 and config.n_samples > 0 and not stop.is_set():
         quality, paths["samples.png"] = final_samples(run)
     return TrainResult(loss, run.step, run.net, run.ema.module, run.process, paths, quality,
                        interrupted=stop.is_set())
 
 
 def draw_samples(net, config, process, shape, n, *, sampler="", steps=0, seed=0, y=None,
-                 device="cpu"):
+                 device="cpu", known=None, mask=None):
     """n samples of `shape` from the network with the method's `sampler` ('' = the config's, else
-    the method's default) and `steps` (0 = the sampler's default), in batches of 2,000."""
+    the method's default) and `steps` (0 = the sampler's default), in batches of 2,000. With
+    `known` and `mask` (n, *shape) each sample inpaints its row of `known` (F31)."""
     method = METHODS[config.method]
     name = sampler or config.sampler or next(iter(method.samplers))
     if name not in method.samplers:
         raise ValueError(f"sampler: {name!r} is not one of {sorted(method.samplers)} for "
                          f"method {config.method}")
+    if known is not None and name not in INPAINTING_SAMPLERS:
+        can = [s for s in method.samplers if s in INPAINTING_SAMPLERS] or "none"
+        raise ValueError(f"sampler: {name} cannot inpaint; samplers of method {config.method} "
+                         f"that can: {can}")
     fn, default_steps = method.samplers[name]
     steps = steps or config.sample_steps or default_steps
     g, out = rng(seed, "sample", device=torch.device(device).type), []
     for start in range(0, n, 2000):
         x = method.prior(process, (min(2000, n - start), *shape), g, device)
-        yb = None if y is None else y[start:start + len(x)].to(device)
-        out.append(fn(net, process, x, steps, yb, g).float().cpu())
+        part = slice(start, start + len(x))
+        yb = None if y is None else y[part].to(device)
+        inpaint = {} if known is None else {"known": known[part], "mask": mask[part]}
+        out.append(fn(net, process, x, steps, yb, g, **inpaint).float().cpu())
     return torch.cat(out)
 
 
@@ -1958,7 +2109,7 @@ def final_samples(run):
     n = min(config.n_samples, len(x_test) // 2, 256 if len(shape) > 1 else len(x_test))
     t0 = time.time()
     samples = draw_samples(net, config, run.process, shape, n, seed=config.seed, device=run.device,
-                           y=class_labels(net.embed.num_classes, n))
+                           y=class_labels(run.num_classes, n))
     seconds = time.time() - t0
     write_png(run.dir / "samples.png", picture(samples, x_test[:n]))
     h, g = mmd_bandwidths(x_test), rng(config.seed, "mmd")
@@ -1974,6 +2125,20 @@ def final_samples(run):
     return quality, run.dir / "samples.png"
 
 
+def classifier_accuracy(run, n=2000):
+    """Print and return the classifier's accuracy on (up to) n held-out examples, each noised to
+    a random level of the method as in training, overall and on the least noisy tenth."""
+    net, g = run.ema.module.eval(), rng(run.config.seed, "accuracy", device=run.device.type)
+    x0, y = run.data.x_test[:n].to(run.device), run.data.y_test[:n].to(run.device)
+    with torch.no_grad():
+        x_s, c = run.method.noised(run.process, x0, g)
+        right = (net(x_s, c).argmax(dim=-1) == y).float()
+    accuracy, low_noise = right.mean().item(), right[c <= c.quantile(0.1)].mean().item()
+    print(f"classifier: held-out accuracy {accuracy:.1%} at random noise levels, {low_noise:.1%} "
+          f"at the least noisy tenth of them (chance {1 / run.num_classes:.1%})")
+    return {"accuracy": accuracy, "low_noise_accuracy": low_noise, "n": len(y)}
+
+
 @dataclass
 class Trained:
     """A trained run loaded for use: its config, network, process and example shape."""
@@ -1984,11 +2149,19 @@ class Trained:
     num_classes: int | None
 
 
+def read_config(path):
+    """The TrainConfig in a run's config.json (`cond`, the old name of `conditional`, is read)."""
+    saved = json.loads(Path(path).read_text())
+    if "cond" in saved:
+        saved["conditional"] = saved.pop("cond")
+    return TrainConfig(**saved)
+
+
 def load_run(run_dir, device="cpu", use_ema=True):
     """Load a run folder written by `train`: config.json and the weights from ckpt.pt."""
     run_dir = Path(run_dir)
     try:
-        config = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+        config = read_config(run_dir / "config.json")
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"{run_dir / 'config.json'}: cannot read the run's config ({e})")
     state = load_checkpoint(run_dir / "ckpt.pt", device)
@@ -2000,6 +2173,63 @@ def load_run(run_dir, device="cpu", use_ema=True):
         raise ValueError(f"{run_dir}: ckpt.pt does not fit config.json "
                          f"({one_line(e)})")
     return Trained(config, net.eval(), METHODS[config.method].process(config), shape, k)
+
+
+PROCESS_FIELDS = {"ddpm": ("schedule", "T"), "ncsn": ("sigma_min", "sigma_max", "n_sigmas"),
+                  "ve": ("sigma_min", "sigma_max")}  # the fields that define each noise process
+
+
+def load_classifier(run_dir, run, device="cpu"):
+    """The classifier of a run, RUN/classifier (`train --classifier --out RUN/classifier`);
+    ValueError if there is none or it was trained on other data or another noise process."""
+    path = Path(run_dir) / "classifier"
+    if not (path / "ckpt.pt").exists():
+        raise ValueError(f"guide: {run_dir} has no classifier; train one with "
+                         f"`python ddpm_score.py train --classifier --out {path}`")
+    clf = load_run(path, device)
+    for key in ("data", "method", *PROCESS_FIELDS.get(run.config.method, ())):
+        mine, theirs = getattr(clf.config, key), getattr(run.config, key)
+        if mine != theirs:
+            raise ValueError(f"classifier: {path} was trained with {key} = {mine!r}, "
+                             f"the run with {key} = {theirs!r}")
+    clf.net.requires_grad_(False)
+    return clf
+
+
+def guide_net(net, config, process, w, classifier=None):
+    """`net` under classifier guidance with weight w when a classifier is given, else under
+    classifier-free guidance with weight w. [F30]"""
+    if classifier is None:
+        return cfg_net(net, w)
+    std = METHODS[config.method].std
+    return classifier_guided_net(net, classifier, w, lambda c: std(process, c))
+
+
+MASKS = ("right", "bottom", "centre")
+
+
+def inpainting_mask(shape, kind):
+    """The known part (True) of images of `shape` (B, C, H, W) whose `kind` region is missing:
+    the right half, the bottom half, or the centre square of half the side. [F31]"""
+    if len(shape) != 4:
+        raise ValueError(f"shape: inpainting masks are for images (B, C, H, W), got "
+                         f"{tuple(shape)}")
+    _check_choice("kind", kind, set(MASKS))
+    H, W = shape[-2:]
+    missing = {"right": (slice(None), slice(W // 2, None)),
+               "bottom": (slice(H // 2, None), slice(None)),
+               "centre": (slice(H // 4, H - H // 4), slice(W // 4, W - W // 4))}[kind]
+    mask = torch.ones(shape, dtype=torch.bool)
+    mask[(..., *missing)] = False
+    return mask
+
+
+def inpainting_picture(x0, mask, completions):
+    """One row per example: the input (its missing part grey), the completions, the original.
+    x0 and mask (n, C, H, W), completions (n, m, C, H, W)."""
+    shown = torch.where(mask, x0, torch.zeros_like(x0))
+    rows = torch.cat([shown[:, None], completions, x0[:, None]], dim=1)
+    return image_grid(rearrange(rows, "n k ... -> (n k) ..."), ncol=rows.shape[1])
 
 
 def nll_bpd(net, config, process, x, *, steps=100, generator=None):
@@ -2028,34 +2258,113 @@ def nll_bpd(net, config, process, x, *, steps=100, generator=None):
 # --- command line: python ddpm_score.py train | sample | nll -------------------------------------
 
 
+def load_generator(args, device):
+    """The run of --run for sample and nll: a generative model, not a classifier."""
+    run = load_run(args.run, device, use_ema=not getattr(args, "no_ema", False))
+    if run.config.classifier:
+        raise ValueError(f"run: {args.run} is a classifier (for guidance); use the run it "
+                         f"guides, {Path(args.run).parent}")
+    return run
+
+
+def pick_guide(args, run, device):
+    """(guide, classifier) for --guide: 'cfg' needs a conditional run, 'classifier' a classifier
+    in RUN/classifier; auto takes cfg, else the classifier; (None, None) when nothing asks for
+    guidance (no --class, --guidance or --guide)."""
+    if args.guidance is not None and not args.guidance >= 0:
+        raise ValueError(f"guidance: the weight must be a number >= 0, got {args.guidance}")
+    if args.label is None and args.guidance is None and args.guide == "auto":
+        return None, None
+    guide = args.guide
+    if guide == "auto":
+        if not run.num_classes and not (Path(args.run) / "classifier" / "ckpt.pt").exists():
+            raise ValueError(f"class: {args.run} is unconditional and has no classifier; train "
+                             f"with --conditional, or a classifier with `python ddpm_score.py "
+                             f"train --classifier --out {Path(args.run) / 'classifier'}`")
+        guide = "cfg" if run.num_classes else "classifier"
+    if guide == "cfg" and not run.num_classes:
+        raise ValueError(f"guide: cfg needs a run trained with --conditional; {args.run} is "
+                         "unconditional")
+    return guide, load_classifier(args.run, run, device) if guide == "classifier" else None
+
+
+def guidance(args, run, n, device):
+    """(network, labels (n,) or None, file-name tag): the run's network, or it guided (see
+    pick_guide) towards --class K, or each class in turn, with weight --guidance; by default
+    the plain conditional (w = 0 for cfg, w = 1 for the classifier). [F30]"""
+    guide, classifier = pick_guide(args, run, device)
+    if guide is None:
+        return run.net, class_labels(run.num_classes, n), ""
+    k, label = run.num_classes or classifier.num_classes, args.label
+    if label is not None and not 0 <= label < k:
+        raise ValueError(f"class: {label} is out of range; the run has {k} classes, 0..{k - 1}")
+    w = args.guidance if args.guidance is not None else (0.0 if guide == "cfg" else 1.0)
+    y = class_labels(k, n) if label is None else torch.full((n,), label)
+    net = guide_net(run.net, run.config, run.process, w,
+                    None if classifier is None else classifier.net)
+    which = "classifier-free" if guide == "cfg" else f"classifier {Path(args.run) / 'classifier'}"
+    print(f"guidance: {which}, w = {w:g}, "
+          f"{f'classes 0..{k - 1} in turn' if label is None else f'class {label}'}")
+    return net, y, f"_{guide}{w:g}" + ("" if label is None else f"_class{label}")
+
+
 def sample_command(args):
-    """`sample`: draw --n samples from a run, write samples_SAMPLER.pt and .png (and with
-    --trajectory a strip of frames from noise to data)."""
+    """`sample`: draw --n samples from a run, write samples_SAMPLER[_GUIDE_classK].pt and .png
+    (with --trajectory a strip of frames from noise to data); with --inpaint, inpaint_command."""
     device = pick_device(args.device)
-    run, out = load_run(args.run, device, use_ema=not args.no_ema), Path(args.run)
+    run, out = load_generator(args, device), Path(args.run)
     name = args.sampler or run.config.sampler or next(iter(METHODS[run.config.method].samplers))
+    if args.inpaint:
+        return inpaint_command(args, run, name, device)
+    net, y, tag = guidance(args, run, args.n or 2000, device)
     frames = []
 
     def recording_net(x, c, y=None):  # the network, keeping each input: the trajectory
         frames.append(x.detach().float().cpu())
-        return run.net(x, c, y)
-    y = class_labels(run.num_classes, args.n)
-    x = draw_samples(recording_net if args.trajectory else run.net, run.config, run.process,
-                     run.shape, args.n, sampler=name, steps=args.steps, seed=args.seed, y=y,
-                     device=device)
-    write_atomic(out / f"samples_{name}.pt", lambda f: torch.save({"x": x, "y": y}, f))
-    write_png(out / f"samples_{name}.png", picture(x))
-    print(f"wrote {out / f'samples_{name}.pt'} and {out / f'samples_{name}.png'}")
+        return net(x, c, y)
+    x = draw_samples(recording_net if args.trajectory else net, run.config, run.process,
+                     run.shape, args.n or 2000, sampler=name, steps=args.steps, seed=args.seed,
+                     y=y, device=device)
+    stem = out / f"samples_{name}{tag}"
+    write_atomic(f"{stem}.pt", lambda f: torch.save({"x": x, "y": y}, f))
+    write_png(f"{stem}.png", picture(x))
+    print(f"wrote {stem}.pt and {stem}.png")
     if args.trajectory:
         keep = [frames[round(i * (len(frames) - 1) / 8)] for i in range(9)] + [x]
-        write_png(out / f"trajectory_{name}.png", trajectory_picture(keep))
-        print(f"wrote {out / f'trajectory_{name}.png'} (noise on the left, data on the right)")
+        write_png(out / f"trajectory_{name}{tag}.png", trajectory_picture(keep))
+        print(f"wrote {out / f'trajectory_{name}{tag}.png'} (noise on the left, data on the right)")
+
+
+def inpaint_command(args, run, name, device):
+    """`sample --inpaint`: complete --n held-out images (default 8), --completions times each,
+    with their --mask region missing; write inpaint_MASK_SAMPLER.pt (x, known, mask, y) and .png
+    (a row per image: the input, the completions, the original). [F31]"""
+    if len(run.shape) != 3:
+        raise ValueError(f"inpaint: the run's data are vectors of shape {run.shape}; inpainting "
+                         "needs images (C, H, W)")
+    if args.completions < 1 or args.trajectory:
+        raise ValueError(f"inpaint: needs --completions >= 1 (got {args.completions}) and no "
+                         "--trajectory")
+    x0 = get_data(run.config).x_test[:args.n or 8]
+    known = x0.repeat_interleave(args.completions, dim=0)
+    mask = inpainting_mask(known.shape, args.mask)
+    net, y, tag = guidance(args, run, len(known), device)
+    x = draw_samples(net, run.config, run.process, run.shape, len(known), sampler=name,
+                     steps=args.steps, seed=args.seed, y=y, device=device,
+                     known=known.to(device), mask=mask.to(device))
+    stem = Path(args.run) / f"inpaint_{args.mask}_{name}{tag}"
+    write_atomic(f"{stem}.pt", lambda f: torch.save({"x": x, "known": known, "mask": mask,
+                                                    "y": y}, f))
+    completions = rearrange(x, "(n m) ... -> n m ...", m=args.completions)
+    write_png(f"{stem}.png", inpainting_picture(x0, mask[::args.completions], completions))
+    print(f"wrote {stem}.pt and {stem}.png (a row per image: the input, {args.completions} "
+          f"completions of its {args.mask} part, the original)")
 
 
 def nll_command(args):
     """`nll`: bits/dim of --n held-out examples of the run's data."""
     device = pick_device(args.device)
-    run = load_run(args.run, device)
+    run = load_generator(args, device)
     x = get_data(run.config).x_test[:args.n].to(device)
     t0, g = time.time(), rng(args.seed, "nll", device=device.type)
     bpd = nll_bpd(run.net, run.config, run.process, x, steps=args.steps, generator=g)
@@ -2093,8 +2402,9 @@ def add_train_arguments(parser, defaults):
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
         help = helps.get(f.name, "") + " (default: %(default)s)"
         if isinstance(default, bool):  # --flag / --no-flag
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
-                                help=help)
+            aliases = ["--cond"] if f.name == "conditional" else []
+            parser.add_argument(flag, *aliases, action=argparse.BooleanOptionalAction,
+                                default=default, help=help)
         elif f.name == "data":
             parser.add_argument(flag, type=data_name, default=default, help=help)
         else:
@@ -2113,9 +2423,24 @@ def make_parser(train_defaults=TrainConfig()):
     sample.add_argument("--sampler", default="", choices=["", *SAMPLERS],
                         help="sampler ('' = the run's default)")
     sample.add_argument("--steps", type=int, default=0, help="sampler steps (0 = its default)")
-    sample.add_argument("--n", type=int, default=2000, help="number of samples (%(default)s)")
+    sample.add_argument("--n", type=int, default=0,
+                        help="number of samples (0: 2000; with --inpaint: 8 images)")
     sample.add_argument("--trajectory", action="store_true", help="also picture the trajectory")
     sample.add_argument("--no-ema", action="store_true", help="use the live, not the EMA, weights")
+    sample.add_argument("--class", dest="label", type=int, metavar="K",
+                        help="guide towards class K (default: every class in turn)")
+    sample.add_argument("--guidance", type=float, metavar="W",
+                        help="guidance weight: cfg (1 + W) eps(x, K) - W eps(x, null), "
+                        "classifier score + W grad log p(K | x) (default: the plain "
+                        "conditional, W = 0 for cfg, 1 for the classifier)")
+    sample.add_argument("--guide", default="auto", choices=["auto", "cfg", "classifier"],
+                        help="auto: cfg on a --conditional run, else RUN/classifier (%(default)s)")
+    sample.add_argument("--inpaint", action="store_true",
+                        help="complete held-out images whose --mask region is missing")
+    sample.add_argument("--mask", default="right", choices=MASKS,
+                        help="the region --inpaint fills in (%(default)s)")
+    sample.add_argument("--completions", type=int, default=4,
+                        help="completions per image with --inpaint (%(default)s)")
     nll = sub.add_parser("nll", help="bits/dim of held-out data")
     nll.add_argument("--n", type=int, default=256, help="held-out examples (%(default)s)")
     nll.add_argument("--steps", type=int, default=100, help="ODE steps (%(default)s)")
@@ -2127,11 +2452,15 @@ def make_parser(train_defaults=TrainConfig()):
 
 
 def train_command(args, argv):
-    """`train`: with --resume the run's config.json supplies the defaults (flags still win)."""
-    config_path = Path(args.out) / "config.json"
+    """`train`: with --resume the run's config.json supplies the defaults; with --classifier
+    and --out RUN/classifier, RUN's config.json does (flags still win)."""
+    config_path, run_path = Path(args.out) / "config.json", Path(args.out).parent / "config.json"
     if args.resume and config_path.exists():
-        saved = TrainConfig(**json.loads(config_path.read_text()))
-        args = make_parser(replace(saved, resume=True)).parse_args(argv)
+        args = make_parser(replace(read_config(config_path), resume=True)).parse_args(argv)
+    elif args.classifier and run_path.exists():  # RUN/classifier: RUN's config, as a classifier
+        defaults = replace(read_config(run_path), classifier=True, conditional=False,
+                           resume=False, out=args.out)
+        args = make_parser(defaults).parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     result = train(config)
     if result.interrupted:
@@ -2147,11 +2476,24 @@ def main(argv=None):
     examples:
       python ddpm_score.py train                                  # moons, ddpm, about a minute
       python ddpm_score.py train --method vp --data checkerboard --out runs/vp
-      python ddpm_score.py train --data shapes --cond --steps 4000 --lr 5e-4 --batch-size 64
       python ddpm_score.py train --out runs/default --resume --steps 6000
       python ddpm_score.py sample --run runs/default --sampler ddim --steps 50 --trajectory
       python ddpm_score.py nll --run runs/default
       torchrun --nproc_per_node=2 ddpm_score.py train --out runs/ddp
+
+    controllable generation (data with labels: moons, ring, shapes):
+      python ddpm_score.py train --data ring --conditional --out runs/ring  # label dropout 0.1
+      python ddpm_score.py sample --run runs/ring --class 3 --guidance 1    # classifier-free
+      python ddpm_score.py train --data ring --out runs/ring_u              # unconditional
+      python ddpm_score.py train --classifier --out runs/ring_u/classifier --steps 1000
+      python ddpm_score.py sample --run runs/ring_u --class 3 --guidance 2  # classifier guidance
+      python ddpm_score.py train --data shapes --conditional --steps 4000 --lr 5e-4 \\
+          --batch-size 64 --out runs/shapes
+      python ddpm_score.py sample --run runs/shapes --inpaint --mask centre  # inpaint_*.png
+
+    A classifier trained with --out RUN/classifier takes RUN's config as its defaults and
+    learns p(y | x_s) on data noised by RUN's process; `sample --run RUN` then finds it. On a
+    run with both, --guide cfg|classifier picks one (auto: cfg).
     """
     parser = make_parser()
     args = parser.parse_args(argv)
