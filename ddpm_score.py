@@ -1711,9 +1711,9 @@ class TrainConfig:
     width: int = 256  # MLP width (vector data)
     depth: int = 3  # MLP residual layers (vector data)
     channels: int = 32  # UNet base channels (image data)
-    conditional: bool = False  # condition the network on the data's class labels (alias --cond)
+    conditional: bool = False  # condition the network on the data's class labels
     label_dropout: float = 0.1  # conditional: share of null labels (for classifier-free guidance)
-    classifier: bool = False  # train a noise-conditional classifier for guidance; see main()
+    classifier: bool = False  # train p(y | x_s) for classifier guidance, with --out RUN/classifier
     schedule: str = "linear"  # ddpm: beta schedule, linear or cosine
     T: int = 1000  # ddpm: number of discrete steps
     sigma_min: float = 0.01  # ncsn and ve: smallest noise level
@@ -2412,6 +2412,24 @@ def add_train_arguments(parser, defaults):
                                 choices=choices.get(f.name), help=help)
 
 
+def add_control_arguments(sample):
+    """The `sample` flags of controllable generation: guidance [F30] and inpainting [F31]."""
+    sample.add_argument("--class", dest="label", type=int, metavar="K",
+                        help="guide towards class K (default: every class in turn)")
+    sample.add_argument("--guidance", type=float, metavar="W",
+                        help="guidance weight: cfg (1 + W) eps(x, K) - W eps(x, null), "
+                        "classifier score + W grad log p(K | x) (default: the plain "
+                        "conditional, W = 0 for cfg, 1 for the classifier)")
+    sample.add_argument("--guide", default="auto", choices=["auto", "cfg", "classifier"],
+                        help="auto: cfg on a --conditional run, else RUN/classifier (%(default)s)")
+    sample.add_argument("--inpaint", action="store_true",
+                        help="complete held-out images whose --mask region is missing")
+    sample.add_argument("--mask", default="right", choices=MASKS,
+                        help="the region --inpaint fills in (%(default)s)")
+    sample.add_argument("--completions", type=int, default=4,
+                        help="completions per image with --inpaint (%(default)s)")
+
+
 def make_parser(train_defaults=TrainConfig()):
     """The argparse parser: train (defaults from `train_defaults`), sample and nll."""
     parser = argparse.ArgumentParser(prog="ddpm_score.py", description=main.__doc__,
@@ -2427,20 +2445,7 @@ def make_parser(train_defaults=TrainConfig()):
                         help="number of samples (0: 2000; with --inpaint: 8 images)")
     sample.add_argument("--trajectory", action="store_true", help="also picture the trajectory")
     sample.add_argument("--no-ema", action="store_true", help="use the live, not the EMA, weights")
-    sample.add_argument("--class", dest="label", type=int, metavar="K",
-                        help="guide towards class K (default: every class in turn)")
-    sample.add_argument("--guidance", type=float, metavar="W",
-                        help="guidance weight: cfg (1 + W) eps(x, K) - W eps(x, null), "
-                        "classifier score + W grad log p(K | x) (default: the plain "
-                        "conditional, W = 0 for cfg, 1 for the classifier)")
-    sample.add_argument("--guide", default="auto", choices=["auto", "cfg", "classifier"],
-                        help="auto: cfg on a --conditional run, else RUN/classifier (%(default)s)")
-    sample.add_argument("--inpaint", action="store_true",
-                        help="complete held-out images whose --mask region is missing")
-    sample.add_argument("--mask", default="right", choices=MASKS,
-                        help="the region --inpaint fills in (%(default)s)")
-    sample.add_argument("--completions", type=int, default=4,
-                        help="completions per image with --inpaint (%(default)s)")
+    add_control_arguments(sample)
     nll = sub.add_parser("nll", help="bits/dim of held-out data")
     nll.add_argument("--n", type=int, default=256, help="held-out examples (%(default)s)")
     nll.add_argument("--steps", type=int, default=100, help="ODE steps (%(default)s)")
