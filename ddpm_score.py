@@ -31,6 +31,7 @@ Three ways in
     import ddpm_score                 # the math, samplers and networks as functions
     python ddpm_score.py train        # train on built-in data (no download), then sample
     make test                         # the spec tests
+
 Controllable generation from the command line (``python ddpm_score.py --help`` has more):
     python ddpm_score.py train --data ring --conditional --out runs/ring
     python ddpm_score.py sample --run runs/ring --class 3 --guidance 1       # classifier-free
