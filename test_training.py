@@ -186,7 +186,8 @@ def test_ddp_two_gloo_processes_keep_identical_weights_and_write_one_checkpoint(
         f"config = ds.TrainConfig(steps=20, batch_size=64, width=32, depth=1, n_train=2000,\n"
         f'                        n_samples=0, out={str(tmp_path / "run")!r}, device="cpu")\n'
         "result = ds.train(config)\n"
-        f'torch.save(result.net.state_dict(), {str(tmp_path)!r} + f"/rank{{os.environ[\'RANK\']}}.pt")\n')
+        f"out = {str(tmp_path)!r} + '/rank' + os.environ['RANK'] + '.pt'\n"
+        "torch.save(result.net.state_dict(), out)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", str(script)], env=env, capture_output=True,

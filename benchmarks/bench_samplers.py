@@ -38,7 +38,8 @@ def log_components(x, scale, std):
     """log w_k + log N(x; scale mu_k, (scale^2 c_k^2 + std^2) I), shape (B, K)."""
     var = scale[:, None] ** 2 * STDS ** 2 + std[:, None] ** 2           # (B, K)
     diff = x[:, None, :] - scale[:, None, None] * MEANS                 # (B, K, 2)
-    return (WEIGHTS.log() - (diff ** 2).sum(-1) / (2 * var) - torch.log(2 * math.pi * var)), diff, var
+    logc = WEIGHTS.log() - (diff ** 2).sum(-1) / (2 * var) - torch.log(2 * math.pi * var)
+    return logc, diff, var
 
 
 def mixture_score(x, scale, std):

@@ -70,7 +70,8 @@ def default_run():
 
 
 def main():
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, default {torch.get_num_threads()}"
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, "
+          f"default {torch.get_num_threads()}"
           f" threads, load average {os.getloadavg()[0]:.2f}\n")
     throughput_table()
     seconds, stdout, peak_mib = default_run()
