@@ -103,6 +103,11 @@ def _check_positive(name, value):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+def _check_count(name, value, least):
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
@@ -482,12 +487,12 @@ def sde_loss(score_model, sde, x0, *, likelihood_weighting=False, s=None, noise=
     """
     _check_batch(x0, "x0")
     _check_unit_open("eps_s", eps_s)
-    if s is None:
-        s = eps_s + (1 - eps_s) * torch.rand(x0.shape[:1], generator=generator,
-                                             device=x0.device, dtype=x0.dtype)
+    if s is None:  # time at least float32 (PITFALLS #11)
+        s = eps_s + (1 - eps_s) * torch.rand(x0.shape[:1], generator=generator, device=x0.device,
+                                             dtype=torch.promote_types(x0.dtype, torch.float32))
     _check_per_example(s, x0, "s")
-    if not ((s >= 0) & (s <= 1)).all():
-        raise ValueError(f"s must lie in [0, 1], got values in {s.min().item()}..{s.max().item()}")
+    if not ((s > 0) & (s <= 1)).all():
+        raise ValueError(f"s must lie in (0, 1], got values in {s.min().item()}..{s.max().item()}")
     z = _noise(x0, noise, generator)
     mean, std = sde.marginal(x0, s)
     x_s = mean + std * z
@@ -554,6 +559,7 @@ def langevin(score_fn, x, *, step_size, n_steps, generator=None):
     """
     _check_batch(x, "x")
     _check_positive("step_size", step_size)
+    _check_count("n_steps", n_steps, 0)
     for _ in range(n_steps):
         x = x + step_size / 2 * score_fn(x) + math.sqrt(step_size) * _randn_like(x, generator)
     return x
@@ -571,6 +577,9 @@ def annealed_langevin(score_fn, x, sigmas, *, eps=2e-5, n_steps_each=100, denois
     _check_batch(x, "x")
     _check_positive("eps", eps)
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    if sigmas.ndim != 1 or len(sigmas) < 1 or not (sigmas > 0).all():
+        raise ValueError(f"sigmas must be a non-empty 1-D sequence of numbers > 0, "
+                         f"got {sigmas.tolist()}")
     sigma_L = sigmas[-1].item()
     for sigma in sigmas.tolist():
         alpha = eps * sigma ** 2 / sigma_L ** 2
@@ -687,7 +696,7 @@ class VESDE(_LinearSDE):
 
 
 def reverse_drift(sde, score, x, s, ode=False):
-    """f(x, s) - g(s)^2 score (reverse SDE, F24), or f - 1/2 g^2 score (probability flow, F26)."""
+    """f(x, s) - g(s)^2 score (reverse SDE), or f - 1/2 g^2 score (probability flow). [F24, F26]"""
     g2 = bcast(sde.diffusion(s), x) ** 2
     return sde.drift(x, s) - (0.5 if ode else 1.0) * g2 * score
 
@@ -806,13 +815,16 @@ def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, generator=None, callb
 
 
 def _s_grid(s_from, s_to, steps):
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    """steps + 1 times from s_from to s_to; the end other than 1 is eps_s, checked here."""
+    _check_count("steps", steps, 1)
+    _check_unit_open("eps_s", min(s_from, s_to))
     return torch.linspace(s_from, s_to, steps + 1, dtype=torch.float64).tolist()
 
 
 def _full(x, s):
-    return x.new_full(x.shape[:1], s)
+    """Continuous time s as a (B,) tensor, at least float32 (PITFALLS #11: no bf16 time)."""
+    return torch.full(x.shape[:1], s, device=x.device,
+                      dtype=torch.promote_types(x.dtype, torch.float32))
 
 
 @torch.no_grad()
@@ -834,6 +846,7 @@ def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0
     """
     _check_batch(x, "x")
     _check_inpainting(x, known, mask)
+    _check_count("corrector_steps", corrector_steps, 0)
     grid = _s_grid(1.0, eps_s, steps)
     x = _replace_known_sde(x, known, mask, sde, 1.0, generator)
     for i, (s, s_next) in enumerate(zip(grid, grid[1:])):
@@ -943,6 +956,7 @@ def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5,
     """
     _check_batch(x, "x")
     _check_choice("divergence", divergence, {"exact", "hutchinson"})
+    _check_count("n_probes", n_probes, 1)
     shape, d = x.shape, x[0].numel()
     if dequantize:
         u = torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -1802,6 +1816,9 @@ def write_atomic(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -2031,7 +2031,7 @@ def test_samplers_are_reproducible_and_shape_agnostic(name):
 
 
 def test_sampler_arguments_are_checked():
-    """Unknown names and impossible step grids raise ValueError naming the argument.
+    """Unknown names, impossible step grids, counts and times raise ValueError naming the argument.
     [F6, F26, F27, F29]"""
     sched, ab = _linear_sched(50)
     eps_model, x = ref_eps_model(ref_mix_score, ab), torch.zeros(4, 2, dtype=F64)
@@ -2043,7 +2043,16 @@ def test_sampler_arguments_are_checked():
            (lambda: ds.ddim_sample(eps_model, sched, x, steps=51), "steps"),
            (lambda: ds.ddim_sample(eps_model, sched, x, steps=0), "steps"),
            (lambda: ds.ddim_sample(eps_model, sched, x, steps=[50, 30, 30, 1]), "steps"),
-           (lambda: ds.reverse_sde_sample(score_fn, vp, x, steps=0), "steps")]
+           (lambda: ds.reverse_sde_sample(score_fn, vp, x, steps=0), "steps"),
+           (lambda: ds.reverse_sde_sample(score_fn, vp, x, steps=5, eps_s=1.5), "eps_s"),
+           (lambda: ds.reverse_sde_sample(score_fn, vp, x, corrector_steps=-1), "corrector_steps"),
+           (lambda: ds.ode_sample(score_fn, vp, x, eps_s=-1.0), "eps_s"),
+           (lambda: ds.ode_encode(score_fn, vp, x, steps=2.5), "steps"),
+           (lambda: ds.ode_likelihood(score_fn, vp, x, divergence="hutchinson", n_probes=0),
+            "n_probes"),
+           (lambda: ds.langevin(lambda y: -y, x, step_size=0.1, n_steps=2.5), "n_steps"),
+           (lambda: ds.annealed_langevin(lambda y, sg: -y, x, []), "sigmas"),
+           (lambda: ds.annealed_langevin(lambda y, sg: -y, x, [1.0, 0.0]), "sigmas")]
     for call, arg in bad:
         with pytest.raises(ValueError, match=arg):
             call()
