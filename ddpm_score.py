@@ -434,6 +434,28 @@ def _as_coef(v, x, name):
 # --- losses (per example, shape (B,), mean over the data dimensions) -----------------------------
 
 
+def draw_t(sched, x0, generator=None):
+    """t ~ U{1..T}, one per example: the step F12 averages over. [F12]"""
+    return torch.randint(1, sched.T + 1, x0.shape[:1], generator=generator, device=x0.device)
+
+
+def draw_sigma(sigmas, x0, generator=None):
+    """sigma ~ U{sigma_1..sigma_L}, one per example in x0's dtype: F19's (1/L) sum_i. [F19]"""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    if sigmas.ndim != 1 or len(sigmas) < 1 or not (sigmas > 0).all():
+        raise ValueError(f"sigmas must be a non-empty 1-D sequence of numbers > 0, "
+                         f"got {sigmas.tolist()}")
+    idx = torch.randint(0, len(sigmas), x0.shape[:1], generator=generator, device=x0.device)
+    return sigmas.to(x0.device)[idx].to(x0.dtype)
+
+
+def draw_s(x0, generator=None, eps_s=1e-5):
+    """s ~ U(eps_s, 1), one per example, at least float32 (PITFALLS #11): F25's E_s. [F25]"""
+    dtype = torch.promote_types(x0.dtype, torch.float32)
+    return eps_s + (1 - eps_s) * torch.rand(x0.shape[:1], generator=generator, device=x0.device,
+                                            dtype=dtype)
+
+
 def eps_loss(eps_model, sched, x0, *, t=None, noise=None, generator=None):
     """L_simple = ||eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t)||^2 / d.
 
@@ -443,7 +465,7 @@ def eps_loss(eps_model, sched, x0, *, t=None, noise=None, generator=None):
     """
     _check_batch(x0, "x0")
     if t is None:
-        t = torch.randint(1, sched.T + 1, x0.shape[:1], generator=generator, device=x0.device)
+        t = draw_t(sched, x0, generator)
     eps = _noise(x0, noise, generator)
     xt = q_sample(sched, x0, t, eps)
     return _mean_flat((eps - eps_model(xt, t)) ** 2)
@@ -460,12 +482,7 @@ def dsm_loss(score_model, x0, sigmas, *, sigma=None, noise=None, generator=None)
     """
     _check_batch(x0, "x0")
     if sigma is None:
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-        if sigmas.ndim != 1 or len(sigmas) < 1 or not (sigmas > 0).all():
-            raise ValueError(f"sigmas must be a non-empty 1-D sequence of numbers > 0, "
-                             f"got {sigmas.tolist()}")
-        idx = torch.randint(0, len(sigmas), x0.shape[:1], generator=generator, device=x0.device)
-        sigma = sigmas.to(x0.device)[idx].to(x0.dtype)
+        sigma = draw_sigma(sigmas, x0, generator)
     _check_per_example(sigma, x0, "sigma")
     if not (sigma > 0).all():
         raise ValueError(f"sigma must be > 0, got min {sigma.min().item()}")
@@ -487,9 +504,8 @@ def sde_loss(score_model, sde, x0, *, likelihood_weighting=False, s=None, noise=
     """
     _check_batch(x0, "x0")
     _check_unit_open("eps_s", eps_s)
-    if s is None:  # time at least float32 (PITFALLS #11)
-        s = eps_s + (1 - eps_s) * torch.rand(x0.shape[:1], generator=generator, device=x0.device,
-                                             dtype=torch.promote_types(x0.dtype, torch.float32))
+    if s is None:
+        s = draw_s(x0, generator, eps_s)
     _check_per_example(s, x0, "s")
     if not ((s > 0) & (s <= 1)).all():
         raise ValueError(f"s must lie in (0, 1], got values in {s.min().item()}..{s.max().item()}")
@@ -639,9 +655,11 @@ class VPSDE(_LinearSDE):
         self.beta_min, self.beta_max = beta_min, beta_max
 
     def beta(self, s):
+        """beta(s) = beta_min + s (beta_max - beta_min). [F22]"""
         return self.beta_min + s * (self.beta_max - self.beta_min)
 
     def int_beta(self, s):
+        """B(s) = int_0^s beta = beta_min s + (beta_max - beta_min) s^2 / 2. [F23]"""
         return self.beta_min * s + (self.beta_max - self.beta_min) * s ** 2 / 2
 
     def drift_coef(self, s):
@@ -1580,20 +1598,19 @@ def sde_train_loss(net, sde, x0, y, generator):
 
 def ddpm_noised(sched, x0, generator):
     """(x_t, c): x_t ~ q(x_t | x0) with t ~ U{1..T}, and the network's c = 1000 t / T. [F3]"""
-    t = torch.randint(1, sched.T + 1, x0.shape[:1], generator=generator, device=x0.device)
+    t = draw_t(sched, x0, generator)
     return q_sample(sched, x0, t, generator=generator), 1000 * t.float() / sched.T
 
 
 def ncsn_noised(sigmas, x0, generator):
     """(x0 + sigma z, c(sigma)) with sigma uniform over the noise levels. [F19]"""
-    i = torch.randint(0, len(sigmas), x0.shape[:1], generator=generator, device=x0.device)
-    sigma = sigmas.to(x0.device)[i].to(x0.dtype)
+    sigma = draw_sigma(sigmas, x0, generator)
     return x0 + bcast(sigma, x0) * _randn_like(x0, generator), ncsn_level(sigmas, sigma)
 
 
 def sde_noised(sde, x0, generator):
-    """(x_s, c = 1000 s): x_s ~ p_{0s}(x_s | x0) with s ~ U(1e-5, 1), as in sde_loss. [F23]"""
-    s = 1e-5 + (1 - 1e-5) * torch.rand(x0.shape[:1], generator=generator, device=x0.device)
+    """(x_s, c = 1000 s): x_s ~ p_{0s}(x_s | x0) with s drawn as in sde_loss. [F23]"""
+    s = draw_s(x0, generator)
     mean, std = sde.marginal(x0, s)
     return mean + std * _randn_like(x0, generator), 1000 * s
 
