@@ -127,12 +127,10 @@ def _sum_flat(x):
 
 
 def linear_betas(T=1000, beta_1=None, beta_T=None):
-    """beta_t = beta_1 + (t - 1) / (T - 1) (beta_T - beta_1), t = 1..T. [Schedules, F1, F5]
-
-    Defaults: Ho et al.'s 1e-4 and 0.02 scaled by 1000 / T as improved DDPM does (beta_T capped
-    at 0.999), so every T >= 20 ends near pure noise, sqrt(alpha_bar_T) < 0.007 (F5); unscaled,
-    T = 100 would stop at 0.60. Returns float64 (T,) (T = 1 gives [beta_1]).
-    """
+    """beta_t = beta_1 + (t - 1) / (T - 1) (beta_T - beta_1), t = 1..T, float64. [Schedules, F1, F5]
+    Defaults: Ho et al.'s 1e-4 and 0.02 scaled by 1000 / T as improved DDPM does (capped at
+    0.999), so every T >= 20 ends near N(0, I), sqrt(alpha_bar_T) < 0.007 (F5; unscaled, T = 100
+    would stop at 0.60)."""
     _check_count("T", T, 1)
     beta_1 = min(0.1 / T, 0.999) if beta_1 is None else beta_1
     beta_T = min(20 / T, 0.999) if beta_T is None else beta_T
@@ -145,10 +143,8 @@ def linear_betas(T=1000, beta_1=None, beta_T=None):
 
 def cosine_betas(T=1000, s=0.008, max_beta=0.999):
     """alpha_bar_t = f(t) / f(0), f(t) = cos^2(((t / T) + s) / (1 + s) pi / 2). [Schedules]
-
-    beta_t = min(1 - f(t) / f(t-1), max_beta) (Nichol & Dhariwal 2021): the last step or few are
-    clipped, which is why every sampler coefficient is tested for them (PITFALLS #1). float64 (T,).
-    """
+    beta_t = min(1 - f(t) / f(t-1), max_beta), float64 (T,): the last steps are clipped, which
+    is why every sampler coefficient is tested for them (PITFALLS #1)."""
     _check_count("T", T, 1)
     _check_real("s", s)
     _check_real("max_beta", max_beta, 1)
@@ -169,13 +165,10 @@ def geometric_sigmas(sigma_max, sigma_min, L):
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """A discrete schedule: float64 arrays of length T+1, index 0 meaning no noise. [F2, F7]
-
-    beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{i=1..t} alpha_i and the posterior variance
-    beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t (beta_tilde_1 = 0). Build it
-    with ``Schedule.from_betas(linear_betas())``. Plain tensors, not module buffers, so an EMA
-    never averages them (PITFALLS #10); read-only: each array returns a fresh copy, so writing
-    into it cannot change the schedule; ``==`` is identity (tensors have no truth value).
-    """
+    beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{i=1..t} alpha_i, beta_tilde_t = (1 -
+    alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t; ``Schedule.from_betas(linear_betas())``. Plain
+    tensors, not module buffers (no EMA touches them, PITFALLS #10); read-only (each array is a
+    fresh copy, so a write cannot change the schedule); ``==`` is identity."""
     T: int
     _beta: torch.Tensor
     _alpha: torch.Tensor
@@ -256,10 +249,8 @@ def q_sample(sched, x0, t, noise=None, *, generator=None):
 
 def posterior_mean_var(sched, x0, xt, t):
     """q(x_{t-1} | x_t, x0) = N(mu_tilde, beta_tilde I); returns (mu_tilde, beta_tilde). [F7]
-
     mu_tilde = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x0
-             + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t.
-    """
+             + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t."""
     _check_batch(x0, "x0")
     _check_shape(xt, x0.shape, "xt")
     t = _check_t(sched, t, x0)
@@ -270,10 +261,8 @@ def posterior_mean_var(sched, x0, xt, t):
 
 
 def mu_from_eps(sched, xt, t, eps):
-    """mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t). [F8, F9]
-
-    With the true eps this is mu_tilde (F8); with eps_theta it is the model mean (F9).
-    """
+    """mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t): mu_tilde with the
+    true eps (F8), the model mean with eps_theta (F9). [F8, F9]"""
     _check_batch(xt, "xt")
     _check_shape(eps, xt.shape, "eps")
     t = _check_t(sched, t, xt)
@@ -282,11 +271,9 @@ def mu_from_eps(sched, xt, t, eps):
 
 
 def gaussian_kl(mean1, var1, mean2, var2):
-    """KL(N(mean1, var1) || N(mean2, var2)) per element, in nats. [F13]
-
-    1/2 [log(var2 / var1) + (var1 + (mean1 - mean2)^2) / var2 - 1]; the arguments broadcast.
-    Sum over the data dimensions for the KL of N(m1, v1 I) and N(m2, v2 I).
-    """
+    """KL(N(mean1, var1) || N(mean2, var2)) per element, in nats, arguments broadcast. [F13]
+    1/2 [log(var2 / var1) + (var1 + (mean1 - mean2)^2) / var2 - 1]; sum over the data dimensions
+    for N(m1, v1 I) against N(m2, v2 I)."""
     var1, var2 = (torch.as_tensor(v, dtype=torch.float64) if not torch.is_tensor(v) else v
                   for v in (var1, var2))
     if (var1 <= 0).any() or (var2 <= 0).any():
@@ -296,10 +283,8 @@ def gaussian_kl(mean1, var1, mean2, var2):
 
 def reverse_var(sched, t, kind="beta"):
     """sigma_t^2 of p_theta(x_{t-1} | x_t): beta_t or beta_tilde_t, as (B,) float64. [F6, F7]
-
-    beta_tilde_1 = 0 would give the decoder p(x0 | x1) zero variance and log(0); as in improved
-    DDPM the log-variance is clipped: at t = 1 we use beta_tilde_2 (beta_1 when T = 1).
-    """
+    beta_tilde_1 = 0 would give the decoder zero variance and log(0): as in improved DDPM it is
+    clipped to beta_tilde_2 at t = 1 (beta_1 when T = 1)."""
     _check_choice("kind", kind, {"beta", "beta_tilde"})
     t = _check_t(sched, t, t)
     if kind == "beta":
@@ -309,13 +294,9 @@ def reverse_var(sched, t, kind="beta"):
 
 
 def discretized_gaussian_logp(x0, mean, var):
-    """log P(x0) of 8-bit data under N(mean, var) integrated over the pixel's bin. [F10, L_0]
-
-    An 8-bit value k is x0 = 2 k / 255 - 1 in [-1, 1], a bin of half width 1/255:
-    P(x0) = Phi((x0 + 1/255 - mean) / std) - Phi((x0 - 1/255 - mean) / std), the edge bins
-    (k = 0, 255) extended to -inf and +inf so the 256 masses sum to 1. Elementwise, in nats;
-    masses are floored at 1e-12 to keep the log finite.
-    """
+    """log P(x0) of 8-bit data under N(mean, var) over the pixel's bin, in nats. [F10, L_0]
+    k in 0..255 is x0 = 2 k / 255 - 1: P = Phi((x0 + 1/255 - mean) / std) - Phi((x0 - 1/255 -
+    mean) / std), edge bins open to -inf and +inf (the masses sum to 1), floored at 1e-12."""
     _check_shape(mean, x0.shape, "mean")
     var = torch.as_tensor(var, dtype=x0.dtype, device=x0.device)
     if not (var > 0).all():
@@ -328,18 +309,14 @@ def discretized_gaussian_logp(x0, mean, var):
 
 def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized",
             decoder_var="published", generator=None):
-    """The variational bound (F10) of an eps-model, per example, in bits per dimension.
-
-    -ELBO = KL(q(x_T|x0) || N(0, I)) + sum_{t=2..T} L_{t-1} + L_0, where
-    L_{t-1} = KL(q(x_{t-1} | x_t, x0) || N(mu_theta(x_t, t), sigma_t^2 I))  [F7, F9, F11, F13]
-    L_0 = -log p_theta(x0 | x1): the discretized decoder for 8-bit data in [-1, 1] ('discretized',
-    see discretized_gaussian_logp) or the density N(x0; mu_theta(x1, 1), sigma_1^2 I) ('gaussian').
-    sigma_t^2 = reverse_var(sched, t, sigma2) for t >= 2; the decoder's sigma_1^2 is beta_tilde_2
-    with ``decoder_var='published'`` (Ho et al.'s and improved DDPM's code clip it there for both
-    sigma2, so bits/dim compare with papers), or reverse_var(sched, 1, sigma2) with 'sigma2'
-    (beta_1 for 'beta': a sharper decoder). One x_t ~ q(x_t | x0) per t: T calls of eps_model.
-    Returns (B,) 'total' and 'prior' and (B, T) 'terms' (terms[:, t-1] = L_{t-1}), in bits/dim.
-    """
+    """The variational bound (F10) of an eps-model per example, in bits per dimension.
+    -ELBO = KL(q(x_T|x0) || N(0, I)) + sum_{t=2..T} L_{t-1} + L_0, L_{t-1} = KL(q(x_{t-1} | x_t,
+    x0) || N(mu_theta(x_t, t), sigma_t^2 I)) [F7, F9, F11, F13], sigma_t^2 = reverse_var(t, sigma2);
+    L_0 = -log p(x0 | x1), discretized for 8-bit data ('discretized') or N(x0; mu_theta, sigma_1^2)
+    ('gaussian'). Decoder sigma_1^2 = beta_tilde_2 with ``decoder_var='published'`` (Ho et al.'s
+    and improved DDPM's code, so bits/dim compare with papers) or reverse_var(1, sigma2) with
+    'sigma2' (beta_1 for 'beta'). One x_t ~ q(x_t | x0) per t. Returns (B,) 'total', 'prior' and
+    (B, T) 'terms' (terms[:, t-1] = L_{t-1})."""
     _check_batch(x0, "x0")
     _check_choice("decoder", decoder, {"discretized", "gaussian"})
     _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
@@ -382,11 +359,8 @@ def _as_coef(v, x, name):
 
 
 def eps_to_score(eps, std):
-    """score = -eps / std, the score of q(x_t | x0) = N(scale x0, std^2 I). [F21]
-
-    std = sqrt(1 - alpha_bar_t) for the DDPM chain, std(s) of ``sde.marginal`` for an SDE; a (B,)
-    tensor or already broadcastable against eps.
-    """
+    """score = -eps / std, the score of q(x_t | x0) = N(scale x0, std^2 I); std (B,) or
+    broadcastable: sqrt(1 - alpha_bar_t) for DDPM, std(s) of ``sde.marginal`` for an SDE. [F21]"""
     return -eps / _as_coef(std, eps, "std")
 
 
@@ -402,11 +376,8 @@ def x0_from_eps(xt, eps, scale, std):
 
 
 def tweedie(xt, score, scale, std):
-    """Tweedie: E[x0 | x_t] = (x_t + std^2 grad log p_t(x_t)) / scale. [F21]
-
-    DDPM: scale = sqrt(alpha_bar_t), std = sqrt(1 - alpha_bar_t); NCSN's x~ = x + sigma z:
-    scale = 1, std = sigma.
-    """
+    """Tweedie: E[x0 | x_t] = (x_t + std^2 grad log p_t(x_t)) / scale; DDPM: scale =
+    sqrt(alpha_bar_t), std = sqrt(1 - alpha_bar_t); NCSN: scale = 1, std = sigma. [F21]"""
     _check_shape(score, xt.shape, "score")
     return (xt + _as_coef(std, xt, "std") ** 2 * score) / _as_coef(scale, xt, "scale")
 
@@ -443,10 +414,7 @@ def draw_s(x0, generator=None, eps_s=1e-5):
 
 def eps_loss(eps_model, sched, x0, *, t=None, noise=None, generator=None):
     """L_simple = ||eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t)||^2 / d.
-
-    [F12] Per example, the mean over the data dimensions (so d drops out of the loss's scale).
-    t ~ U{1..T} and eps ~ N(0, I) unless given. eps_model(xt, t) gets t as a (B,) LongTensor.
-    """
+    [F12] Per example; t ~ U{1..T}, eps ~ N(0, I) unless given; eps_model(xt, t), t (B,) long."""
     _check_batch(x0, "x0")
     t = draw_t(sched, x0, generator) if t is None else t
     eps = _noise(x0, noise, generator)
@@ -455,12 +423,8 @@ def eps_loss(eps_model, sched, x0, *, t=None, noise=None, generator=None):
 
 def dsm_loss(score_model, x0, sigmas, *, sigma=None, noise=None, generator=None):
     """NCSN: lambda(sigma) ||s_theta(x~, sigma) + (x~ - x0) / sigma^2||^2 / d. [F18, F19]
-
-    x~ = x0 + sigma z, sigma drawn uniformly from ``sigmas`` (the batch mean is F19's (1/L)
-    sum_i) unless ``sigma``, a (B,) tensor, is given. -(x~ - x0) / sigma^2 = -z / sigma is the
-    score of q_sigma(x~ | x0) (F18); lambda = sigma^2 makes every level O(1) (PITFALLS #6).
-    score_model(x, sigma) gets sigma as a (B,) tensor.
-    """
+    x~ = x0 + sigma z, sigma (B,) given or drawn from ``sigmas`` (F19's (1/L) sum_i); -z / sigma
+    is the score of q_sigma(x~ | x0) (F18); lambda = sigma^2 makes each level O(1) (PITFALLS #6)."""
     _check_batch(x0, "x0")
     sigma = draw_sigma(sigmas, x0, generator) if sigma is None else sigma
     _check_shape(sigma, x0.shape[:1], "sigma")
@@ -473,12 +437,8 @@ def dsm_loss(score_model, x0, sigmas, *, sigma=None, noise=None, generator=None)
 def sde_loss(score_model, sde, x0, *, likelihood_weighting=False, s=None, noise=None,
              eps_s=1e-5, generator=None):
     """E_s lambda(s) ||s_theta(x_s, s) - grad log p_{0s}(x_s | x0)||^2 / d. [F25]
-
-    s ~ U(eps_s, 1) unless given; x_s = mean + std z from ``sde.marginal(x0, s)``, whose score is
-    -z / std. lambda(s) = std^2 by default (F19's weighting) or g(s)^2 with
-    ``likelihood_weighting`` (then the loss bounds KL(p_0 || p_theta)). score_model(x, s) gets s
-    as a (B,) tensor; any object with ``marginal`` (and ``diffusion``) serves as sde.
-    """
+    s ~ U(eps_s, 1) unless given, x_s = mean + std z (``sde.marginal``), score -z / std;
+    lambda = std^2 (F19's weighting) or g(s)^2 with ``likelihood_weighting`` (a KL bound)."""
     _check_batch(x0, "x0")
     _check_real("eps_s", eps_s, 1)
     s = draw_s(x0, generator, eps_s) if s is None else s
@@ -493,10 +453,7 @@ def sde_loss(score_model, sde, x0, *, likelihood_weighting=False, s=None, noise=
 
 def score_matching_loss(score_model, x):
     """Implicit score matching: (1/2 ||s_theta(x)||^2 + tr(grad_x s_theta(x))) / d. [F16]
-
-    The Fisher divergence (F15) / d minus a theta-free constant. The trace is exact: one backward
-    pass per dimension (small d; see sliced_score_matching_loss). score_model(x) takes only x.
-    """
+    F15 / d minus a theta-free constant; the trace is exact (one backward pass per dimension)."""
     _check_batch(x, "x")
     x = x.detach().requires_grad_(True)
     score = score_model(x).flatten(1)
@@ -508,10 +465,7 @@ def score_matching_loss(score_model, x):
 def sliced_score_matching_loss(score_model, x, *, n_projections=1, probe="rademacher",
                                generator=None):
     """Sliced score matching: (1/2 ||s_theta(x)||^2 + v^T grad_x s_theta(x) v) / d. [F16]
-
-    v has E[v v^T] = I (Rademacher +-1 or standard Gaussian), so E_v[v^T J v] = tr(J): one
-    backward pass per projection instead of one per dimension. Averaged over ``n_projections``.
-    """
+    E[v v^T] = I (Rademacher or Gaussian), so E_v[v^T J v] = tr(J); averaged over n_projections."""
     _check_batch(x, "x")
     _check_choice("probe", probe, {"rademacher", "gaussian"})
     _check_count("n_projections", n_projections, 1)
@@ -535,10 +489,8 @@ def _probe(x, kind, generator):
 @torch.no_grad()
 def langevin(score_fn, x, *, step_size, n_steps, generator=None):
     """x_k = x_{k-1} + (eps / 2) grad log p(x_{k-1}) + sqrt(eps) z_k, k = 1..n_steps. [F17]
-
-    ``step_size`` is eps. score_fn(x) returns grad_x log p(x). Exact only as eps -> 0: for
-    N(0, c^2) the chain's stationary variance is c^2 / (1 - eps / (4 c^2)).
-    """
+    ``step_size`` is eps. Exact only as eps -> 0: for N(0, c^2) the chain's stationary variance
+    is c^2 / (1 - eps / (4 c^2))."""
     _check_batch(x, "x")
     _check_real("step_size", step_size)
     _check_count("n_steps", n_steps, 0)
@@ -551,17 +503,15 @@ def langevin(score_fn, x, *, step_size, n_steps, generator=None):
 def annealed_langevin(score_fn, x, sigmas, *, eps=2e-5, n_steps_each=100, denoise=True,
                       generator=None):
     """Annealed Langevin (NCSN): for i = 1..L, K steps of F17 with s_theta(., sigma_i). [F20]
-
-    Step alpha_i = eps sigma_i^2 / sigma_L^2 (sigmas descending). With ``denoise`` a last Tweedie
-    step x + sigma_L^2 s_theta(x, sigma_L) removes the remaining noise (F21). score_fn(x, sigma)
-    gets sigma as a (B,) tensor, at least float32 (PITFALLS #11), made before the loop.
-    """
+    alpha_i = eps sigma_i^2 / sigma_L^2; ``denoise`` ends with Tweedie, x + sigma_L^2 s_theta
+    (F21). score_fn(x, sigma) gets sigma (B,), at least float32 (PITFALLS #11)."""
     _check_batch(x, "x")
     _check_real("eps", eps)
     sigmas = _sigmas(sigmas).tolist()
     for sigma, sigma_b in zip(sigmas, [_full(x, sigma) for sigma in sigmas]):
-        x = langevin(lambda y: score_fn(y, sigma_b), x, step_size=eps * sigma ** 2 / sigmas[-1] ** 2,
-                     n_steps=n_steps_each, generator=generator)
+        alpha = eps * sigma ** 2 / sigmas[-1] ** 2
+        x = langevin(lambda y: score_fn(y, sigma_b), x, step_size=alpha, n_steps=n_steps_each,
+                     generator=generator)
     return tweedie(x, score_fn(x, _full(x, sigmas[-1])), 1.0, sigmas[-1]) if denoise else x
 
 
@@ -569,12 +519,9 @@ def annealed_langevin(score_fn, x, sigmas, *, eps=2e-5, n_steps_each=100, denois
 
 
 class _LinearSDE:
-    """dx = a(s) x ds + g(s) dw on s in [0, 1], with a Gaussian prior N(0, prior_std^2 I). [F22]
-
-    Subclasses define ``drift_coef(s)`` = a(s), ``diffusion(s)`` = g(s) and ``marginal_coefs(s)``
-    = (mean coefficient m, std) of p_{0s}(x_s | x0); s is a (B,) tensor. ``spacing`` is the
-    solvers' default time grid (see s_grid).
-    """
+    """dx = a(s) x ds + g(s) dw on s in [0, 1], prior N(0, prior_std^2 I). [F22]
+    Subclasses define drift_coef(s) = a(s), diffusion(s) = g(s), marginal_coefs(s) = (m, std) of
+    p_{0s}(x_s | x0), s (B,); ``spacing`` is the solvers' default grid (s_grid)."""
     prior_std, spacing = 1.0, "uniform"
 
     def drift(self, x, s):
@@ -600,11 +547,8 @@ class _LinearSDE:
 
 
 class VPSDE(_LinearSDE):
-    """Variance preserving: f = -1/2 beta(s) x, g = sqrt(beta(s)), the continuous DDPM. [F22, F23]
-
-    beta(s) = beta_min + s (beta_max - beta_min); mean exp(-B(s) / 2) x0, variance 1 - exp(-B(s)),
-    B(s) = int_0^s beta.
-    """
+    """Variance preserving: f = -1/2 beta(s) x, g = sqrt(beta(s)); mean exp(-B/2) x0, variance
+    1 - exp(-B), B(s) = int_0^s beta, beta(s) = beta_min + s (beta_max - beta_min). [F22, F23]"""
     spacing = "quadratic"
 
     def __init__(self, beta_min=0.1, beta_max=20.0):
@@ -633,10 +577,8 @@ class VPSDE(_LinearSDE):
 
 
 class SubVPSDE(VPSDE):
-    """sub-VP: f = -1/2 beta(s) x, g = sqrt(beta(s) (1 - exp(-2 B(s)))). [F22, F23]
-
-    Mean as VP, variance (1 - exp(-B(s)))^2, always below the VP variance.
-    """
+    """sub-VP: f = -1/2 beta(s) x, g = sqrt(beta(s) (1 - exp(-2 B(s)))); mean as VP, variance
+    (1 - exp(-B(s)))^2. [F22, F23]"""
 
     def diffusion(self, s):
         return (self.beta(s) * -torch.expm1(-2 * self.int_beta(s))).sqrt()
@@ -647,10 +589,8 @@ class SubVPSDE(VPSDE):
 
 class VESDE(_LinearSDE):
     """Variance exploding: f = 0, g = sigma(s) sqrt(2 log(sigma_max / sigma_min)). [F22, F23]
-
-    sigma(s) = sigma_min (sigma_max / sigma_min)^s; mean x0 and the exact variance
-    sigma(s)^2 - sigma_min^2 (zero at s = 0); prior N(0, (sigma_max^2 - sigma_min^2) I).
-    """
+    sigma(s) = sigma_min (sigma_max / sigma_min)^s; mean x0, variance sigma(s)^2 - sigma_min^2;
+    prior N(0, (sigma_max^2 - sigma_min^2) I)."""
 
     def __init__(self, sigma_min=0.01, sigma_max=50.0):
         _check_real("sigma_min", sigma_min)
@@ -675,13 +615,9 @@ class VESDE(_LinearSDE):
 
 class DiscreteVPSDE(VPSDE):
     """A Schedule in continuous time: at s = t / T the marginal is exactly q(x_t | x0). [F3, F23]
-
-    t(s) = s T with log alpha_bar(t) linear between integer steps: B(s) = -log alpha_bar(s T),
-    mean sqrt(alpha_bar) x0, variance 1 - alpha_bar, and beta(s) = -T log(1 - beta_t) constant
-    on ((t - 1) / T, t / T] (F22, f and g as VP). Sample or integrate on s in [1 / T, 1] to query
-    an eps network only on its training steps 1..T. Times within 1e-4 steps of an integer step
-    count as that step (float32 s = t / T is not exact).
-    """
+    t = s T, log alpha_bar linear between steps: B(s) = -log alpha_bar(s T), beta(s) = -T log(1 -
+    beta_t) on ((t - 1) / T, t / T] (F22). Use s in [1 / T, 1] to query an eps network only on
+    its steps 1..T. s within 1e-4 steps of a step counts as it (float32 t / T is inexact)."""
 
     def __init__(self, sched):
         self.sched, self.T, self._tables = sched, sched.T, {}
@@ -738,17 +674,12 @@ GRIDS = ("uniform", "quadratic", "logsnr", "edm")
 
 
 def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
-    """Times 1 = s_0 > s_1 > ... > s_N = eps_s, N = steps, for every SDE solver. [F26]
-
-    'uniform' in s; 'quadratic': s_i = eps_s + (1 - eps_s) (1 - i / N)^2; 'logsnr': uniform in
-    lambda = log(m / std); 'edm': sigma = std / m on Karras et al.'s grid sigma_i =
-    (sigma_max^(1/rho) + i / N (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho. None takes
-    ``sde.spacing``, measured best for RK4 likelihoods with the exact score of a 16-d Gaussian
-    (benchmarks/bench_samplers.py): 'quadratic' for VP, sub-VP, DiscreteVPSDE, whose flow changes
-    fastest near s = 0 (RMS error at 48 NFE 2.5e-3 nats; uniform 0.14, logsnr 0.019, edm 0.031),
-    'uniform' for VE, whose log sigma is linear in s (0.078; quadratic 0.46, edm 0.085).
-    A sequence ``steps`` is the grid itself (strictly descending in [0, 1], two times or more).
-    """
+    """Times 1 = s_0 > ... > s_N = eps_s, N = steps, for every SDE solver. [F26]
+    'uniform'; 'quadratic', s_i = eps_s + (1 - eps_s) (1 - i / N)^2; 'logsnr', uniform in
+    lambda = log(m / std); 'edm', sigma = std / m on Karras et al.'s rho-grid. None: sde.spacing,
+    measured best for RK4 likelihoods on a 16-d Gaussian (bench): quadratic for the VP family
+    (RMS at 48 NFE 2.5e-3 nats; uniform 0.14, logsnr 0.019, edm 0.031), uniform for VE (0.078;
+    quadratic 0.46). A sequence ``steps`` is the grid itself (strictly descending in [0, 1])."""
     if not isinstance(steps, (int, float)):
         grid = [float(s) for s in steps]
         if len(grid) < 2 or not all(1 >= a > b >= 0 for a, b in zip(grid, grid[1:])):
@@ -828,19 +759,13 @@ def _long_steps(x, grid):
 def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", clip_x0=None, generator=None,
                 callback=None, known=None, mask=None):
     """Ancestral sampling x_{t-1} = mu_theta(x_t, t) + sigma_t z, from x = x_T to x_0. [F6, F9]
-
-    sigma_t^2 = beta_t or beta_tilde_t (``sigma2``). On a subsequence tau_S = T > ... > tau_1
-    (``steps``, see _time_grid) the chain is respaced, beta'_i = 1 - alpha_bar_{tau_i} /
-    alpha_bar_{tau_{i-1}} (tau_0 = 0), keeping every alpha_bar_{tau_i}. No noise at the last
-    step. ``clip_x0=(lo, hi)`` (off by default; (-1, 1) for images, as the DDPM code does) clips
-    x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t) and takes mu_tilde(x_t, x0_hat)
-    (F7), equal to F9 when nothing is clipped. Inpainting (F31): where the boolean ``mask`` is
-    True, x is replaced after every step by a sample of q(x_t | known); the result equals
-    ``known`` there. The rest only approximates p(x_unknown | known): measured exactly on a 4-D
-    Gaussian (test_math.py), ~58% of the conditional mean shift, variances ~0.1 too large (KL 0.12
-    nats to the conditional, 1.05 for the prior) at 200 and 1000 steps alike: the method's gap.
-    ``callback(i, x)``, if given, sees x after each step.
-    """
+    sigma_t^2 = beta_t or beta_tilde_t (``sigma2``); on a grid tau_S = T > ... > tau_1 (``steps``)
+    the chain is respaced, beta'_i = 1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}}; no noise at
+    the last step. ``clip_x0=(lo, hi)`` (off by default) clips x0_hat and takes mu_tilde(x_t,
+    x0_hat) (F7). Inpainting (F31): where ``mask`` is True, x is replaced after each step by a
+    sample of q(x_t | known), so the result equals ``known`` there; the rest only approximates
+    p(x_unknown | known) (measured on a 4-D Gaussian: ~58% of the conditional mean shift, KL 0.12
+    nats to the conditional against 1.05 for the prior, at 200 and 1000 steps alike)."""
     _check_batch(x, "x")
     _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
     _check_inpainting(x, known, mask)
@@ -870,15 +795,10 @@ def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", clip_x0=None,
 def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, clip_x0=None, generator=None,
                 callback=None):
     """DDIM: x_t' = sqrt(alpha_bar_t') x0_hat + sqrt(1 - alpha_bar_t' - sigma^2) eps + sigma z.
-
-    [F29] x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), eps = eps_theta(x_t, t),
-    t' the previous point of the grid (``steps``: S <= T or an explicit grid from T; after the
-    last point comes 0, alpha_bar = 1, so the result is x0_hat). sigma = eta sqrt((1 -
-    alpha_bar_t') / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_t'): eta = 0 is
-    deterministic, eta = 1 with S = T is ancestral DDPM (sigma^2 = beta_tilde_t). ``clip_x0``
-    (off by default) clips x0_hat and re-derives eps = (x_t - sqrt(alpha_bar_t) x0_hat) /
-    sqrt(1 - alpha_bar_t), so eta = 1, S = T stays ancestral DDPM with clipping.
-    """
+    [F29] x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), t' the previous grid
+    point (0 after the last: the result is x0_hat), sigma = eta sqrt((1 - alpha_bar_t') / (1 -
+    alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_t'); eta = 1, S = T is ancestral DDPM with
+    beta_tilde. ``clip_x0`` clips x0_hat and re-derives eps from it (still DDPM at eta = 1)."""
     _check_batch(x, "x")
     if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
@@ -926,14 +846,11 @@ def _dpm_solver_2m(x0_fn, x, alphas, sigmas, callback):
 @torch.no_grad()
 def dpm_solver_sample(eps_model, sched, x, *, steps=10, clip_x0=None, callback=None):
     """DPM-Solver++(2M): x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i.
-
-    [F32, F21] alpha = sqrt(alpha_bar_t), sigma = sqrt(1 - alpha_bar_t), h_i the step in lambda =
-    log(alpha / sigma), x0_hat = (x_t - sigma eps) / alpha (clipped with ``clip_x0``), D_1 =
-    x0_hat_0, then D_i = (1 + 1 / (2 r)) x0_hat_{i-1} - 1 / (2 r) x0_hat_{i-2}, r = h_{i-1} / h_i
-    (Lu et al. 2022: data prediction, second-order multistep). ``steps``: S steps uniform in
-    lambda from T to 1 on DiscreteVPSDE(sched), rounded (repeats dropped), or an explicit grid as
-    for ddim_sample; the step to t = 0 (sigma = 0) returns x0_hat. S eps evaluations.
-    """
+    [F32, F21] alpha, sigma = sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t); h_i the step in lambda =
+    log(alpha / sigma); D_1 = x0_hat_0, then (1 + 1/(2 r)) x0_hat_{i-1} - 1/(2 r) x0_hat_{i-2},
+    r = h_{i-1} / h_i (Lu et al. 2022). ``steps`` S: uniform in lambda from T to 1 on
+    DiscreteVPSDE(sched), rounded to steps, or an explicit grid; the last step, to sigma = 0,
+    returns x0_hat (clipped with ``clip_x0``). S eps evaluations, deterministic."""
     _check_batch(x, "x")
     _check_clip(clip_x0)
     if isinstance(steps, int) and not isinstance(steps, bool) and 2 <= steps <= sched.T:
@@ -948,12 +865,9 @@ def dpm_solver_sample(eps_model, sched, x, *, steps=10, clip_x0=None, callback=N
 @torch.no_grad()
 def dpm_solver_sde_sample(score_fn, sde, x, *, steps=10, eps_s=1e-3, spacing="logsnr",
                           callback=None):
-    """DPM-Solver++(2M) for a score on a linear SDE, from s = 1 to eps_s. [F32, F21, F26]
-
-    dpm_solver_sample's update with alpha = m(s), sigma = std(s) (F23) and Tweedie's x0_hat =
-    (x + std^2 score(x, s)) / m (F21), on a grid uniform in lambda = log(m / std) by default
-    (``spacing``, see s_grid, or an explicit grid). ``steps`` score evaluations; deterministic.
-    """
+    """DPM-Solver++(2M) for a score on a linear SDE, s = 1 to eps_s. [F32, F21, F26]
+    alpha = m(s), sigma = std(s), Tweedie's x0_hat = (x + std^2 score) / m; grid uniform in
+    lambda by default (``spacing``). ``steps`` score evaluations, deterministic."""
     _check_batch(x, "x")
     grid = s_grid(sde, steps, eps_s, spacing)
     _, _, m, std = zip(*_coefs(sde, grid).values())
@@ -966,22 +880,15 @@ def dpm_solver_sde_sample(score_fn, sde, x, *, steps=10, eps_s=1e-3, spacing="lo
 def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0.16,
                        eps_s=1e-3, predictor="euler_maruyama", spacing="uniform", generator=None,
                        callback=None, known=None, mask=None):
-    """Predictor-corrector sampling of the reverse SDE on a grid from s = 1 to eps_s. [F24, F28]
-
-    Predictor from s to s' < s: 'euler_maruyama', x <- x - [a x - g^2 score] (s - s')
-    + g sqrt(s - s') z (F24), or 'reverse_diffusion', the reverse of the exact forward transition
-    x_s = A x_s' + G z: x <- (x + G^2 score) / A + G z, A = m(s) / m(s'), G^2 = v(s) - A^2 v(s')
-    (Tweedie's mean of A x_s' plus the forward noise, F28): on DiscreteVPSDE(sched) with the grid
-    t / T, t = T..0, it is ancestral DDPM step for step (A^2 = alpha_t, G^2 = beta_t). The last
-    step adds no noise. Before each predictor step, ``corrector_steps`` Langevin steps at fixed s
-    (F17 with eps = 2 delta): x <- x + delta score + sqrt(2 delta) z, delta = 2 alpha (snr ||z||
-    / ||score||)^2, norms averaged over the batch as in Song et al.'s code (per-example norms make
-    delta heavy-tailed in low dimension), alpha = 1 with Euler-Maruyama and F28's alpha_i = A^2
-    with reverse diffusion (1 - beta_i on the discretized VP, 1 on VE). ``steps``: a count on the
-    grid ``spacing`` (uniform: measured, quadratic lowers Euler-Maruyama's W2 below 100 steps but
-    raises it at 200-1000) or an explicit grid, which may end at s = 0 (scores are evaluated at
-    the start of a step). Inpainting (F31) as in ddpm_sample, with p_{0s}(x_s | known).
-    score_fn(x, s) gets s as a (B,) tensor; coefficients are floats made before the loop.
+    """Predictor-corrector sampling of the reverse SDE from s = 1 to eps_s. [F24, F28]
+    Predictor, s to s' < s: 'euler_maruyama', x <- x - (a x - g^2 score)(s - s') + g sqrt(s - s')
+    z (F24); 'reverse_diffusion', x <- (x + G^2 score) / A + G z, the reverse of the exact forward
+    step x_s = A x_s' + G z, A = m(s) / m(s'), G^2 = v(s) - A^2 v(s') (F28): on DiscreteVPSDE with
+    the grid t / T, t = T..0, ancestral DDPM step for step. No noise at the last step. Before it,
+    ``corrector_steps`` Langevin steps x <- x + delta score + sqrt(2 delta) z, delta = 2 alpha
+    (snr ||z|| / ||score||)^2, norms averaged over the batch (Song et al.'s code), alpha = 1, or
+    A^2 with reverse diffusion (F28's alpha_i). Grid: ``steps`` on ``spacing`` (uniform: measured,
+    quadratic is worse at 200-1000 steps) or explicit (it may end at 0). Inpainting as ddpm_sample.
     """
     _check_batch(x, "x")
     _check_inpainting(x, known, mask)
@@ -1040,13 +947,10 @@ _DOPRI_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, 
 
 def _rk45(f, x, s0, s1, rtol, atol, max_steps):
     """dx/ds = f(x, s) from s0 to s1 by Dormand-Prince 5(4); returns (x, nfe). [F26, F27]
-
-    The error e = ds sum_j (b_j - b*_j) k_j is measured as the max over the batch of per-example
-    RMS(e / (atol + rtol max(|x|, |x_new|))), so no example is integrated more loosely than asked;
-    a step is accepted when it is <= 1, and h is multiplied by min(10, max(0.2, 0.9 err^(-1/5)))
-    (no growth after a rejection); the first h by Hairer, Norsett & Wanner's rule (II.4). The
-    accept test reads one number per attempt: the one host synchronization adaptivity needs.
-    """
+    Error: the max over the batch of per-example RMS(e / (atol + rtol max(|x|, |x_new|))), e =
+    ds sum_j (b_j - b*_j) k_j, so no example is integrated more loosely; accept if <= 1; h *=
+    min(10, max(0.2, 0.9 err^(-1/5))), no growth after a rejection; first h by Hairer et al. II.4.
+    The accept test syncs with the host once per attempt, as adaptivity must."""
     def norm(v, y, y_new):
         scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
         return (v / scale).flatten(1).square().mean(1).sqrt().max().item()
@@ -1115,20 +1019,17 @@ def _ode_grid(sde, steps, eps_s, spacing, method):
     _check_choice("method", method, set(ODE_METHODS))
     if method == "rk45" and isinstance(steps, int):
         steps = 1
-    return s_grid(sde, steps, eps_s, "uniform" if spacing is None and method == "euler" else spacing)
+    spacing = "uniform" if spacing is None and method == "euler" else spacing
+    return s_grid(sde, steps, eps_s, spacing)
 
 
 @torch.no_grad()
 def ode_sample(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-3, spacing=None,
                rtol=1e-5, atol=1e-5, max_steps=10_000, stats=None, callback=None):
-    """Integrate the probability-flow ODE dx/ds = f - 1/2 g^2 score from s = 1 to eps_s. [F26]
-
-    ``method``: 'euler' (1 score evaluation per step), 'heun' (2), 'rk4' (4) on the grid of
-    ``steps`` and ``spacing`` (s_grid; by default the SDE's, uniform for Euler), or 'rk45',
-    adaptive Dormand-Prince between the grid's ends with ``rtol``, ``atol`` and at most
-    ``max_steps`` attempts (RuntimeError beyond). A dict ``stats`` receives 'nfe', the score
-    evaluations used. Deterministic: the same x gives the same sample; ode_encode inverts it.
-    """
+    """The probability-flow ODE dx/ds = f - 1/2 g^2 score from s = 1 to eps_s. [F26]
+    ``method`` 'euler', 'heun', 'rk4' (1, 2, 4 evaluations per step) on the grid ``steps`` and
+    ``spacing`` (s_grid; by default the SDE's, uniform for Euler), or 'rk45', adaptive between the
+    grid's ends (``rtol``, ``atol``, RuntimeError after ``max_steps``). ``stats`` receives 'nfe'."""
     _check_batch(x, "x")
     grid = _ode_grid(sde, steps, eps_s, spacing, method)
     return _solve_ode(_flow(score_fn, sde, x, grid, method), x, grid, method, rtol, atol,
@@ -1169,17 +1070,12 @@ def _divergence(f, x, probes):
 def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5, spacing=None,
                    rtol=1e-5, atol=1e-5, max_steps=10_000, divergence="exact", n_probes=1,
                    probe="rademacher", dequantize=False, generator=None):
-    """log p_0(x) = log p_1(x_1) + int_0^1 div_x f~(x_s, s) ds along the probability flow. [F27]
-
-    f~ is the F26 drift, integrated from s = eps_s to 1 as ode_encode does (methods, grids, rk45)
-    with the log-density change as an extra coordinate. ``divergence='exact'``: one backward pass
-    per dimension (small d); 'hutchinson': v^T (grad f~) v with ``n_probes`` fixed probes
-    (``probe`` 'rademacher' or 'gaussian'), unbiased. Returns (B,) 'nats' = log p(x) and 'bpd' =
-    -log p / (d ln 2), and 'nfe', the score evaluations (each with its divergence).
-    8-bit images (``dequantize=True``): x on the grid 2 k / 255 - 1 gets uniform noise over its
-    bin, y = x + (2 / 255)(u - 1/2); 'nats' is log p(y) and 'bpd' bits per 8-bit value,
-    -(log p(y) + d log(2 / 255)) / (d ln 2), the bin volume in 0..255 units as in the papers.
-    """
+    """log p_0(x) = log p_1(x_1) + int_0^1 div_x f~(x_s, s) ds along the flow f~ (F26). [F27]
+    Integrated from eps_s to 1 as ode_encode (methods, grids, rk45) with the log-density as an
+    extra coordinate; divergence 'exact' (a backward pass per dimension) or 'hutchinson' (n_probes
+    fixed probes, unbiased). Returns (B,) 'nats' = log p(x), 'bpd' = -log p / (d ln 2), and 'nfe'.
+    ``dequantize`` (8-bit x = 2 k / 255 - 1): y = x + (2 / 255)(u - 1/2), 'nats' = log p(y), 'bpd'
+    = -(log p(y) + d log(2 / 255)) / (d ln 2), bits per 8-bit value as in the papers."""
     _check_batch(x, "x")
     _check_choice("divergence", divergence, {"exact", "hutchinson"})
     _check_count("n_probes", n_probes, 1)
@@ -1209,14 +1105,10 @@ def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5, spa
 
 def guided_score(score_fn, log_likelihood_fn, w):
     """grad log p_s(x) + w grad_x log p_s(y | x), by autograd of the log-likelihood. [F30]
-
-    Bayes' rule for scores: with w = 1 this is grad log p_s(x | y) (p(y) drops out); w > 1
-    sharpens the conditional (classifier guidance). log_likelihood_fn(x, s) returns log p_s(y | x)
-    per example (B,) for the wanted y, e.g. a noise-conditional classifier's log-softmax at y.
-    Returns a score function (x, s) for every sampler. Where x requires grad with grad enabled
-    (ode_likelihood's divergence) the gradient keeps its graph, so the divergence includes
-    w tr(Hessian of log p(y | x)).
-    """
+    w = 1 gives grad log p_s(x | y) (Bayes' rule; p(y) drops out), w > 1 sharpens it.
+    log_likelihood_fn(x, s) returns log p_s(y | x) (B,), e.g. a classifier's log-softmax at y.
+    Where x requires grad (ode_likelihood's divergence) the graph is kept, so the divergence
+    includes w tr(Hessian of log p(y | x))."""
     def guided(x, s):
         create_graph = torch.is_grad_enabled() and x.requires_grad
         with torch.enable_grad():
@@ -1228,23 +1120,16 @@ def guided_score(score_fn, log_likelihood_fn, w):
 
 
 def classifier_free(cond_fn, uncond_fn, w):
-    """Classifier-free guidance: (1 + w) cond(x, s) - w uncond(x, s). [F30]
-
-    For eps-models eps_tilde = (1 + w) eps(x, y) - w eps(x, null); the same line combines scores.
-    It is F30 with grad log p(y | x) = score(x | y) - score(x) read off one network trained with
-    label dropout: w = 0 is the plain conditional model.
-    """
+    """Classifier-free guidance: (1 + w) cond(x, s) - w uncond(x, s), for eps or scores. [F30]
+    F30 with grad log p(y | x) = score(x | y) - score(x) from one network trained with label
+    dropout; w = 0 is the conditional model."""
     return lambda x, s: (1 + w) * cond_fn(x, s) - w * uncond_fn(x, s)
 
 
 def energy_score(energy_fn):
     """Score of p(x) = exp(-E(x)) / Z: s(x, ...) = -grad_x E(x, ...); Z drops out. [F14]
-
-    energy_fn(x, *cond) returns one energy per example (B,); the score takes the same arguments,
-    so it plugs into every loss and sampler. With gradients enabled (training) it keeps the graph
-    (create_graph=True), so losses differentiate through it; inside a no_grad sampler it is a
-    plain tensor.
-    """
+    energy_fn(x, *cond) -> (B,); the score takes the same arguments. With gradients enabled it
+    keeps the graph (losses differentiate through it); in a no_grad sampler it is a plain tensor."""
     def score(x, *cond):
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
@@ -1255,11 +1140,9 @@ def energy_score(energy_fn):
 
 
 def colour_basis(dtype=torch.float64, device=None):
-    """An orthogonal 3x3 matrix M whose first row (1, 1, 1) / sqrt(3) is the grey axis. [F31]
-
-    Colorization is inpainting in y = M x (per pixel, over the channel dimension): the first
-    channel, sqrt(3) x grey, is known; the other two (orthonormal colour differences) are filled in.
-    """
+    """An orthogonal 3x3 M whose first row (1, 1, 1) / sqrt(3) is the grey axis. [F31]
+    Colorization is inpainting in y = M x (per pixel, over channels): the first channel, sqrt(3)
+    grey, is known; the two orthonormal colour differences are filled in."""
     return torch.tensor([[1 / math.sqrt(3)] * 3,
                          [1 / math.sqrt(2), -1 / math.sqrt(2), 0.0],
                          [1 / math.sqrt(6), 1 / math.sqrt(6), -2 / math.sqrt(6)]],
@@ -1278,12 +1161,9 @@ def from_colour_basis(y):
 
 def in_colour_basis(model_fn):
     """The model seen in the colour basis: y -> M model(M^T y, ...). [F31]
-
-    An orthogonal change of variables maps scores (and eps predictions) by the same M, so any
-    sampler run in y space with this model and ``colorization_known`` colorizes a grey image:
+    An orthogonal change of variables maps scores and eps by the same M: colorize with
     ``from_colour_basis(ddpm_sample(in_colour_basis(eps_model), sched, to_colour_basis(x_T),
-    known=known, mask=mask))``.
-    """
+    known=known, mask=mask))``, (known, mask) from ``colorization_known``."""
     return lambda y, *args: to_colour_basis(model_fn(from_colour_basis(y), *args))
 
 
