@@ -128,9 +128,8 @@ def _sum_flat(x):
 
 def linear_betas(T=1000, beta_1=None, beta_T=None):
     """beta_t = beta_1 + (t - 1) / (T - 1) (beta_T - beta_1), t = 1..T, float64. [Schedules, F1, F5]
-    Defaults: Ho et al.'s 1e-4 and 0.02 scaled by 1000 / T as improved DDPM does (capped at
-    0.999), so every T >= 20 ends near N(0, I), sqrt(alpha_bar_T) < 0.007 (F5; unscaled, T = 100
-    would stop at 0.60)."""
+    Defaults 1e-4 and 0.02 (Ho et al.) scaled by 1000 / T as improved DDPM does, capped at 0.999:
+    every T >= 20 ends near N(0, I), sqrt(alpha_bar_T) < 0.007 (unscaled, T = 100 gives 0.60)."""
     _check_count("T", T, 1)
     beta_1 = min(0.1 / T, 0.999) if beta_1 is None else beta_1
     beta_T = min(20 / T, 0.999) if beta_T is None else beta_T
@@ -165,10 +164,9 @@ def geometric_sigmas(sigma_max, sigma_min, L):
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """A discrete schedule: float64 arrays of length T+1, index 0 meaning no noise. [F2, F7]
-    beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{i=1..t} alpha_i, beta_tilde_t = (1 -
-    alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t; ``Schedule.from_betas(linear_betas())``. Plain
-    tensors, not module buffers (no EMA touches them, PITFALLS #10); read-only (each array is a
-    fresh copy, so a write cannot change the schedule); ``==`` is identity."""
+    beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{i<=t} alpha_i, beta_tilde_t = (1 -
+    alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t. Plain tensors, not module buffers (PITFALLS #10);
+    read-only (each array is a fresh copy); ``==`` is identity."""
     T: int
     _beta: torch.Tensor
     _alpha: torch.Tensor
@@ -271,9 +269,8 @@ def mu_from_eps(sched, xt, t, eps):
 
 
 def gaussian_kl(mean1, var1, mean2, var2):
-    """KL(N(mean1, var1) || N(mean2, var2)) per element, in nats, arguments broadcast. [F13]
-    1/2 [log(var2 / var1) + (var1 + (mean1 - mean2)^2) / var2 - 1]; sum over the data dimensions
-    for N(m1, v1 I) against N(m2, v2 I)."""
+    """KL(N(mean1, var1) || N(mean2, var2)) per element in nats, arguments broadcast: 1/2
+    [log(var2 / var1) + (var1 + (mean1 - mean2)^2) / var2 - 1]. [F13]"""
     var1, var2 = (torch.as_tensor(v, dtype=torch.float64) if not torch.is_tensor(v) else v
                   for v in (var1, var2))
     if (var1 <= 0).any() or (var2 <= 0).any():
@@ -282,9 +279,8 @@ def gaussian_kl(mean1, var1, mean2, var2):
 
 
 def reverse_var(sched, t, kind="beta"):
-    """sigma_t^2 of p_theta(x_{t-1} | x_t): beta_t or beta_tilde_t, as (B,) float64. [F6, F7]
-    beta_tilde_1 = 0 would give the decoder zero variance and log(0): as in improved DDPM it is
-    clipped to beta_tilde_2 at t = 1 (beta_1 when T = 1)."""
+    """sigma_t^2 of p_theta(x_{t-1} | x_t): beta_t or beta_tilde_t, (B,) float64; at t = 1
+    beta_tilde is clipped to beta_tilde_2 (beta_1 if T = 1), as in improved DDPM. [F6, F7]"""
     _check_choice("kind", kind, {"beta", "beta_tilde"})
     t = _check_t(sched, t, t)
     if kind == "beta":
@@ -296,7 +292,7 @@ def reverse_var(sched, t, kind="beta"):
 def discretized_gaussian_logp(x0, mean, var):
     """log P(x0) of 8-bit data under N(mean, var) over the pixel's bin, in nats. [F10, L_0]
     k in 0..255 is x0 = 2 k / 255 - 1: P = Phi((x0 + 1/255 - mean) / std) - Phi((x0 - 1/255 -
-    mean) / std), edge bins open to -inf and +inf (the masses sum to 1), floored at 1e-12."""
+    mean) / std), edge bins open (the masses sum to 1), floored at 1e-12."""
     _check_shape(mean, x0.shape, "mean")
     var = torch.as_tensor(var, dtype=x0.dtype, device=x0.device)
     if not (var > 0).all():
@@ -309,14 +305,12 @@ def discretized_gaussian_logp(x0, mean, var):
 
 def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized",
             decoder_var="published", generator=None):
-    """The variational bound (F10) of an eps-model per example, in bits per dimension.
-    -ELBO = KL(q(x_T|x0) || N(0, I)) + sum_{t=2..T} L_{t-1} + L_0, L_{t-1} = KL(q(x_{t-1} | x_t,
-    x0) || N(mu_theta(x_t, t), sigma_t^2 I)) [F7, F9, F11, F13], sigma_t^2 = reverse_var(t, sigma2);
-    L_0 = -log p(x0 | x1), discretized for 8-bit data ('discretized') or N(x0; mu_theta, sigma_1^2)
-    ('gaussian'). Decoder sigma_1^2 = beta_tilde_2 with ``decoder_var='published'`` (Ho et al.'s
-    and improved DDPM's code, so bits/dim compare with papers) or reverse_var(1, sigma2) with
-    'sigma2' (beta_1 for 'beta'). One x_t ~ q(x_t | x0) per t. Returns (B,) 'total', 'prior' and
-    (B, T) 'terms' (terms[:, t-1] = L_{t-1})."""
+    """The variational bound (F10) of an eps-model per example, in bits per dimension:
+    KL(q(x_T|x0) || N(0, I)) + sum_{t>=2} KL(q(x_{t-1} | x_t, x0) || N(mu_theta, sigma_t^2 I)) - log
+    p(x0 | x1) [F7, F9, F11, F13], sigma_t^2 = reverse_var(t, sigma2), one x_t ~ q(x_t | x0) per t;
+    decoder 'discretized' (8-bit data in [-1, 1]) or 'gaussian', with sigma_1^2 = beta_tilde_2 by
+    ``decoder_var='published'`` (Ho et al.'s and improved DDPM's code: bits/dim as in papers) or
+    reverse_var(1, sigma2) by 'sigma2'. Returns (B,) 'total', 'prior'; (B, T) 'terms'."""
     _check_batch(x0, "x0")
     _check_choice("decoder", decoder, {"discretized", "gaussian"})
     _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
@@ -422,9 +416,8 @@ def eps_loss(eps_model, sched, x0, *, t=None, noise=None, generator=None):
 
 
 def dsm_loss(score_model, x0, sigmas, *, sigma=None, noise=None, generator=None):
-    """NCSN: lambda(sigma) ||s_theta(x~, sigma) + (x~ - x0) / sigma^2||^2 / d. [F18, F19]
-    x~ = x0 + sigma z, sigma (B,) given or drawn from ``sigmas`` (F19's (1/L) sum_i); -z / sigma
-    is the score of q_sigma(x~ | x0) (F18); lambda = sigma^2 makes each level O(1) (PITFALLS #6)."""
+    """NCSN: lambda(sigma) ||s_theta(x~, sigma) + (x~ - x0) / sigma^2||^2 / d, x~ = x0 + sigma z.
+    [F18, F19] sigma (B,) given or drawn from ``sigmas``; lambda = sigma^2 (PITFALLS #6)."""
     _check_batch(x0, "x0")
     sigma = draw_sigma(sigmas, x0, generator) if sigma is None else sigma
     _check_shape(sigma, x0.shape[:1], "sigma")
@@ -436,9 +429,8 @@ def dsm_loss(score_model, x0, sigmas, *, sigma=None, noise=None, generator=None)
 
 def sde_loss(score_model, sde, x0, *, likelihood_weighting=False, s=None, noise=None,
              eps_s=1e-5, generator=None):
-    """E_s lambda(s) ||s_theta(x_s, s) - grad log p_{0s}(x_s | x0)||^2 / d. [F25]
-    s ~ U(eps_s, 1) unless given, x_s = mean + std z (``sde.marginal``), score -z / std;
-    lambda = std^2 (F19's weighting) or g(s)^2 with ``likelihood_weighting`` (a KL bound)."""
+    """E_s lambda(s) ||s_theta(x_s, s) - grad log p_{0s}(x_s | x0)||^2 / d, s ~ U(eps_s, 1). [F25]
+    lambda = std(s)^2, or g(s)^2 with ``likelihood_weighting`` (then a bound on the KL)."""
     _check_batch(x0, "x0")
     _check_real("eps_s", eps_s, 1)
     s = draw_s(x0, generator, eps_s) if s is None else s
@@ -489,8 +481,7 @@ def _probe(x, kind, generator):
 @torch.no_grad()
 def langevin(score_fn, x, *, step_size, n_steps, generator=None):
     """x_k = x_{k-1} + (eps / 2) grad log p(x_{k-1}) + sqrt(eps) z_k, k = 1..n_steps. [F17]
-    ``step_size`` is eps. Exact only as eps -> 0: for N(0, c^2) the chain's stationary variance
-    is c^2 / (1 - eps / (4 c^2))."""
+    Exact only as eps -> 0: for N(0, c^2) the stationary variance is c^2 / (1 - eps / (4 c^2))."""
     _check_batch(x, "x")
     _check_real("step_size", step_size)
     _check_count("n_steps", n_steps, 0)
@@ -503,8 +494,7 @@ def langevin(score_fn, x, *, step_size, n_steps, generator=None):
 def annealed_langevin(score_fn, x, sigmas, *, eps=2e-5, n_steps_each=100, denoise=True,
                       generator=None):
     """Annealed Langevin (NCSN): for i = 1..L, K steps of F17 with s_theta(., sigma_i). [F20]
-    alpha_i = eps sigma_i^2 / sigma_L^2; ``denoise`` ends with Tweedie, x + sigma_L^2 s_theta
-    (F21). score_fn(x, sigma) gets sigma (B,), at least float32 (PITFALLS #11)."""
+    alpha_i = eps sigma_i^2 / sigma_L^2, Tweedie last (``denoise``), float32 sigma (PITFALLS #11)."""
     _check_batch(x, "x")
     _check_real("eps", eps)
     sigmas = _sigmas(sigmas).tolist()
@@ -588,9 +578,8 @@ class SubVPSDE(VPSDE):
 
 
 class VESDE(_LinearSDE):
-    """Variance exploding: f = 0, g = sigma(s) sqrt(2 log(sigma_max / sigma_min)). [F22, F23]
-    sigma(s) = sigma_min (sigma_max / sigma_min)^s; mean x0, variance sigma(s)^2 - sigma_min^2;
-    prior N(0, (sigma_max^2 - sigma_min^2) I)."""
+    """Variance exploding: f = 0, g = sigma(s) sqrt(2 log(sigma_max / sigma_min)), sigma(s) =
+    sigma_min (sigma_max / sigma_min)^s; mean x0, variance sigma(s)^2 - sigma_min^2. [F22, F23]"""
 
     def __init__(self, sigma_min=0.01, sigma_max=50.0):
         _check_real("sigma_min", sigma_min)
@@ -615,9 +604,8 @@ class VESDE(_LinearSDE):
 
 class DiscreteVPSDE(VPSDE):
     """A Schedule in continuous time: at s = t / T the marginal is exactly q(x_t | x0). [F3, F23]
-    t = s T, log alpha_bar linear between steps: B(s) = -log alpha_bar(s T), beta(s) = -T log(1 -
-    beta_t) on ((t - 1) / T, t / T] (F22). Use s in [1 / T, 1] to query an eps network only on
-    its steps 1..T. s within 1e-4 steps of a step counts as it (float32 t / T is inexact)."""
+    log alpha_bar linear in t = s T between steps: B(s) = -log alpha_bar(s T), beta(s) = -T log(1 -
+    beta_t) on ((t-1) / T, t / T] (F22); s within 1e-4 steps of a step is snapped to it."""
 
     def __init__(self, sched):
         self.sched, self.T, self._tables = sched, sched.T, {}
@@ -674,12 +662,11 @@ GRIDS = ("uniform", "quadratic", "logsnr", "edm")
 
 
 def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
-    """Times 1 = s_0 > ... > s_N = eps_s, N = steps, for every SDE solver. [F26]
-    'uniform'; 'quadratic', s_i = eps_s + (1 - eps_s) (1 - i / N)^2; 'logsnr', uniform in
-    lambda = log(m / std); 'edm', sigma = std / m on Karras et al.'s rho-grid. None: sde.spacing,
-    measured best for RK4 likelihoods on a 16-d Gaussian (bench): quadratic for the VP family
-    (RMS at 48 NFE 2.5e-3 nats; uniform 0.14, logsnr 0.019, edm 0.031), uniform for VE (0.078;
-    quadratic 0.46). A sequence ``steps`` is the grid itself (strictly descending in [0, 1])."""
+    """Times 1 = s_0 > ... > s_N = eps_s (N = steps) for the SDE solvers: 'uniform'; 'quadratic',
+    s_i = eps_s + (1 - eps_s) (1 - i / N)^2; 'logsnr', uniform in log(m / std); 'edm', std / m on
+    Karras et al.'s rho-grid. None: sde.spacing, the best for RK4 likelihoods on a 16-d Gaussian
+    (bench): quadratic for the VP family (RMS at 48 NFE 2.5e-3 nats; uniform 0.14, logsnr 0.019,
+    edm 0.031), uniform for VE (0.078; quadratic 0.46). A sequence is the grid itself. [F26]"""
     if not isinstance(steps, (int, float)):
         grid = [float(s) for s in steps]
         if len(grid) < 2 or not all(1 >= a > b >= 0 for a, b in zip(grid, grid[1:])):
@@ -720,12 +707,11 @@ def _time_grid(sched, steps):
 
 
 def _check_inpainting(x, known, mask):
-    if known is None and mask is None:
-        return
-    if known is None or mask is None:
+    if (known is None) != (mask is None):
         raise ValueError("known and mask must be given together for inpainting")
-    _check_shape(known, x.shape, "known")
-    if mask.dtype != torch.bool or mask.shape != x.shape:
+    if mask is not None:
+        _check_shape(known, x.shape, "known")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape):
         raise ValueError(f"mask must be a bool tensor of the data's shape {tuple(x.shape)}, "
                          f"got {mask.dtype} {tuple(mask.shape)}")
 
@@ -763,9 +749,8 @@ def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", clip_x0=None,
     the chain is respaced, beta'_i = 1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}}; no noise at
     the last step. ``clip_x0=(lo, hi)`` (off by default) clips x0_hat and takes mu_tilde(x_t,
     x0_hat) (F7). Inpainting (F31): where ``mask`` is True, x is replaced after each step by a
-    sample of q(x_t | known), so the result equals ``known`` there; the rest only approximates
-    p(x_unknown | known) (measured on a 4-D Gaussian: ~58% of the conditional mean shift, KL 0.12
-    nats to the conditional against 1.05 for the prior, at 200 and 1000 steps alike)."""
+    sample of q(x_t | known); the rest approximates p(x_unknown | known) (on a 4-D Gaussian, KL
+    0.12 nats to the exact conditional against 1.05 for the prior, at 200 and 1000 steps alike)."""
     _check_batch(x, "x")
     _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
     _check_inpainting(x, known, mask)
@@ -797,8 +782,7 @@ def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, clip_x0=None, generat
     """DDIM: x_t' = sqrt(alpha_bar_t') x0_hat + sqrt(1 - alpha_bar_t' - sigma^2) eps + sigma z.
     [F29] x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), t' the previous grid
     point (0 after the last: the result is x0_hat), sigma = eta sqrt((1 - alpha_bar_t') / (1 -
-    alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_t'); eta = 1, S = T is ancestral DDPM with
-    beta_tilde. ``clip_x0`` clips x0_hat and re-derives eps from it (still DDPM at eta = 1)."""
+    alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_t'). ``clip_x0`` clips x0_hat (eps follows)."""
     _check_batch(x, "x")
     if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
@@ -847,10 +831,9 @@ def _dpm_solver_2m(x0_fn, x, alphas, sigmas, callback):
 def dpm_solver_sample(eps_model, sched, x, *, steps=10, clip_x0=None, callback=None):
     """DPM-Solver++(2M): x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i.
     [F32, F21] alpha, sigma = sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t); h_i the step in lambda =
-    log(alpha / sigma); D_1 = x0_hat_0, then (1 + 1/(2 r)) x0_hat_{i-1} - 1/(2 r) x0_hat_{i-2},
-    r = h_{i-1} / h_i (Lu et al. 2022). ``steps`` S: uniform in lambda from T to 1 on
-    DiscreteVPSDE(sched), rounded to steps, or an explicit grid; the last step, to sigma = 0,
-    returns x0_hat (clipped with ``clip_x0``). S eps evaluations, deterministic."""
+    log(alpha / sigma); D = x0_hat, after the first step (1 + 1/(2 r)) x0_hat - 1/(2 r) x0_hat_prev,
+    r = h_{i-1} / h_i (Lu et al. 2022). ``steps`` S: uniform in lambda from T to 1, rounded, or an
+    explicit grid; the last step (to sigma = 0) returns x0_hat, clipped by ``clip_x0``."""
     _check_batch(x, "x")
     _check_clip(clip_x0)
     if isinstance(steps, int) and not isinstance(steps, bool) and 2 <= steps <= sched.T:
@@ -865,9 +848,8 @@ def dpm_solver_sample(eps_model, sched, x, *, steps=10, clip_x0=None, callback=N
 @torch.no_grad()
 def dpm_solver_sde_sample(score_fn, sde, x, *, steps=10, eps_s=1e-3, spacing="logsnr",
                           callback=None):
-    """DPM-Solver++(2M) for a score on a linear SDE, s = 1 to eps_s. [F32, F21, F26]
-    alpha = m(s), sigma = std(s), Tweedie's x0_hat = (x + std^2 score) / m; grid uniform in
-    lambda by default (``spacing``). ``steps`` score evaluations, deterministic."""
+    """DPM-Solver++(2M) for a score on a linear SDE, s = 1 to eps_s: alpha = m(s), sigma = std(s),
+    Tweedie's x0_hat = (x + std^2 score) / m; uniform in lambda by default. [F32, F21, F26]"""
     _check_batch(x, "x")
     grid = s_grid(sde, steps, eps_s, spacing)
     _, _, m, std = zip(*_coefs(sde, grid).values())
@@ -885,11 +867,10 @@ def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0
     z (F24); 'reverse_diffusion', x <- (x + G^2 score) / A + G z, the reverse of the exact forward
     step x_s = A x_s' + G z, A = m(s) / m(s'), G^2 = v(s) - A^2 v(s') (F28): on DiscreteVPSDE with
     the grid t / T, t = T..0, ancestral DDPM step for step. No noise at the last step. Before it,
-    ``corrector_steps`` Langevin steps x <- x + delta score + sqrt(2 delta) z, delta = 2 alpha
-    (snr ||z|| / ||score||)^2, norms averaged over the batch (Song et al.'s code), alpha = 1, or
-    A^2 with reverse diffusion (F28's alpha_i). Grid: ``steps`` on ``spacing`` (uniform: measured,
-    quadratic is worse at 200-1000 steps) or explicit (it may end at 0). Inpainting as ddpm_sample.
-    """
+    ``corrector_steps`` Langevin steps x <- x + delta score + sqrt(2 delta) z, delta = 2 alpha (snr
+    ||z|| / ||score||)^2 (norms averaged over the batch), alpha = 1, or A^2 (F28's alpha_i) with
+    reverse diffusion. ``steps`` on ``spacing`` (uniform: measured, quadratic is worse at 200-1000
+    steps) or an explicit grid, which may end at 0. Inpainting (F31) as in ddpm_sample."""
     _check_batch(x, "x")
     _check_inpainting(x, known, mask)
     _check_count("corrector_steps", corrector_steps, 0)
@@ -923,9 +904,9 @@ def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0
 
 def _ode_step(f, x, s, ds, method):
     """One step of size ds (either sign) of dx/ds = f(x, s): Euler, Heun or classic RK4."""
-    if method == "euler":
-        return x + ds * f(x, s)
     k1 = f(x, s)
+    if method == "euler":
+        return x + ds * k1
     if method == "heun":
         return x + ds / 2 * (k1 + f(x + ds * k1, s + ds))
     k2 = f(x + ds / 2 * k1, s + ds / 2)
@@ -947,10 +928,9 @@ _DOPRI_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, 
 
 def _rk45(f, x, s0, s1, rtol, atol, max_steps):
     """dx/ds = f(x, s) from s0 to s1 by Dormand-Prince 5(4); returns (x, nfe). [F26, F27]
-    Error: the max over the batch of per-example RMS(e / (atol + rtol max(|x|, |x_new|))), e =
-    ds sum_j (b_j - b*_j) k_j, so no example is integrated more loosely; accept if <= 1; h *=
-    min(10, max(0.2, 0.9 err^(-1/5))), no growth after a rejection; first h by Hairer et al. II.4.
-    The accept test syncs with the host once per attempt, as adaptivity must."""
+    The error is the max over the batch of per-example RMS(e / (atol + rtol max(|x|, |x_new|))),
+    so no example is integrated more loosely; h *= min(10, max(0.2, 0.9 err^(-1/5))), no growth
+    after a rejection; first h as Hairer et al. II.4. One host sync per attempt (adaptivity)."""
     def norm(v, y, y_new):
         scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
         return (v / scale).flatten(1).square().mean(1).sqrt().max().item()
@@ -1027,9 +1007,9 @@ def _ode_grid(sde, steps, eps_s, spacing, method):
 def ode_sample(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-3, spacing=None,
                rtol=1e-5, atol=1e-5, max_steps=10_000, stats=None, callback=None):
     """The probability-flow ODE dx/ds = f - 1/2 g^2 score from s = 1 to eps_s. [F26]
-    ``method`` 'euler', 'heun', 'rk4' (1, 2, 4 evaluations per step) on the grid ``steps`` and
-    ``spacing`` (s_grid; by default the SDE's, uniform for Euler), or 'rk45', adaptive between the
-    grid's ends (``rtol``, ``atol``, RuntimeError after ``max_steps``). ``stats`` receives 'nfe'."""
+    ``method`` 'euler', 'heun', 'rk4' (1, 2, 4 evaluations per step) on the grid ``steps``,
+    ``spacing`` (s_grid; by default the SDE's, uniform for Euler), or 'rk45' between the grid's
+    ends (``rtol``, ``atol``, RuntimeError after ``max_steps``); ``stats`` receives 'nfe'."""
     _check_batch(x, "x")
     grid = _ode_grid(sde, steps, eps_s, spacing, method)
     return _solve_ode(_flow(score_fn, sde, x, grid, method), x, grid, method, rtol, atol,
@@ -1071,11 +1051,10 @@ def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5, spa
                    rtol=1e-5, atol=1e-5, max_steps=10_000, divergence="exact", n_probes=1,
                    probe="rademacher", dequantize=False, generator=None):
     """log p_0(x) = log p_1(x_1) + int_0^1 div_x f~(x_s, s) ds along the flow f~ (F26). [F27]
-    Integrated from eps_s to 1 as ode_encode (methods, grids, rk45) with the log-density as an
-    extra coordinate; divergence 'exact' (a backward pass per dimension) or 'hutchinson' (n_probes
-    fixed probes, unbiased). Returns (B,) 'nats' = log p(x), 'bpd' = -log p / (d ln 2), and 'nfe'.
-    ``dequantize`` (8-bit x = 2 k / 255 - 1): y = x + (2 / 255)(u - 1/2), 'nats' = log p(y), 'bpd'
-    = -(log p(y) + d log(2 / 255)) / (d ln 2), bits per 8-bit value as in the papers."""
+    Integrated from eps_s to 1 as ode_encode, the log-density an extra coordinate; divergence
+    'exact' or 'hutchinson' (n_probes fixed probes, unbiased). Returns (B,) 'nats', 'bpd' = -nats
+    / (d ln 2), and 'nfe'. ``dequantize`` (8-bit x = 2 k / 255 - 1): y = x + (2 / 255)(u - 1/2),
+    'nats' = log p(y), 'bpd' = -(log p(y) + d log(2 / 255)) / (d ln 2), as in the papers."""
     _check_batch(x, "x")
     _check_choice("divergence", divergence, {"exact", "hutchinson"})
     _check_count("n_probes", n_probes, 1)
@@ -1105,10 +1084,9 @@ def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5, spa
 
 def guided_score(score_fn, log_likelihood_fn, w):
     """grad log p_s(x) + w grad_x log p_s(y | x), by autograd of the log-likelihood. [F30]
-    w = 1 gives grad log p_s(x | y) (Bayes' rule; p(y) drops out), w > 1 sharpens it.
-    log_likelihood_fn(x, s) returns log p_s(y | x) (B,), e.g. a classifier's log-softmax at y.
-    Where x requires grad (ode_likelihood's divergence) the graph is kept, so the divergence
-    includes w tr(Hessian of log p(y | x))."""
+    w = 1 gives grad log p_s(x | y) (p(y) drops out), w > 1 sharpens it; log_likelihood_fn(x, s)
+    -> (B,). Where x requires grad (ode_likelihood's divergence) the graph is kept, so the
+    divergence includes w tr(Hessian of log p(y | x))."""
     def guided(x, s):
         create_graph = torch.is_grad_enabled() and x.requires_grad
         with torch.enable_grad():
@@ -1121,15 +1099,14 @@ def guided_score(score_fn, log_likelihood_fn, w):
 
 def classifier_free(cond_fn, uncond_fn, w):
     """Classifier-free guidance: (1 + w) cond(x, s) - w uncond(x, s), for eps or scores. [F30]
-    F30 with grad log p(y | x) = score(x | y) - score(x) from one network trained with label
-    dropout; w = 0 is the conditional model."""
+    F30 with grad log p(y | x) = score(x | y) - score(x); w = 0 is the conditional model."""
     return lambda x, s: (1 + w) * cond_fn(x, s) - w * uncond_fn(x, s)
 
 
 def energy_score(energy_fn):
     """Score of p(x) = exp(-E(x)) / Z: s(x, ...) = -grad_x E(x, ...); Z drops out. [F14]
-    energy_fn(x, *cond) -> (B,); the score takes the same arguments. With gradients enabled it
-    keeps the graph (losses differentiate through it); in a no_grad sampler it is a plain tensor."""
+    energy_fn(x, *cond) -> (B,). With gradients enabled it keeps the graph (losses differentiate
+    through it); in a no_grad sampler it is a plain tensor."""
     def score(x, *cond):
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
@@ -1141,8 +1118,7 @@ def energy_score(energy_fn):
 
 def colour_basis(dtype=torch.float64, device=None):
     """An orthogonal 3x3 M whose first row (1, 1, 1) / sqrt(3) is the grey axis. [F31]
-    Colorization is inpainting in y = M x (per pixel, over channels): the first channel, sqrt(3)
-    grey, is known; the two orthonormal colour differences are filled in."""
+    Colorization is inpainting in y = M x over the channels: the grey channel is known."""
     return torch.tensor([[1 / math.sqrt(3)] * 3,
                          [1 / math.sqrt(2), -1 / math.sqrt(2), 0.0],
                          [1 / math.sqrt(6), 1 / math.sqrt(6), -2 / math.sqrt(6)]],
@@ -1160,10 +1136,9 @@ def from_colour_basis(y):
 
 
 def in_colour_basis(model_fn):
-    """The model seen in the colour basis: y -> M model(M^T y, ...). [F31]
-    An orthogonal change of variables maps scores and eps by the same M: colorize with
+    """The model seen in the colour basis: y -> M model(M^T y, ...); scores and eps map by M.
     ``from_colour_basis(ddpm_sample(in_colour_basis(eps_model), sched, to_colour_basis(x_T),
-    known=known, mask=mask))``, (known, mask) from ``colorization_known``."""
+    known=known, mask=mask))`` colorizes, (known, mask) from ``colorization_known``. [F31]"""
     return lambda y, *args: to_colour_basis(model_fn(from_colour_basis(y), *args))
 
 
