@@ -215,10 +215,9 @@ def marginal_coefs(sched, t):
 
 
 def _noise(x, noise, generator, name="noise"):
-    if noise is None:
-        return _randn_like(x, generator)
-    _check_shape(noise, x.shape, name)
-    return noise
+    if noise is not None:
+        _check_shape(noise, x.shape, name)
+    return _randn_like(x, generator) if noise is None else noise
 
 
 def q_step(sched, x_prev, t, noise=None, *, generator=None):
@@ -299,8 +298,7 @@ def discretized_gaussian_logp(x0, mean, var):
         raise ValueError(f"var must be > 0, got min {var.min().item()}")
     phi = lambda u: 0.5 * (1 + torch.erf((u - mean) / (var * 2).sqrt()))  # noqa: E731
     upper = torch.where(x0 > 1 - 1e-3, 1.0, phi(x0 + 1 / 255))       # k = 255: up to +inf
-    lower = torch.where(x0 < -1 + 1e-3, 0.0, phi(x0 - 1 / 255))      # k = 0: from -inf
-    return torch.log((upper - lower).clamp(min=1e-12))
+    return torch.log((upper - torch.where(x0 < -1 + 1e-3, 0.0, phi(x0 - 1 / 255))).clamp(min=1e-12))
 
 
 def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized",
@@ -494,7 +492,7 @@ def langevin(score_fn, x, *, step_size, n_steps, generator=None):
 def annealed_langevin(score_fn, x, sigmas, *, eps=2e-5, n_steps_each=100, denoise=True,
                       generator=None):
     """Annealed Langevin (NCSN): for i = 1..L, K steps of F17 with s_theta(., sigma_i). [F20]
-    alpha_i = eps sigma_i^2 / sigma_L^2, Tweedie last (``denoise``), float32 sigma (PITFALLS #11)."""
+    alpha_i = eps sigma_i^2 / sigma_L^2, Tweedie last (``denoise``), float32 sigma (PITFALLS 11)."""
     _check_batch(x, "x")
     _check_real("eps", eps)
     sigmas = _sigmas(sigmas).tolist()
@@ -724,9 +722,8 @@ def _replace_known(x, known, mask, scale, std, generator):
 
 
 def _check_clip(clip_x0):
-    if not (clip_x0 is None or (isinstance(clip_x0, (tuple, list)) and len(clip_x0) == 2
-                                and all(isinstance(v, (int, float)) for v in clip_x0)
-                                and clip_x0[0] < clip_x0[1])):
+    if not (clip_x0 is None or isinstance(clip_x0, (tuple, list)) and len(clip_x0) == 2 and all(
+            isinstance(v, (int, float)) for v in clip_x0) and clip_x0[0] < clip_x0[1]):
         raise ValueError(f"clip_x0 must be None or a range (lo, hi) with lo < hi, got {clip_x0!r}")
 
 
@@ -868,9 +865,9 @@ def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0
     step x_s = A x_s' + G z, A = m(s) / m(s'), G^2 = v(s) - A^2 v(s') (F28): on DiscreteVPSDE with
     the grid t / T, t = T..0, ancestral DDPM step for step. No noise at the last step. Before it,
     ``corrector_steps`` Langevin steps x <- x + delta score + sqrt(2 delta) z, delta = 2 alpha (snr
-    ||z|| / ||score||)^2 (norms averaged over the batch), alpha = 1, or A^2 (F28's alpha_i) with
-    reverse diffusion. ``steps`` on ``spacing`` (uniform: measured, quadratic is worse at 200-1000
-    steps) or an explicit grid, which may end at 0. Inpainting (F31) as in ddpm_sample."""
+    ||z|| / ||score||)^2 (batch-averaged norms), alpha = 1, or A^2 (F28's alpha_i) with reverse
+    diffusion. Grid: uniform (measured: quadratic is worse at 200-1000 steps) or explicit, ending
+    >= 0. Inpainting (F31) as in ddpm_sample, with p_{0s}(x_s | known)."""
     _check_batch(x, "x")
     _check_inpainting(x, known, mask)
     _check_count("corrector_steps", corrector_steps, 0)
@@ -916,8 +913,7 @@ def _ode_step(f, x, s, ds, method):
 
 ODE_METHODS = ("euler", "heun", "rk4", "rk45")
 _STAGES = {"euler": (0.0,), "heun": (0.0, 1.0), "rk4": (0.0, 0.5, 0.5, 1.0)}
-# Dormand & Prince (1980) 5(4): nodes c_2..c_7 and rows a_2..a_7 (the last row is the 5th-order
-# solution, so k_7 = f(x_new) starts the next step: first same as last); error weights b - b*.
+# Dormand-Prince 5(4): c_2..c_7, a_2..a_7 (a_7 = b: k_7 = f(x_new) is reused), b - b*.
 _DOPRI_C = (1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 _DOPRI_A = ((1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
             (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
@@ -934,7 +930,6 @@ def _rk45(f, x, s0, s1, rtol, atol, max_steps):
     def norm(v, y, y_new):
         scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
         return (v / scale).flatten(1).square().mean(1).sqrt().max().item()
-
     sign, k1 = (1.0 if s1 > s0 else -1.0), f(x, s0)
     d0, d1 = norm(x, x, x), norm(k1, x, x)
     h0 = 1e-6 if min(d0, d1) < 1e-5 else 0.01 * d0 / d1
@@ -997,8 +992,7 @@ def _ode_grid(sde, steps, eps_s, spacing, method):
     """Checks, and the solvers' grid: rk45 needs only its ends; Euler defaults to uniform
     (measured: the quadratic grid raises its W2 on the 16-d Gaussian, 0.20 against 0.13 at 10)."""
     _check_choice("method", method, set(ODE_METHODS))
-    if method == "rk45" and isinstance(steps, int):
-        steps = 1
+    steps = 1 if method == "rk45" and isinstance(steps, int) else steps
     spacing = "uniform" if spacing is None and method == "euler" else spacing
     return s_grid(sde, steps, eps_s, spacing)
 
