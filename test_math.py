@@ -2669,9 +2669,7 @@ def g_inpaint_run(sampler, x, generator=None):
     known, mask = torch.zeros_like(x), torch.zeros_like(x, dtype=torch.bool)
     known[:, G_KNOWN4], mask[:, G_KNOWN4] = G_XK4, True
     if sampler == "ddpm":
-        def eps(x, t):
-            ab = G_AB[t[0]]
-            return -(1 - ab).sqrt() * ref_gauss_score(x, ab.sqrt(), 1 - ab, G_MU4, G_SIGMA4)
+        eps = ref_eps_model(lambda y, m, v: ref_gauss_score(y, m, v, G_MU4, G_SIGMA4), G_AB)
         return ds.ddpm_sample(eps, G_SCHED, x, steps=G_GRID, generator=generator, known=known,
                               mask=mask), known, mask
     score = lambda x, s: ref_gauss_score(x, *ref_g_vp(s[0]), G_MU4, G_SIGMA4)
@@ -2722,11 +2720,9 @@ def test_F31_inpainting_keeps_the_known_part_and_fills_in_near_the_conditional(s
     assert kl(law, cond) < kl((G_MU4, G_SIGMA4), cond) / 4   # 0.125 (0.119) vs 1.046
 
 
-def g_colour_eps(x, t):
-    """The exact eps of N(G_MU3, G_SIGMA3) per pixel (channel dim 1), noised to step t (F3, F21)."""
-    ab = G_AB[t[0]]
-    return -(1 - ab).sqrt() * ref_gauss_score(x.movedim(1, -1), ab.sqrt(), 1 - ab, G_MU3,
-                                                G_SIGMA3).movedim(-1, 1)
+# The exact eps of N(G_MU3, G_SIGMA3) per pixel (channel dimension 1), noised to step t (F3, F21).
+g_colour_eps = ref_eps_model(lambda y, m, v: ref_gauss_score(
+    y.movedim(1, -1), m, v, G_MU3, G_SIGMA3).movedim(-1, 1), G_AB)
 
 
 def g_colorize(y, generator=None):
