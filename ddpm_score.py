@@ -908,7 +908,8 @@ def _ode_step(f, x, s, ds, method):
         return x + ds / 2 * (k1 + f(x + ds * k1, s + ds))
     k2 = f(x + ds / 2 * k1, s + ds / 2)
     k3 = f(x + ds / 2 * k2, s + ds / 2)
-    return x + ds / 6 * (k1 + 2 * k2 + 2 * k3 + f(x + ds * k3, s + ds))
+    k4 = f(x + ds * k3, s + ds)
+    return x + ds / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
 ODE_METHODS = ("euler", "heun", "rk4", "rk45")
@@ -1065,7 +1066,6 @@ def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5, spa
     def augmented(state, s):  # state = [x flattened, accumulated divergence]
         drift, div = _divergence(lambda y: flow(y, s), state[:, :d].reshape(shape), probes)
         return torch.cat([drift.flatten(1), div[:, None]], 1)
-
     state, stats = torch.cat([x.flatten(1), x.new_zeros(shape[0], 1)], 1), {}
     state = _solve_ode(augmented, state, grid, method, rtol, atol, max_steps, stats)
     nats = sde.prior_logp(state[:, :d].reshape(shape)) + state[:, d]
