@@ -1195,23 +1195,24 @@ def ref_gauss_affine(m, v, mu=MU, cov=SIGMA):
 
 
 def ref_mix_terms(x, m, v, mix=MIX):
-    """(K, B) log(w_k N(x; m mu_k, var_k I)), var_k = m^2 std_k^2 + v, and var (K, B), for the 2-D
-    mixture (w, mu, std) noised through x = m x0 + sqrt(v) eps. Laid out (K, B): fast for K = 4."""
+    """(K, B) log(w_k N(x; m mu_k, var_k I)), var_k = m^2 std_k^2 + v, for the 2-D mixture
+    (w, mu, std) noised through x = m x0 + sqrt(v) eps; also var and the offsets x - m mu_k.
+    Laid out (K, B) with the two coordinates written out: fast for B = 10^4."""
     w, mu, std = (c.to(x.dtype) for c in mix)
-    m, v = col(m, x).reshape(1, -1), col(v, x).reshape(1, -1)              # (1, B)
+    m, v = col(m, x).reshape(1, -1), col(v, x).reshape(1, -1)               # (1, B)
     if (m == m[0, 0]).all() and (v == v[0, 0]).all():   # samplers share one time per batch
         m, v = m[:, :1], v[:, :1]
     var = m ** 2 * std[:, None] ** 2 + v                                       # (K, B)
-    d2 = (x[:, 0] - m * mu[:, :1]) ** 2 + (x[:, 1] - m * mu[:, 1:]) ** 2
-    return w.log()[:, None] - d2 / (2 * var) - torch.log(2 * math.pi * var), var
+    dx, dy = x[:, 0] - m * mu[:, :1], x[:, 1] - m * mu[:, 1:]                  # (K, B) each
+    logp = w.log()[:, None] - (dx ** 2 + dy ** 2) / (2 * var) - torch.log(2 * math.pi * var)
+    return logp, var, (dx, dy)
 
 
 def ref_mix_score(x, m, v, mix=MIX):
     """grad log sum_k w_k N_k = -sum_k r_k (x - m mu_k) / var_k, r_k the responsibilities."""
-    logp, var = ref_mix_terms(x, m, v, mix)
-    r, mu = torch.softmax(logp, 0) / var, mix[1].to(x.dtype)
-    m = col(m, x).reshape(1, -1)
-    return -torch.stack([(r * (x[:, i] - m * mu[:, i:i + 1])).sum(0) for i in range(2)], 1)
+    logp, var, (dx, dy) = ref_mix_terms(x, m, v, mix)
+    r = torch.softmax(logp, 0) / var
+    return -torch.stack([(r * dx).sum(0), (r * dy).sum(0)], 1)
 
 
 def ref_mix_sample(n, generator):
@@ -2465,7 +2466,7 @@ def ref_g_component_score(x, m, v, y):
 
 def ref_g_log_posterior(x, m, v, y):
     """log p_s(y | x) = log w_y N_y(x) - log sum_k w_k N_k(x), per example (B,). [F30]"""
-    logp, _ = ref_mix_terms(x, m, v, G_MIX)
+    logp, *_ = ref_mix_terms(x, m, v, G_MIX)
     return logp[y] - torch.logsumexp(logp, 0)
 
 
@@ -2511,7 +2512,7 @@ def test_F30_guided_score_is_bayes_rule_for_scores(seed, y, w):
                    atol=RTOL * scale)
 
     def log_lik_over_p_y(x, s):   # log N_y(x) - log p(x): no w_y, i.e. log p(y | x) - log p(y)
-        logp, _ = ref_mix_terms(x, *ref_g_vp(s), G_MIX)
+        logp, *_ = ref_mix_terms(x, *ref_g_vp(s), G_MIX)
         return logp[y] - G_MIX_W[y].log() - torch.logsumexp(logp, 0)
     assert_close64(ds.guided_score(score, log_lik_over_p_y, 1)(x, s), cond_s, atol=atol)
 
