@@ -829,8 +829,8 @@ def dpm_solver_sample(eps_model, sched, x, *, steps=10, clip_x0=None, callback=N
     """DPM-Solver++(2M): x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i.
     [F32, F21] alpha, sigma = sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t); h_i the step in lambda =
     log(alpha / sigma); D = x0_hat, after the first step (1 + 1/(2 r)) x0_hat - 1/(2 r) x0_hat_prev,
-    r = h_{i-1} / h_i (Lu et al. 2022). ``steps`` S: uniform in lambda from T to 1, rounded, or an
-    explicit grid; the last step (to sigma = 0) returns x0_hat, clipped by ``clip_x0``."""
+    r = h_{i-1} / h_i (Lu et al. 2022). ``steps`` S: uniform in lambda from T to 1, rounded (any
+    repeat dropped), or a grid; the last step (to sigma = 0) returns x0_hat, clipped by clip_x0."""
     _check_batch(x, "x")
     _check_clip(clip_x0)
     if isinstance(steps, int) and not isinstance(steps, bool) and 2 <= steps <= sched.T:

@@ -2130,7 +2130,8 @@ def test_F26_s_grid_spacings_follow_their_formulas(name):
     """[F26] each spacing runs from 1 to eps_s, strictly descending, with its defining property
     checked here: equal steps in s; (s - eps_s) / (1 - eps_s) = (1 - i/N)^2; equal steps in
     lambda = log(m / std) (F23 written here); equal steps in sigma^(1/7), sigma = std / m. The
-    default is quadratic for VP and sub-VP, uniform for VE; an explicit grid comes back as given."""
+    default is quadratic for VP and sub-VP, uniform for VE; an explicit grid comes back as given,
+    and the solvers follow it exactly as they follow a step count on the same spacing."""
     sde, N, eps = SDES[name](), 12, 1e-3
     u = torch.arange(N + 1, dtype=F64) / N
     const_steps = lambda v: torch.allclose(v.diff(), v.diff().mean().expand(N), rtol=1e-8)
@@ -2147,6 +2148,12 @@ def test_F26_s_grid_spacings_follow_their_formulas(name):
     default = torch.tensor(ds.s_grid(sde, N, eps), dtype=F64)
     assert torch.equal(default, grids["uniform" if name == "ve" else "quadratic"])
     assert ds.s_grid(sde, [1.0, 0.5, 0.0]) == [1.0, 0.5, 0.0]
+    score_fn, x = ref_sde_score(ref_gauss_score, name), _gauss_points(4, 45)
+    runs = (ds.ode_sample, ds.ode_encode, lambda *a, **kw: ds.reverse_sde_sample(
+        *a, generator=_gen(1), **kw))
+    for run in runs:                       # an explicit grid, or the count that makes it
+        assert torch.equal(run(score_fn, sde, x, steps=5, spacing="logsnr"),
+                           run(score_fn, sde, x, steps=ds.s_grid(sde, 5, spacing="logsnr")))
     for bad in ([1.0], [1.0, 0.5, 0.5], [1.0, 0.2, 0.4], [1.5, 0.5], [1.0, -0.1]):
         with pytest.raises(ValueError, match="steps"):
             ds.s_grid(sde, bad)
