@@ -32,6 +32,7 @@ LAM = torch.logspace(-2, 0.5, D, dtype=F64)
 COV = _Q @ torch.diag(LAM) @ _Q.T
 MU = 0.5 * torch.randn(D, generator=_g, dtype=F64)
 SDE = ds.VPSDE()
+SIGMAS = ds.geometric_sigmas(10.0, 0.01, 10)       # NCSN levels for annealed Langevin
 SCHED = ds.Schedule.from_betas(ds.linear_betas())
 AB = SCHED.alpha_bar
 
@@ -135,6 +136,9 @@ def w2_table():
             score, SDE, x, steps=n),
         "reverse_sde_sample reverse_diffusion": lambda x, n: ds.reverse_sde_sample(
             score, SDE, x, steps=n, predictor="reverse_diffusion"),
+        "annealed_langevin (L = 10, NFE = 10 K + 1)": lambda x, n: (ds.annealed_langevin(
+            lambda y, sg: gauss_score(y, 1.0, sg[0].item() ** 2), 10 * x, SIGMAS,
+            n_steps_each=n // 10) if n % 10 == 0 else None),
     }
     nfes = (10, 12, 20, 50, 100)
     print("\n2. Exact W2 of the output law to the data, 16-d Gaussian (DDPM/DDIM/DPM on the "
