@@ -2388,6 +2388,12 @@ def _all_samplers():
                                                     corrector_steps=1, generator=g),
         "ode": lambda x, g: ds.ode_sample(sde_score("vp"), vp, x, steps=10, method="heun"),
         "ode_encode": lambda x, g: ds.ode_encode(sde_score("vp"), vp, x, steps=10),
+        "ode rk45": lambda x, g: ds.ode_sample(sde_score("vp"), vp, x, method="rk45"),
+        "dpm": lambda x, g: ds.dpm_solver_sample(eps_model, sched, x, steps=8),
+        "dpm sde": lambda x, g: ds.dpm_solver_sde_sample(sde_score("vp"), vp, x, steps=8),
+        "pc rd": lambda x, g: ds.reverse_sde_sample(sde_score("vp"), vp, x, steps=20,
+                                                    corrector_steps=1, generator=g,
+                                                    predictor="reverse_diffusion"),
         "ode_likelihood": lambda x, g: ds.ode_likelihood(      # (Rademacher probes are exact
             sde_score("vp"), vp, x, steps=5, divergence="hutchinson", probe="gaussian",
             generator=g)["nats"]}                              # here: the Jacobian is c(s) I)
@@ -2398,7 +2404,7 @@ def test_F6_to_F32_samplers_are_reproducible_and_shape_agnostic(name):
     """The same generator seed gives bit-identical output and another seed another output;
     image-shaped input (B, 1, 4, 4) keeps its shape and gives the same numbers as the same data
     flattened to (B, 16): one broadcasting rule for points and images (ode_likelihood: (B,)).
-    [F6, F17, F20, F24, F26, F27, F28, F29]"""
+    [F6, F17, F20, F24, F26, F27, F28, F29, F32]"""
     run = _all_samplers()[name]
     x = torch.randn(8, 1, 4, 4, generator=_gen(50), dtype=F64)
     a, b = run(x, _gen(51)), run(x, _gen(51))
@@ -2406,13 +2412,13 @@ def test_F6_to_F32_samplers_are_reproducible_and_shape_agnostic(name):
     assert a.shape == ((8,) if name == "ode_likelihood" else x.shape)
     flat = run(x.reshape(8, 16), _gen(51))
     assert torch.allclose(flat.reshape(a.shape), a, rtol=1e-12, atol=1e-12)
-    if name not in ("ode", "ode_encode"):
+    if name not in ("ode", "ode_encode", "ode rk45", "dpm", "dpm sde"):   # deterministic
         assert not torch.equal(run(x, _gen(52)), a)
 
 
 def test_F6_F26_F27_F29_sampler_arguments_are_checked():
-    """Unknown names, impossible step grids, counts and times raise ValueError naming the argument.
-    [F6, F26, F27, F29]"""
+    """Unknown names, impossible step grids, counts, tolerances and times raise ValueError naming
+    the argument. [F6, F10, F26, F27, F28, F29, F32]"""
     sched, ab = _linear_sched(50)
     eps_model, x = ref_eps_model(ref_mix_score, ab), torch.zeros(4, 2, dtype=F64)
     score_fn, vp = ref_sde_score(ref_mix_score, "vp"), ds.VPSDE(**VP)
@@ -2432,7 +2438,15 @@ def test_F6_F26_F27_F29_sampler_arguments_are_checked():
             "n_probes"),
            (lambda: ds.langevin(lambda y: -y, x, step_size=0.1, n_steps=2.5), "n_steps"),
            (lambda: ds.annealed_langevin(lambda y, sg: -y, x, []), "sigmas"),
-           (lambda: ds.annealed_langevin(lambda y, sg: -y, x, [1.0, 0.0]), "sigmas")]
+           (lambda: ds.annealed_langevin(lambda y, sg: -y, x, [1.0, 0.0]), "sigmas"),
+           (lambda: ds.reverse_sde_sample(score_fn, vp, x, predictor="heun"), "predictor"),
+           (lambda: ds.ode_sample(score_fn, vp, x, spacing="cosine"), "spacing"),
+           (lambda: ds.ode_sample(score_fn, vp, x, method="rk45", rtol=0.0), "rtol"),
+           (lambda: ds.ode_likelihood(score_fn, vp, x, method="rk45", max_steps=0), "max_steps"),
+           (lambda: ds.dpm_solver_sample(eps_model, sched, x, steps=51), "steps"),
+           (lambda: ds.dpm_solver_sample(eps_model, sched, x, clip_x0=(1, 0)), "clip_x0"),
+           (lambda: ds.dpm_solver_sde_sample(score_fn, vp, x, steps=0), "steps"),
+           (lambda: ds.vlb_bpd(eps_model, sched, x, decoder_var="beta_1"), "decoder_var")]
     for call, arg in bad:
         with pytest.raises(ValueError, match=arg):
             call()
