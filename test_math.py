@@ -2270,6 +2270,9 @@ def test_F32_dpm_solver_pp_2m_is_the_paper_update_and_near_the_data(S):
     assert torch.allclose(out, ref_dpm_pp_2m(x0_of, x, a, sg), rtol=1e-10, atol=1e-10)
     law = ref_affine_law(lambda y: ds.dpm_solver_sample(ref_eps_model(ref_gauss_score, ab), sched,
                                                         y, steps=S), 3)
+    eg = ref_eps_model(ref_gauss_score, ab)               # the transcription's exact law, too
+    x0_gauss = lambda y, i: (y - sg[i] * eg(y, torch.full((len(y),), taus[i]))) / a[i]
+    ref_assert_same_law(law, ref_affine_law(lambda y: ref_dpm_pp_2m(x0_gauss, y, a, sg), 3))
     assert ref_w2(*law, MU, SIGMA) < {10: 0.07, 20: 0.03}[S]
     # The VP SDE with a score: lambda(s) = -1/2 log(e^B - 1), B = log(1 + e^{-2 lambda}).
     lam = torch.linspace(ref_lambda("vp", 1.0).item(), ref_lambda("vp", 1e-3).item(), S + 1,
