@@ -137,12 +137,16 @@ def _check_unit_open(name, value):
         raise ValueError(f"{name} must be a finite number in (0, 1), got {value!r}")
 
 
-def linear_betas(T=1000, beta_1=1e-4, beta_T=0.02):
-    """beta_t = beta_1 + (t - 1) / (T - 1) (beta_T - beta_1), t = 1..T. [Schedules, F1]
+def linear_betas(T=1000, beta_1=None, beta_T=None):
+    """beta_t = beta_1 + (t - 1) / (T - 1) (beta_T - beta_1), t = 1..T. [Schedules, F1, F5]
 
-    Ho et al. 2020 defaults. Returns a float64 tensor of shape (T,) (T = 1 gives [beta_1]).
+    Defaults scale Ho et al.'s 1e-4 and 0.02 by 1000 / T, as improved DDPM does (beta_T capped at
+    0.999), so every T >= 20 ends near pure noise: sqrt(alpha_bar_T) < 0.007 (F5); unscaled,
+    T = 100 would stop at 0.60. Returns a float64 tensor of shape (T,) (T = 1 gives [beta_1]).
     """
     _check_T(T)
+    beta_1 = min(1e-4 * 1000 / T, 0.999) if beta_1 is None else beta_1
+    beta_T = min(0.02 * 1000 / T, 0.999) if beta_T is None else beta_T
     _check_unit_open("beta_1", beta_1)
     _check_unit_open("beta_T", beta_T)
     if beta_T < beta_1:
@@ -180,20 +184,26 @@ def geometric_sigmas(sigma_max, sigma_min, L):
                                     dtype=torch.float64))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Schedule:
     """A discrete schedule: float64 arrays of length T+1, index 0 meaning no noise. [F2, F7]
 
     beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{i=1..t} alpha_i, and the posterior variance
     beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t (beta_tilde_1 = 0).
     Build it with ``Schedule.from_betas(linear_betas())``. It holds plain tensors, not module
-    buffers, so an EMA of a network never averages it (PITFALLS.md #10).
+    buffers, so an EMA of a network never averages it (PITFALLS.md #10). Read-only: each of
+    ``beta``, ``alpha``, ``alpha_bar``, ``beta_tilde`` returns a fresh CPU copy, so writing into
+    it cannot change the schedule; ``==`` is identity (eq=False: tensors have no truth value).
     """
     T: int
-    beta: torch.Tensor
-    alpha: torch.Tensor
-    alpha_bar: torch.Tensor
-    beta_tilde: torch.Tensor
+    _beta: torch.Tensor
+    _alpha: torch.Tensor
+    _alpha_bar: torch.Tensor
+    _beta_tilde: torch.Tensor
+    beta = property(lambda self: self._beta.clone())
+    alpha = property(lambda self: self._alpha.clone())
+    alpha_bar = property(lambda self: self._alpha_bar.clone())
+    beta_tilde = property(lambda self: self._beta_tilde.clone())
 
     @classmethod
     def from_betas(cls, betas):
@@ -228,7 +238,7 @@ def _check_t(sched, t, x):
 def marginal_coefs(sched, t):
     """(scale, std) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), each (B,) float64. [F3]"""
     _check_t(sched, t, t)
-    alpha_bar = sched.alpha_bar[t.cpu()]
+    alpha_bar = sched._alpha_bar[t.cpu()]
     return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
 
 
@@ -248,14 +258,14 @@ def q_step(sched, x_prev, t, noise=None, *, generator=None):
     _check_t(sched, t, x_prev)
     z = _noise(x_prev, noise, generator)
     t = t.cpu()
-    return bcast(sched.alpha[t].sqrt(), x_prev) * x_prev + bcast(sched.beta[t].sqrt(), x_prev) * z
+    return bcast(sched._alpha[t].sqrt(), x_prev) * x_prev + bcast(sched._beta[t].sqrt(), x_prev) * z
 
 
 def q_mean_var(sched, x0, t):
     """q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I); returns (mean, var). [F3]"""
     _check_batch(x0, "x0")
     _check_t(sched, t, x0)
-    alpha_bar = sched.alpha_bar[t.cpu()]   # coefficients in float64, then cast (PITFALLS #11)
+    alpha_bar = sched._alpha_bar[t.cpu()]   # coefficients in float64, then cast (PITFALLS #11)
     return bcast(alpha_bar.sqrt(), x0) * x0, bcast(1 - alpha_bar, x0)
 
 
@@ -278,11 +288,11 @@ def posterior_mean_var(sched, x0, xt, t):
     _check_same_shape(x0, xt, "x0", "xt")
     _check_t(sched, t, x0)
     t = t.cpu()
-    beta, alpha, alpha_bar, alpha_bar_prev = (sched.beta[t], sched.alpha[t], sched.alpha_bar[t],
-                                              sched.alpha_bar[t - 1])
+    beta, alpha, alpha_bar, alpha_bar_prev = (sched._beta[t], sched._alpha[t], sched._alpha_bar[t],
+                                              sched._alpha_bar[t - 1])
     mu_tilde = (bcast(alpha_bar_prev.sqrt() * beta / (1 - alpha_bar), x0) * x0
                 + bcast(alpha.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar), x0) * xt)
-    return mu_tilde, bcast(sched.beta_tilde[t], x0)
+    return mu_tilde, bcast(sched._beta_tilde[t], x0)
 
 
 def mu_from_eps(sched, xt, t, eps):
@@ -294,8 +304,8 @@ def mu_from_eps(sched, xt, t, eps):
     _check_same_shape(xt, eps, "xt", "eps")
     _check_t(sched, t, xt)
     t = t.cpu()
-    coef = sched.beta[t] / (1 - sched.alpha_bar[t]).sqrt()
-    return (xt - bcast(coef, xt) * eps) / bcast(sched.alpha[t].sqrt(), xt)
+    coef = sched._beta[t] / (1 - sched._alpha_bar[t]).sqrt()
+    return (xt - bcast(coef, xt) * eps) / bcast(sched._alpha[t].sqrt(), xt)
 
 
 def gaussian_kl(mean1, var1, mean2, var2):
@@ -321,9 +331,9 @@ def reverse_var(sched, t, kind="beta"):
     _check_t(sched, t, t)
     t = t.cpu()
     if kind == "beta":
-        return sched.beta[t]
-    floor = sched.beta_tilde[2] if sched.T > 1 else sched.beta[1]
-    return torch.where(t == 1, floor, sched.beta_tilde[t])
+        return sched._beta[t]
+    floor = sched._beta_tilde[2] if sched.T > 1 else sched._beta[1]
+    return torch.where(t == 1, floor, sched._beta_tilde[t])
 
 
 def _std_normal_cdf(x):
@@ -350,7 +360,8 @@ def discretized_gaussian_logp(x0, mean, var):
     return torch.log((upper - lower).clamp(min=1e-12))
 
 
-def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized", generator=None):
+def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized",
+            decoder_var="published", generator=None):
     """The variational bound (F10) of an eps-model, per example, in bits per dimension.
 
     -ELBO = KL(q(x_T|x0) || N(0, I)) + sum_{t=2..T} L_{t-1} + L_0, where
@@ -358,13 +369,19 @@ def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized", gener
     L_0 = -log p_theta(x0 | x1): the discretized Gaussian decoder for 8-bit data scaled to [-1, 1]
     (``decoder='discretized'``, see discretized_gaussian_logp) or the continuous density
     N(x0; mu_theta(x1, 1), sigma_1^2 I) (``decoder='gaussian'``, for real-valued data).
-    sigma_t^2 is ``reverse_var(sched, t, sigma2)``. One x_t ~ q(x_t | x0) is drawn for every t, so
+    sigma_t^2 is ``reverse_var(sched, t, sigma2)`` for t >= 2. The decoder's variance sigma_1^2 is
+    beta_tilde_2 with ``decoder_var='published'`` (the default: Ho et al.'s and improved DDPM's code
+    clip the log-variance there for both sigma2 choices, so bits/dim compare with papers), or
+    ``reverse_var(sched, 1, sigma2)`` with 'sigma2' (beta_1 for sigma2 = 'beta': 1e-4 at T = 1000,
+    a sharper decoder). The two coincide for sigma2 = 'beta_tilde'; T = 1 uses beta_1.
+    One x_t ~ q(x_t | x0) is drawn for every t, so
     the bound costs T evaluations of eps_model. Returns a dict of (B,) tensors 'total' and 'prior'
     and a (B, T) tensor 'terms' (terms[:, 0] = L_0, terms[:, t-1] = L_{t-1}); nats / (d ln 2).
     """
     _check_batch(x0, "x0")
     _check_choice("decoder", decoder, {"discretized", "gaussian"})
     _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
+    _check_choice("decoder_var", decoder_var, {"published", "sigma2"})
     if decoder == "discretized" and not ((x0 >= -1) & (x0 <= 1)).all():
         raise ValueError(f"x0 must be 8-bit data scaled to [-1, 1] for decoder='discretized', got "
                          f"values in {x0.min().item():.4g}..{x0.max().item():.4g} (PITFALLS #12)")
@@ -374,7 +391,8 @@ def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized", gener
         t = torch.full((B,), step, dtype=torch.long, device=x0.device)
         xt = q_sample(sched, x0, t, generator=generator)
         mu = mu_from_eps(sched, xt, t, eps_model(xt, t))
-        var = bcast(reverse_var(sched, t, sigma2), x0)
+        kind = "beta_tilde" if step == 1 and decoder_var == "published" else sigma2
+        var = bcast(reverse_var(sched, t, kind), x0)
         if step == 1 and decoder == "discretized":
             nll = -discretized_gaussian_logp(x0, mu, var)
         elif step == 1:
@@ -715,6 +733,47 @@ class VESDE(_LinearSDE):
         return torch.ones_like(s), (self.sigma(s) ** 2 - self.sigma_min ** 2).sqrt()
 
 
+class DiscreteVPSDE(_LinearSDE):
+    """A discrete Schedule in continuous time: at s = t / T the marginal is q(x_t | x0). [F3, F23]
+
+    t(s) = s T and log alpha_bar(t) linear in t between integer steps, so B(s) = int_0^s beta
+    = -log alpha_bar(s T): mean sqrt(alpha_bar) x0, variance 1 - alpha_bar (exactly F3 at every
+    s = t / T), f = -1/2 beta(s) x, g = sqrt(beta(s)) with beta(s) = -T log(1 - beta_t) constant on
+    ((t - 1) / T, t / T] [F22]. Run samplers and ode_likelihood on s in [1 / T, 1] to query an eps
+    network only in its training range t in 1..T. Times within 1e-4 steps of an integer step count
+    as that step (float32 s = t / T is not exact).
+    """
+
+    def __init__(self, sched):
+        self.sched, self.T = sched, sched.T
+        self._log_alpha_bar = {}                    # per device, made on first use
+
+    def _steps(self, s):
+        """(log alpha_bar table on s's device, t = s T in float64 snapped to integer steps)."""
+        table = self._log_alpha_bar.get(s.device)
+        if table is None:
+            table = self._log_alpha_bar[s.device] = self.sched._alpha_bar.log().to(s.device)
+        t = s.double() * self.T
+        return table, torch.where((t - t.round()).abs() < 1e-4, t.round(), t)
+
+    def int_beta(self, s):
+        """B(s) = -log alpha_bar(s T), log alpha_bar linear between steps. [F23]"""
+        table, t = self._steps(s)
+        k = t.floor().clamp(0, self.T - 1).long()
+        return -(table[k] + (t - k) * (table[k + 1] - table[k])).to(s.dtype)
+
+    def beta(self, s):
+        """beta(s) = -T log(1 - beta_t) = T (log alpha_bar_{t-1} - log alpha_bar_t), t = ceil(s T).
+        [F22]"""
+        table, t = self._steps(s)
+        k = t.ceil().clamp(1, self.T).long()
+        return (self.T * (table[k - 1] - table[k])).to(s.dtype)
+
+    drift_coef = VPSDE.drift_coef
+    diffusion = VPSDE.diffusion
+    marginal_coefs = VPSDE.marginal_coefs
+
+
 def reverse_drift(sde, score, x, s, ode=False):
     """f(x, s) - g(s)^2 score (reverse SDE), or f - 1/2 g^2 score (probability flow). [F24, F26]"""
     g2 = bcast(sde.diffusion(s), x) ** 2
@@ -765,8 +824,28 @@ def _replace_known_sde(x, known, mask, sde, s, generator):
     return torch.where(mask, mean + std * _randn_like(x, generator), x)
 
 
+def _check_clip(clip_x0):
+    """None, or a range (lo, hi) with lo < hi for x0_hat."""
+    ok = clip_x0 is None or (isinstance(clip_x0, (tuple, list)) and len(clip_x0) == 2
+                             and all(isinstance(v, (int, float)) for v in clip_x0)
+                             and clip_x0[0] < clip_x0[1])
+    if not ok:
+        raise ValueError(f"clip_x0 must be None or a range (lo, hi) with lo < hi, got {clip_x0!r}")
+
+
+def _x0_hat(x, eps, alpha_bar, clip_x0):
+    """x0_hat = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar), clipped to clip_x0. [F21]"""
+    x0 = (x - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
+    return x0 if clip_x0 is None else x0.clamp(*clip_x0)
+
+
+def _long_steps(x, grid):
+    """The integer steps of a grid as (B,) LongTensors on x's device, made once before a loop."""
+    return [torch.full(x.shape[:1], t, dtype=torch.long, device=x.device) for t in grid]
+
+
 @torch.no_grad()
-def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", generator=None,
+def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", clip_x0=None, generator=None,
                 callback=None, known=None, mask=None):
     """Ancestral sampling x_{t-1} = mu_theta(x_t, t) + sigma_t z, from x = x_T to x_0. [F6, F9]
 
@@ -774,6 +853,9 @@ def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", generator=Non
     steps (``steps``, see _time_grid) the chain is respaced: beta'_i = 1 - alpha_bar_{tau_i} /
     alpha_bar_{tau_{i-1}} (tau_0 = 0), which keeps every alpha_bar_{tau_i}; with all T steps it is
     the original chain. The last step returns the mean: no noise is added at t = 1.
+    ``clip_x0=(lo, hi)`` (off by default; (-1, 1) for images, as the DDPM code does) clips
+    x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t) and takes the posterior mean
+    mu_tilde(x_t, x0_hat) (F7), which equals F9 when nothing is clipped.
     Inpainting (F31): where the boolean ``mask`` is True, x is replaced after every step by a
     sample of q(x_t | known) at the new step, so the result equals ``known`` there exactly. The
     rest only approximates p(x_unknown | known): measured exactly on a 4-D correlated Gaussian
@@ -785,25 +867,31 @@ def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", generator=Non
     _check_batch(x, "x")
     _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
     _check_inpainting(x, known, mask)
-    taus = _time_grid(sched, steps)[::-1]  # ascending tau_1..tau_S
-    alpha_bar = sched.alpha_bar[taus]
-    sub = Schedule.from_betas(1 - alpha_bar / torch.cat([torch.ones(1, dtype=torch.float64),
-                                                         alpha_bar[:-1]]))
-    x = _replace_known(x, known, mask, sub.alpha_bar[-1].item(), generator)
-    for i in range(len(taus), 0, -1):
-        i_b = torch.full(x.shape[:1], i, dtype=torch.long, device=x.device)
-        t_b = torch.full(x.shape[:1], taus[i - 1], dtype=torch.long, device=x.device)
-        x = mu_from_eps(sub, x, i_b, eps_model(x, t_b))
-        if i > 1:
-            x = x + bcast(reverse_var(sub, i_b, sigma2), x).sqrt() * _randn_like(x, generator)
-        x = _replace_known(x, known, mask, sub.alpha_bar[i - 1].item(), generator)
+    _check_clip(clip_x0)
+    grid = _time_grid(sched, steps)
+    ab = sched._alpha_bar[grid + [0]].tolist()       # alpha_bar at tau_S, ..., tau_1, tau_0 = 0
+    x = _replace_known(x, known, mask, ab[0], generator)
+    for i, t_b in enumerate(_long_steps(x, grid)):
+        a, a_prev = ab[i], ab[i + 1]
+        beta = 1 - a / a_prev                           # beta' of the respaced chain
+        eps = eps_model(x, t_b)
+        if clip_x0 is None:                             # F9
+            x = (x - beta / math.sqrt(1 - a) * eps) / math.sqrt(1 - beta)
+        else:                                           # F7 with the clipped x0_hat
+            x = (math.sqrt(a_prev) * beta / (1 - a) * _x0_hat(x, eps, a, clip_x0)
+                 + math.sqrt(1 - beta) * (1 - a_prev) / (1 - a) * x)
+        if i < len(grid) - 1:
+            var = beta if sigma2 == "beta" else (1 - a_prev) / (1 - a) * beta
+            x = x + math.sqrt(var) * _randn_like(x, generator)
+        x = _replace_known(x, known, mask, a_prev, generator)
         if callback is not None:
-            callback(len(taus) - i, x)
+            callback(i, x)
     return x
 
 
 @torch.no_grad()
-def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, generator=None, callback=None):
+def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, clip_x0=None, generator=None,
+                callback=None):
     """DDIM: x_t' = sqrt(alpha_bar_t') x0_hat + sqrt(1 - alpha_bar_t' - sigma^2) eps + sigma z.
 
     [F29] x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), eps = eps_theta(x_t, t).
@@ -812,21 +900,27 @@ def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, generator=None, callb
     from T; the previous point of the last one is 0, where alpha_bar = 1, so the result is x0_hat).
     sigma = eta sqrt((1 - alpha_bar_t') / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_t'):
     eta = 0 is deterministic, eta = 1 with S = T is ancestral DDPM (sigma^2 = beta_tilde_t).
+    ``clip_x0=(lo, hi)`` (off by default) clips x0_hat and re-derives eps = (x_t - sqrt(alpha_bar)
+    x0_hat) / sqrt(1 - alpha_bar) from it, so eta = 1, S = T stays ancestral DDPM with clipping.
     """
     _check_batch(x, "x")
     if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    _check_clip(clip_x0)
     grid = _time_grid(sched, steps)
-    for i, (t, t_prev) in enumerate(zip(grid, grid[1:] + [0])):
-        alpha_bar, alpha_bar_prev = sched.alpha_bar[t].item(), sched.alpha_bar[t_prev].item()
-        eps = eps_model(x, torch.full(x.shape[:1], t, dtype=torch.long, device=x.device))
-        x0_hat = x0_from_eps(x, eps, math.sqrt(alpha_bar), math.sqrt(1 - alpha_bar))
-        sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)
-                                * (1 - alpha_bar / alpha_bar_prev))
-        c = 1 - alpha_bar_prev - sigma ** 2   # >= 0 for eta <= 1 up to float64 rounding
+    ab = sched._alpha_bar[grid + [0]].tolist()
+    for i, t_b in enumerate(_long_steps(x, grid)):
+        a, a_prev = ab[i], ab[i + 1]
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        c = 1 - a_prev - sigma ** 2            # >= 0 for eta <= 1 up to float64 rounding
         if c < -1e-12:
-            raise ValueError(f"1 - alpha_bar_prev - sigma^2 = {c} < 0 at t = {t}")
-        x = math.sqrt(alpha_bar_prev) * x0_hat + math.sqrt(max(c, 0.0)) * eps
+            raise ValueError(f"1 - alpha_bar_prev - sigma^2 = {c} < 0 at t = {grid[i]}")
+        c = max(c, 0.0)
+        eps = eps_model(x, t_b)
+        x0_hat = _x0_hat(x, eps, a, clip_x0)
+        if clip_x0 is not None:
+            eps = (x - math.sqrt(a) * x0_hat) / math.sqrt(1 - a)
+        x = math.sqrt(a_prev) * x0_hat + math.sqrt(c) * eps
         if sigma > 0:
             x = x + sigma * _randn_like(x, generator)
         if callback is not None:
