@@ -1674,7 +1674,8 @@ def picture(samples, data):
     """Samples (left) beside held-out data (right): 2-D points as densities on one square fixed
     to the data (exploded samples fall outside it), images as two grids of 32."""
     if samples.ndim == 4:
-        return side_by_side([image_grid(samples[:32]), image_grid(data[:32])])
+        n = min(32, len(samples), len(data))
+        return side_by_side([image_grid(samples[:n]), image_grid(data[:n])])
     if samples.shape[1] != 2:
         raise ValueError(f"samples: can only picture 2-D points or images, found {samples.shape}")
     hi = data_extent(data)
@@ -1887,6 +1888,7 @@ def check_config(config):
             if problem := out_of_range(value, **meta):
                 raise ValueError(f"{f.name}: {problem}")
     method = METHODS[config.method]
+    labels = "conditional" if config.conditional else "classifier" if config.classifier else ""
     checks = [
         (config.data in DATASETS or config.data.endswith((".pt", ".npy")),
          f"data: {config.data!r} is neither one of {sorted(DATASETS)} nor a .pt/.npy file"),
@@ -1895,6 +1897,9 @@ def check_config(config):
         (config.channels % 8 == 0, f"channels: {config.channels} is not a multiple of 8"),
         (not config.sigma_max or config.sigma_max > config.sigma_min,
          f"sigma_max: {config.sigma_max} must be > sigma_min = {config.sigma_min} (or 0: auto)"),
+        (not labels or config.data not in DATASETS or DATASETS[config.data](2, rng(0))[1]
+         is not None, f"{labels}: data {config.data!r} has no class labels (built-in data with "
+         "labels: moons, ring, shapes; a file: --labels or a .pt dict {'x', 'y'})"),
         (not (config.classifier and config.conditional),
          "classifier: a classifier takes no labels in; drop --conditional"),
         (not (config.resume and config.overwrite), "resume: --resume and --overwrite exclude "
