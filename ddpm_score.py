@@ -619,11 +619,11 @@ def annealed_langevin(score_fn, x, sigmas, *, eps=2e-5, n_steps_each=100, denois
     sigma_L = sigmas[-1].item()
     for sigma in sigmas.tolist():
         alpha = eps * sigma ** 2 / sigma_L ** 2
-        sigma_b = x.new_full(x.shape[:1], sigma)
+        sigma_b = _full(x, sigma)                 # at least float32 (PITFALLS #11)
         x = langevin(lambda y: score_fn(y, sigma_b), x, step_size=alpha, n_steps=n_steps_each,
                      generator=generator)
     if denoise:
-        x = tweedie(x, score_fn(x, x.new_full(x.shape[:1], sigma_L)), 1.0, sigma_L)
+        x = tweedie(x, score_fn(x, _full(x, sigma_L)), 1.0, sigma_L)
     return x
 
 
@@ -634,9 +634,10 @@ class _LinearSDE:
     """dx = a(s) x ds + g(s) dw on s in [0, 1], with a Gaussian prior N(0, prior_std^2 I). [F22]
 
     Subclasses define ``drift_coef(s)`` = a(s), ``diffusion(s)`` = g(s) and ``marginal_coefs(s)``
-    = (mean coefficient, std) of p_{0s}(x_s | x0). Every s is a (B,) tensor.
+    = (mean coefficient, std) of p_{0s}(x_s | x0). Every s is a (B,) tensor. ``spacing`` is the
+    default time grid of the ODE solvers (see s_grid).
     """
-    prior_std = 1.0
+    prior_std, spacing = 1.0, "uniform"
 
     def drift(self, x, s):
         """f(x, s) = a(s) x. [F22]"""
@@ -666,6 +667,8 @@ class VPSDE(_LinearSDE):
     beta(s) = beta_min + s (beta_max - beta_min); mean exp(-1/2 B(s)) x0 and variance
     1 - exp(-B(s)), B(s) = int_0^s beta = beta_min s + (beta_max - beta_min) s^2 / 2.
     """
+
+    spacing = "quadratic"
 
     def __init__(self, beta_min=0.1, beta_max=20.0):
         _check_positive("beta_min", beta_min)
@@ -928,51 +931,124 @@ def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, clip_x0=None, generat
     return x
 
 
-def _s_grid(s_from, s_to, steps):
-    """steps + 1 times from s_from to s_to; the end other than 1 is eps_s, checked here."""
-    _check_count("steps", steps, 1)
-    _check_unit_open("eps_s", min(s_from, s_to))
-    return torch.linspace(s_from, s_to, steps + 1, dtype=torch.float64).tolist()
-
-
 def _full(x, s):
     """Continuous time s as a (B,) tensor, at least float32 (PITFALLS #11: no bf16 time)."""
     return torch.full(x.shape[:1], s, device=x.device,
                       dtype=torch.promote_types(x.dtype, torch.float32))
 
 
+def _s_at_log_sigma(sde, targets):
+    """s in [0, 1] where log(std(s) / m(s)) = target, by bisection (it increases with s)."""
+    lo, hi = torch.zeros_like(targets), torch.ones_like(targets)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        m, std = sde.marginal_coefs(mid)
+        below = torch.log(std / m) < targets
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return (lo + hi) / 2
+
+
+def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
+    """Descending times 1 = s_0 > s_1 > ... > s_N = eps_s, N = steps, for every SDE solver. [F26]
+
+    'uniform' in s; 'quadratic': s_i = eps_s + (1 - eps_s) (1 - i / N)^2, steps shrinking near
+    s = 0 where the VP flow changes fastest; 'logsnr': uniform in lambda = log(m(s) / std(s));
+    'edm': sigma = std / m on Karras et al.'s grid sigma_i = (sigma_max^(1/rho) + i / N
+    (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho. None takes ``sde.spacing``, the grid measured
+    best for RK4 likelihoods with the exact score of a 16-d Gaussian (benchmarks/bench_samplers.py):
+    'quadratic' for VP, sub-VP and DiscreteVPSDE (RMS error at 48 NFE 2.4e-3 nats against 0.13
+    uniform, 0.019 logsnr, 0.030 edm), 'uniform' for VE (0.078 against 0.46 quadratic, 0.31
+    logsnr, 0.085 edm), whose log-sigma is already linear in s. A sequence ``steps`` is the grid
+    itself: strictly descending, in [0, 1], at least two times. Returns Python floats.
+    """
+    if not isinstance(steps, (int, float)):
+        grid = [float(s) for s in steps]
+        if len(grid) < 2 or not all(1 >= a > b >= 0 for a, b in zip(grid, grid[1:])):
+            raise ValueError(f"steps must be an int or a strictly descending grid of at least two "
+                             f"times in [0, 1], got {grid}")
+        return grid
+    _check_count("steps", steps, 1)
+    _check_unit_open("eps_s", eps_s)
+    spacing = getattr(sde, "spacing", "uniform") if spacing is None else spacing
+    _check_choice("spacing", spacing, set(GRIDS))
+    u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    if spacing == "uniform":
+        s = 1 - (1 - eps_s) * u
+    elif spacing == "quadratic":
+        s = eps_s + (1 - eps_s) * (1 - u) ** 2
+    else:
+        ends = torch.tensor([1.0, eps_s], dtype=torch.float64)
+        log_sigma = torch.log(torch.div(*reversed(sde.marginal_coefs(ends))))
+        if spacing == "logsnr":
+            log_sigma = log_sigma[0] + u * (log_sigma[1] - log_sigma[0])
+        else:
+            r = (log_sigma / rho).exp()
+            log_sigma = rho * torch.log(r[0] + u * (r[1] - r[0]))
+        s = _s_at_log_sigma(sde, log_sigma[1:-1])
+        s = torch.cat([ends[:1], s, ends[1:]])
+    return s.tolist()
+
+
+GRIDS = ("uniform", "quadratic", "logsnr", "edm")
+
+
+def _coefs(sde, times):
+    """{s: (a(s), g(s)^2)} as Python floats: one float64 evaluation on the CPU for all times."""
+    s = torch.tensor(list(times), dtype=torch.float64)
+    return dict(zip(s.tolist(), zip(sde.drift_coef(s).tolist(), (sde.diffusion(s) ** 2).tolist())))
+
+
 @torch.no_grad()
 def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0.16,
-                       eps_s=1e-3, generator=None, callback=None, known=None, mask=None):
-    """Predictor-corrector sampling of the reverse SDE from s = 1 to eps_s. [F24, F28]
+                       eps_s=1e-3, predictor="euler_maruyama", spacing="uniform", generator=None,
+                       callback=None, known=None, mask=None):
+    """Predictor-corrector sampling of the reverse SDE on a grid from s = 1 to eps_s. [F24, F28]
 
-    Corrector (``corrector_steps`` Langevin steps at fixed s, F17 with eps = 2 delta):
-    x <- x + delta score + sqrt(2 delta) z, delta = 2 alpha (snr ||z|| / ||score||)^2 with the norms
-    averaged over the batch as in Song et al.'s code (per-example norms make delta heavy-tailed in
-    low dimension: a point near a mode has a tiny score and would jump far), and alpha = 1 (the
-    continuous-time rule; the discretized VP's alpha_i = 1 - beta_i -> 1 as steps grow).
-    Predictor: Euler-Maruyama, x <- x - [f - g^2 score] ds + g sqrt(ds) z, ds = (1 - eps_s) / steps;
-    the last predictor step adds no noise. The corrector runs before the predictor at each s.
-    Inpainting (F31): where the boolean ``mask`` is True, x is replaced after every step by a
-    sample of p_{0s}(x_s | known); the result equals ``known`` there exactly. The filled-in part
-    is an approximation of the conditional (see ddpm_sample for the measured gap).
-    score_fn(x, s) gets s as a (B,) tensor.
+    Predictor from s to s' < s: 'euler_maruyama', x <- x - [a x - g^2 score] (s - s')
+    + g sqrt(s - s') z (F24); or 'reverse_diffusion', the reverse of the exact forward transition
+    x_s = A x_s' + G z: x <- (x + G^2 score) / A + G z, with A = m(s) / m(s') and
+    G^2 = v(s) - A^2 v(s') from the marginals, i.e. Tweedie's mean of A x_s' given x_s plus the
+    forward noise (F28); on DiscreteVPSDE(sched) with the grid t / T, t = T..0, it is ancestral
+    DDPM step for step (A = sqrt(alpha_t), G^2 = beta_t). The last predictor step adds no noise.
+    Corrector (``corrector_steps`` Langevin steps at fixed s before each predictor step, F17 with
+    eps = 2 delta): x <- x + delta score + sqrt(2 delta) z, delta = 2 alpha (snr ||z|| /
+    ||score||)^2 with the norms averaged over the batch as in Song et al.'s code (per-example
+    norms make delta heavy-tailed in low dimension), alpha = 1 with Euler-Maruyama (the
+    continuous rule) and alpha_i = A^2 with the reverse-diffusion predictor (1 - beta_i on the
+    discretized VP, 1 on VE), as F28 states. ``steps``: a count on the grid ``spacing``
+    (see s_grid; uniform by default: measured, the quadratic grid does not lower Euler-Maruyama's
+    W2 at 100-1000 steps) or an explicit grid (which may end at s = 0: the score is only
+    evaluated at the start of a step). Inpainting (F31): where the boolean ``mask`` is True,
+    x is replaced after every step by a sample of p_{0s}(x_s | known); the result equals
+    ``known`` there exactly (see ddpm_sample for the measured gap of the method).
+    score_fn(x, s) gets s as a (B,) tensor; coefficients are Python floats made before the loop.
     """
     _check_batch(x, "x")
     _check_inpainting(x, known, mask)
     _check_count("corrector_steps", corrector_steps, 0)
-    grid = _s_grid(1.0, eps_s, steps)
-    x = _replace_known_sde(x, known, mask, sde, 1.0, generator)
+    _check_choice("predictor", predictor, {"euler_maruyama", "reverse_diffusion"})
+    grid = s_grid(sde, steps, eps_s, spacing)
+    coefs = _coefs(sde, grid)
+    m, std = (c.tolist() for c in sde.marginal_coefs(torch.tensor(grid, dtype=torch.float64)))
+    s_b = [_full(x, s) for s in grid]
+    x = _replace_known_sde(x, known, mask, sde, grid[0], generator)
     for i, (s, s_next) in enumerate(zip(grid, grid[1:])):
-        s_b, ds = _full(x, s), s - s_next
-        for _ in range(corrector_steps):
-            score, z = score_fn(x, s_b), _randn_like(x, generator)
+        (a, g2), ds = coefs[s], s - s_next
+        A = m[i] / m[i + 1]                                   # forward transition s' -> s
+        G2 = std[i] ** 2 - A ** 2 * std[i + 1] ** 2
+        alpha = A ** 2 if predictor == "reverse_diffusion" else 1.0
+        for _ in range(corrector_steps):                      # Langevin corrector [F28]
+            score, z = score_fn(x, s_b[i]), _randn_like(x, generator)
             ratio = _sum_flat(z ** 2).sqrt().mean() / _sum_flat(score ** 2).sqrt().mean()
-            delta = 2 * (snr * ratio) ** 2
+            delta = 2 * alpha * (snr * ratio) ** 2
             x = x + delta * score + (2 * delta).sqrt() * z
-        x = x - reverse_drift(sde, score_fn(x, s_b), x, s_b) * ds
-        if i < steps - 1:
-            x = x + bcast(sde.diffusion(s_b), x) * math.sqrt(ds) * _randn_like(x, generator)
+        score, last = score_fn(x, s_b[i]), i == len(grid) - 2
+        if predictor == "euler_maruyama":                     # F24
+            x, noise = x - (a * x - g2 * score) * ds, math.sqrt(g2 * ds)
+        else:                                                 # F28, reverse diffusion
+            x, noise = (x + G2 * score) / A, math.sqrt(max(G2, 0.0))
+        if not last:
+            x = x + noise * _randn_like(x, generator)
             x = _replace_known_sde(x, known, mask, sde, s_next, generator)
         elif mask is not None:
             x = torch.where(mask, known, x)
@@ -987,8 +1063,7 @@ def _ode_step(f, x, s, ds, method):
         return x + ds * f(x, s)
     if method == "heun":
         k1 = f(x, s)
-        k2 = f(x + ds * k1, s + ds)
-        return x + ds / 2 * (k1 + k2)
+        return x + ds / 2 * (k1 + f(x + ds * k1, s + ds))
     k1 = f(x, s)
     k2 = f(x + ds / 2 * k1, s + ds / 2)
     k3 = f(x + ds / 2 * k2, s + ds / 2)
@@ -996,40 +1071,199 @@ def _ode_step(f, x, s, ds, method):
     return x + ds / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
-ODE_METHODS = ("euler", "heun", "rk4")
+ODE_METHODS = ("euler", "heun", "rk4", "rk45")
+_STAGES = {"euler": (0.0,), "heun": (0.0, 1.0), "rk4": (0.0, 0.5, 0.5, 1.0)}
+# Dormand & Prince (1980) 5(4): nodes c_2..c_7, rows a_2..a_7 (the last row is the 5th-order
+# solution, so k_7 = f(x_new) starts the next step: first same as last), error weights b - b*.
+_DOPRI_C = (1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+_DOPRI_A = ((1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
+            (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+            (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+            (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84))
+_DOPRI_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
 
 
-def _solve_ode(f, x, s_from, s_to, steps, method, callback=None):
+def _rk45(f, x, s0, s1, rtol, atol, max_steps):
+    """Integrate dx/ds = f(x, s) from s0 to s1 by Dormand-Prince 5(4); returns (x, nfe). [F26]
+
+    Error per attempt: e = ds sum_j (b_j - b*_j) k_j, measured as the max over the batch of the
+    per-example RMS of e / (atol + rtol max(|x|, |x_new|)), so no example is integrated more
+    loosely than asked; accepted when <= 1. Next step h * min(10, max(0.2, 0.9 err^(-1/5)))
+    (no growth after a rejection); the first h from Hairer, Norsett & Wanner's rule (II.4).
+    One host synchronization per attempt (the accept test) is inherent to adaptivity.
+    """
+    def norm(v, y, y_new):
+        scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
+        return (v / scale).flatten(1).square().mean(1).sqrt().max().item()
+
+    sign, span = (1.0 if s1 > s0 else -1.0), abs(s1 - s0)
+    k1 = f(x, s0)
+    d0, d1 = norm(x, x, x), norm(k1, x, x)
+    h0 = 1e-6 if min(d0, d1) < 1e-5 else 0.01 * d0 / d1
+    d2 = norm(f(x + sign * h0 * k1, s0 + sign * h0) - k1, x, x) / h0
+    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2
+    h, s, nfe, attempts, rejected = min(100 * h0, h1, span), s0, 2, 0, False
+    while sign * (s1 - s) > 0:
+        if attempts >= max_steps:
+            raise RuntimeError(f"rk45 reached max_steps = {max_steps} at s = {s:.6g} before "
+                               f"s = {s1} (rtol = {rtol}, atol = {atol}): raise max_steps or "
+                               f"the tolerances")
+        attempts, last = attempts + 1, h >= abs(s1 - s)
+        ds = s1 - s if last else sign * h
+        ks = [k1]
+        for c, row in zip(_DOPRI_C, _DOPRI_A):
+            y = x + ds * sum(a * k for a, k in zip(row, ks) if a)
+            ks.append(f(y, s1 if last and c == 1 else s + c * ds))
+        nfe += 6
+        err = norm(ds * sum(e * k for e, k in zip(_DOPRI_E, ks) if e), x, y)
+        if err <= 1:
+            s, x, k1 = (s1 if last else s + ds), y, ks[-1]
+            factor = 10.0 if err == 0 else min(10.0, 0.9 * err ** -0.2)
+            h *= min(factor, 1.0) if rejected else factor
+            rejected = False
+        else:
+            h, rejected = h * max(0.2, 0.9 * err ** -0.2 if err == err else 0.2), True
+    return x, nfe
+
+
+def _solve_ode(f, x, grid, method, rtol=1e-5, atol=1e-5, max_steps=10_000, stats=None,
+               callback=None):
+    """Integrate dx/ds = f along grid (either direction): fixed steps, or rk45 between its ends."""
     _check_choice("method", method, set(ODE_METHODS))
-    grid = _s_grid(s_from, s_to, steps)
-    for i, (s, s_next) in enumerate(zip(grid, grid[1:])):
-        x = _ode_step(f, x, s, s_next - s, method)
+    if method == "rk45":
+        _check_positive("rtol", rtol)
+        _check_positive("atol", atol)
+        _check_count("max_steps", max_steps, 1)
+        x, nfe = _rk45(f, x, grid[0], grid[-1], rtol, atol, max_steps)
+    else:
+        for i, (s, s_next) in enumerate(zip(grid, grid[1:])):
+            x = _ode_step(f, x, s, s_next - s, method)
+            if callback is not None:
+                callback(i, x)
+        nfe = len(_STAGES[method]) * (len(grid) - 1)
+    if stats is not None:
+        stats["nfe"] = nfe
+    return x
+
+
+def _flow(score_fn, sde, x, grid=(), method="rk45"):
+    """The probability-flow drift a(s) x - 1/2 g(s)^2 score(x, s) as f(x, s float). [F26]
+
+    Coefficients and time tensors for every stage of the fixed grid are made before the loop
+    (floats keyed by s); other times (rk45) are made on first use.
+    """
+    stages = _STAGES.get(method, ())
+    times = {s + c * (s_next - s) for s, s_next in zip(grid, grid[1:]) for c in stages}
+    cache = {s: (a, g2, _full(x, s)) for s, (a, g2) in _coefs(sde, times).items()} if times else {}
+
+    def f(y, s):
+        if s not in cache:
+            (a, g2), = _coefs(sde, [s]).values()
+            cache[s] = a, g2, _full(x, s)
+        a, g2, s_b = cache[s]
+        return a * y - 0.5 * g2 * score_fn(y, s_b)
+    return f
+
+
+def _ode_grid(sde, steps, eps_s, spacing, method):
+    """The solvers' grid: rk45 needs only its ends; Euler defaults to uniform (measured: the
+    quadratic grid raises Euler's W2 on the 16-d Gaussian, 0.20 against 0.13 at 10 NFE)."""
+    if method == "rk45" and isinstance(steps, int):
+        steps = 1
+    return s_grid(sde, steps, eps_s, "uniform" if spacing is None and method == "euler" else spacing)
+
+
+@torch.no_grad()
+def ode_sample(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-3, spacing=None,
+               rtol=1e-5, atol=1e-5, max_steps=10_000, stats=None, callback=None):
+    """Integrate the probability-flow ODE dx/ds = f - 1/2 g^2 score from s = 1 to eps_s. [F26]
+
+    ``method``: 'euler' (1 score evaluation per step), 'heun' (2), 'rk4' (4) on the grid of
+    ``steps`` and ``spacing`` (see s_grid: by default the SDE's, uniform for Euler), or 'rk45',
+    adaptive
+    Dormand-Prince with ``rtol``, ``atol`` and at most ``max_steps`` attempts (RuntimeError
+    beyond), between the grid's ends. A dict ``stats`` receives 'nfe', the score evaluations used.
+    Deterministic: the same x gives the same sample, and ode_encode inverts it.
+    """
+    _check_batch(x, "x")
+    grid = _ode_grid(sde, steps, eps_s, spacing, method)
+    return _solve_ode(_flow(score_fn, sde, x, grid, method), x, grid, method, rtol, atol,
+                      max_steps, stats, callback)
+
+
+@torch.no_grad()
+def ode_encode(score_fn, sde, x0, *, steps=100, method="rk4", eps_s=1e-3, spacing=None,
+               rtol=1e-5, atol=1e-5, max_steps=10_000, stats=None):
+    """Run the probability-flow ODE forward, data -> latent, from s = eps_s to 1. [F26]
+
+    The grid of ode_sample traversed backwards; the same methods and ``stats``.
+    """
+    _check_batch(x0, "x0")
+    grid = _ode_grid(sde, steps, eps_s, spacing, method)[::-1]
+    return _solve_ode(_flow(score_fn, sde, x0, grid, method), x0, grid, method, rtol, atol,
+                      max_steps, stats)
+
+
+def _dpm_solver_2m(x0_fn, x, alphas, sigmas, callback):
+    """DPM-Solver++(2M) on points i with marginal x_i = alpha_i x0 + sigma_i eps. [F32]"""
+    lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alphas, sigmas)]
+    x0_prev = h_prev = None
+    for i in range(len(alphas) - 1):
+        x0 = x0_fn(x, i)
+        if sigmas[i + 1] == 0:                   # a step to sigma = 0 lands on x0 (h -> inf)
+            x, h = x0, math.inf
+        else:
+            h = lam[i + 1] - lam[i]
+            D = x0 if x0_prev is None else x0 + h / (2 * h_prev) * (x0 - x0_prev)
+            x = sigmas[i + 1] / sigmas[i] * x - alphas[i + 1] * math.expm1(-h) * D
+        x0_prev, h_prev = x0, h
         if callback is not None:
             callback(i, x)
     return x
 
 
-def _flow(score_fn, sde):
-    """The probability-flow drift f - 1/2 g^2 score as a function of (x, s float). [F26]"""
-    return lambda x, s: reverse_drift(sde, score_fn(x, _full(x, s)), x, _full(x, s), ode=True)
-
-
 @torch.no_grad()
-def ode_sample(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-3, callback=None):
-    """Integrate the probability-flow ODE dx/ds = f - 1/2 g^2 score from s = 1 to eps_s. [F26]
+def dpm_solver_sample(eps_model, sched, x, *, steps=10, clip_x0=None, callback=None):
+    """DPM-Solver++(2M) for an eps model: x_i = (sigma_i / sigma_{i-1}) x_{i-1}
+    - alpha_i (e^{-h_i} - 1) D_i, D from the last two x0_hat. [F32, F21]
 
-    ``method`` is 'euler' (1 score evaluation per step), 'heun' (2) or 'rk4' (4). Deterministic:
-    the same x gives the same sample, and ode_encode inverts it.
+    alpha = sqrt(alpha_bar_t), sigma = sqrt(1 - alpha_bar_t), h_i the step in lambda =
+    log(alpha / sigma), x0_hat = (x_t - sigma eps) / alpha (clipped with ``clip_x0``);
+    D_i = x0_hat_{i-1} at the first step, else (1 + 1 / (2 r)) x0_hat_{i-1} - 1 / (2 r)
+    x0_hat_{i-2}, r = h_{i-1} / h_i (Lu et al. 2022, data prediction, second-order multistep).
+    ``steps``: S points uniform in lambda from t = T to t = 1 on DiscreteVPSDE(sched), rounded to
+    integer steps (repeats dropped), or an explicit grid as for ddim_sample; a last step to t = 0
+    (sigma = 0) returns x0_hat of the last point, so S is also the number of eps evaluations.
+    Deterministic.
     """
     _check_batch(x, "x")
-    return _solve_ode(_flow(score_fn, sde), x, 1.0, eps_s, steps, method, callback)
+    _check_clip(clip_x0)
+    if isinstance(steps, int) and not isinstance(steps, bool) and 2 <= steps <= sched.T:
+        s = s_grid(DiscreteVPSDE(sched), steps - 1, 1 / sched.T, "logsnr")
+        steps = list(dict.fromkeys(max(1, round(u * sched.T)) for u in s))
+    grid = _time_grid(sched, steps)
+    ab = sched._alpha_bar[grid + [0]].tolist()
+    t_b = _long_steps(x, grid)
+    return _dpm_solver_2m(lambda y, i: _x0_hat(y, eps_model(y, t_b[i]), ab[i], clip_x0), x,
+                          [math.sqrt(a) for a in ab], [math.sqrt(1 - a) for a in ab], callback)
 
 
 @torch.no_grad()
-def ode_encode(score_fn, sde, x0, *, steps=100, method="rk4", eps_s=1e-3):
-    """Run the probability-flow ODE forward, data -> latent, from s = eps_s to 1. [F26]"""
-    _check_batch(x0, "x0")
-    return _solve_ode(_flow(score_fn, sde), x0, eps_s, 1.0, steps, method)
+def dpm_solver_sde_sample(score_fn, sde, x, *, steps=10, eps_s=1e-3, spacing="logsnr",
+                          callback=None):
+    """DPM-Solver++(2M) for a score on a linear SDE, from s = 1 to eps_s. [F32, F21, F26]
+
+    The update of dpm_solver_sample with alpha = m(s), sigma = std(s) of the marginal (F23) and
+    the data prediction of Tweedie, x0_hat = (x + std^2 score(x, s)) / m (F21); the grid is
+    uniform in lambda = log(m / std) by default (``spacing``, see s_grid; or an explicit grid).
+    ``steps`` score evaluations; deterministic, an exponential integrator of the flow F26.
+    """
+    _check_batch(x, "x")
+    grid = s_grid(sde, steps, eps_s, spacing)
+    m, std = (c.tolist() for c in sde.marginal_coefs(torch.tensor(grid, dtype=torch.float64)))
+    s_b = [_full(x, s) for s in grid]
+    return _dpm_solver_2m(lambda y, i: (y + std[i] ** 2 * score_fn(y, s_b[i])) / m[i], x, m, std,
+                          callback)
 
 
 # --- likelihood [F27] ----------------------------------------------------------------------------
@@ -1052,16 +1286,17 @@ def _divergence(f, x, probes):
 
 
 @torch.no_grad()
-def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5,
-                   divergence="exact", n_probes=1, probe="rademacher", dequantize=False,
-                   generator=None):
+def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5, spacing=None,
+                   rtol=1e-5, atol=1e-5, max_steps=10_000, divergence="exact", n_probes=1,
+                   probe="rademacher", dequantize=False, generator=None):
     """log p_0(x) = log p_1(x_1) + int_0^1 div_x f~(x_s, s) ds along the probability flow. [F27]
 
-    f~ is the F26 drift; the ODE runs from s = eps_s to 1 with the log-density change carried as
-    an extra coordinate. ``divergence='exact'`` costs one backward pass per dimension (small d);
-    'hutchinson' uses v^T (grad f~) v with ``n_probes`` fixed probes (``probe`` 'rademacher' or
-    'gaussian'), an unbiased estimate. Returns a dict of (B,) tensors: 'nats' = log p(x) and
-    'bpd' = -log p / (d ln 2).
+    f~ is the F26 drift; the ODE runs from s = eps_s to 1 (the grid of ode_sample backwards, or
+    'rk45' adaptively: see ode_sample) with the log-density change as an extra coordinate.
+    ``divergence='exact'`` costs one backward pass per dimension (small d); 'hutchinson' uses
+    v^T (grad f~) v with ``n_probes`` fixed probes (``probe`` 'rademacher' or 'gaussian'), an
+    unbiased estimate. Returns a dict: (B,) tensors 'nats' = log p(x) and 'bpd' = -log p /
+    (d ln 2), and 'nfe', the number of score evaluations (each with its divergence).
 
     8-bit images (``dequantize=True``): x in [-1, 1] on the grid 2 k / 255 - 1 gets uniform noise
     over its bin (width 2 / 255), y = x + (2 / 255)(u - 1/2); 'nats' is then log p(y), and 'bpd' is
@@ -1078,17 +1313,18 @@ def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5,
     probes = None
     if divergence == "hutchinson":
         probes = [_probe(x, probe, generator) for _ in range(n_probes)]
-    flow = _flow(score_fn, sde)
+    grid = _ode_grid(sde, steps, eps_s, spacing, method)[::-1]
+    flow = _flow(score_fn, sde, x, grid, method)
 
     def augmented(state, s):  # state = [x flattened, accumulated divergence]
         drift, div = _divergence(lambda y: flow(y, s), state[:, :d].reshape(shape), probes)
         return torch.cat([drift.flatten(1), div[:, None]], 1)
 
-    state = torch.cat([x.flatten(1), x.new_zeros(shape[0], 1)], 1)
-    state = _solve_ode(augmented, state, eps_s, 1.0, steps, method)
+    state, stats = torch.cat([x.flatten(1), x.new_zeros(shape[0], 1)], 1), {}
+    state = _solve_ode(augmented, state, grid, method, rtol, atol, max_steps, stats)
     nats = sde.prior_logp(state[:, :d].reshape(shape)) + state[:, d]
     offset = d * math.log(2 / 255) if dequantize else 0.0
-    return {"nats": nats, "bpd": -(nats + offset) / (d * math.log(2))}
+    return {"nats": nats, "bpd": -(nats + offset) / (d * math.log(2)), "nfe": stats["nfe"]}
 
 
 # --- controllable generation [F30, F31] and energy-based scores [F14] ----------------------------
@@ -1100,13 +1336,16 @@ def guided_score(score_fn, log_likelihood_fn, w):
     Bayes' rule for scores: with w = 1 this is grad log p_s(x | y) (p(y) drops out); w > 1
     sharpens the conditional (classifier guidance). log_likelihood_fn(x, s) returns log p_s(y | x)
     per example (B,) for the wanted y, e.g. a noise-conditional classifier's log-softmax at y.
-    Returns a score function (x, s) usable in every sampler. Not differentiable in the classifier's
-    parameters (a sampling tool).
+    Returns a score function (x, s) usable in every sampler. Where x requires grad with grad
+    enabled (ode_likelihood's divergence), the gradient keeps its graph in x, so the divergence
+    includes w tr(Hessian of log p(y | x)).
     """
     def guided(x, s):
+        create_graph = torch.is_grad_enabled() and x.requires_grad   # keep d/dx for divergences
         with torch.enable_grad():
-            x_ = x.detach().requires_grad_(True)
-            grad = torch.autograd.grad(log_likelihood_fn(x_, s).sum(), x_)[0]
+            x_ = x if create_graph else x.detach().requires_grad_(True)
+            grad = torch.autograd.grad(log_likelihood_fn(x_, s).sum(), x_,
+                                       create_graph=create_graph)[0]
         return score_fn(x, s) + w * grad
     return guided
 
