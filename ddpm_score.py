@@ -1952,9 +1952,9 @@ def sample_als(score_fn, sigmas, x, *, steps, generator=None, callback=None):
     return annealed_langevin(score, x, sigmas, n_steps_each=steps, generator=generator)
 
 
-def sample_ode(score_fn, sde, x, *, steps, generator=None, callback=None):
-    """Probability-flow ODE with RK4 (deterministic: `generator` is unused). [F26]"""
-    return ode_sample(score_fn, sde, x, steps=steps, callback=callback)
+def no_generator(sampler):
+    """A deterministic sampler called like the others: `generator` is accepted and unused."""
+    return lambda *args, generator=None, **kwargs: sampler(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -2004,7 +2004,10 @@ def draw_sde(sde, x0, g):
 BETAS = {"linear": linear_betas, "cosine": cosine_betas}
 SDE_SAMPLERS = {"em": Sampler(reverse_sde_sample, 500, inpaint=True),
                 "pc": Sampler(partial(reverse_sde_sample, corrector_steps=1), 250, inpaint=True),
-                "ode": Sampler(sample_ode, 50)}
+                "rd": Sampler(partial(reverse_sde_sample, predictor="reverse_diffusion"), 500,
+                              inpaint=True),
+                "ode": Sampler(no_generator(ode_sample), 50),
+                "dpm++": Sampler(no_generator(dpm_solver_sde_sample), 20)}
 
 
 def sde_method(make):
@@ -2018,7 +2021,8 @@ METHODS = {
                    lambda m, p, x0, g: eps_loss(m, p, x0, generator=g), ddpm_level, draw_ddpm,
                    lambda p, shape, g, dev: torch.randn(shape, generator=g, device=dev),
                    {"ancestral": Sampler(ddpm_sample, 250, inpaint=True, clip=True),
-                    "ddim": Sampler(ddim_sample, 50, clip=True)}),
+                    "ddim": Sampler(ddim_sample, 50, clip=True),
+                    "dpm++": Sampler(no_generator(dpm_solver_sample), 20, clip=True)}),
     "ncsn": Method(lambda c: geometric_sigmas(c.sigma_max, c.sigma_min, c.n_sigmas),
                    ncsn_score_of, lambda m, p, x0, g: dsm_loss(m, x0, p, generator=g), ncsn_level,
                    draw_ncsn, lambda p, shape, g, dev: float(p.max()) * torch.randn(
