@@ -31,12 +31,9 @@ Three ways in
     import ddpm_score                 # the math, samplers and networks as functions
     python ddpm_score.py train        # train on built-in data (no download), then sample
     make test                         # the spec tests
-
-Controllable generation from the command line (``python ddpm_score.py --help`` has more):
-    python ddpm_score.py train --data ring --conditional --out runs/ring
-    python ddpm_score.py sample --run runs/ring --class 3 --guidance 1       # classifier-free
-    python ddpm_score.py train --classifier --out RUN/classifier             # then --class K
-    python ddpm_score.py sample --run runs/shapes --inpaint --mask centre    # image data
+and then, e.g. (``python ddpm_score.py --help`` and README.md have more):
+    python ddpm_score.py sample --run runs/default --sampler ddim --steps 50 --trajectory
+    python ddpm_score.py nll --run runs/default
 """
 import argparse
 import ast
@@ -53,6 +50,7 @@ import threading
 import time
 import warnings
 import zlib
+from collections import namedtuple
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
@@ -1428,18 +1426,10 @@ def colorization_known(grey):
 # the output as an eps (score = -output / std), so every loss is an eps error of O(1).
 
 
-def sinusoidal_embedding(c, dim, max_period=10_000.0):
-    """emb(c) = [cos(c w_k), sin(c w_k)], w_k = max_period^(-k / (dim/2)), k < dim/2 (Vaswani et
-    al. 2017, as used for t by Ho et al. 2020). c (B,) float -> (B, dim) float32."""
-    half = dim // 2
-    w = torch.exp(-math.log(max_period) * torch.arange(half, device=c.device) / half)
-    angle = rearrange(c.float(), "b -> b 1") * w
-    return torch.cat([angle.cos(), angle.sin()], dim=-1)
-
-
 class NoiseEmbedding(nn.Module):
-    """Noise level c (B,) and optional class y (B,) -> (B, dim). With num_classes, label
-    num_classes is the null label, used when y is None (for classifier-free guidance)."""
+    """(c, y) -> MLP([cos(c w_k), sin(c w_k)]) + label embedding, w_k = 10^(-4 k / (dim / 2))
+    (the sinusoidal embedding of Vaswani et al. 2017, used for t by Ho et al. 2020). With
+    num_classes, label num_classes is the null label, used when y is None (classifier-free)."""
 
     def __init__(self, dim, num_classes=None):
         super().__init__()
@@ -1448,7 +1438,10 @@ class NoiseEmbedding(nn.Module):
         self.label = None if num_classes is None else nn.Embedding(num_classes + 1, dim)
 
     def forward(self, c, y=None):
-        emb = self.mlp(sinusoidal_embedding(c, self.dim))
+        half = self.dim // 2
+        angle = rearrange(c.float(), "b -> b 1") * torch.exp(
+            -math.log(1e4) * torch.arange(half, device=c.device) / half)
+        emb = self.mlp(torch.cat([angle.cos(), angle.sin()], dim=-1))
         if self.label is None:
             if y is not None:
                 raise ValueError("y: class labels given to a network built with num_classes=None")
@@ -1459,29 +1452,26 @@ class NoiseEmbedding(nn.Module):
 
 
 class MLP(nn.Module):
-    """Residual MLP for vectors (B, d): h = W_in x, then `depth` times
-    h = h + W_k silu(LayerNorm(h) + emb(c, y)), output W_out silu(LayerNorm(h)) of size d, or of
-    size out_dim (a classifier's logits)."""
+    """Residual MLP for vectors (B, d): h = W_in x, then `depth` times h = h + W_k silu(LN(h) +
+    emb(c, y)); out W_out silu(LN(h)), of size d or out_dim (a classifier's logits)."""
 
     def __init__(self, dim, width=256, depth=3, num_classes=None, out_dim=None):
         super().__init__()
-        self.embed = NoiseEmbedding(width, num_classes)
-        self.inp = nn.Linear(dim, width)
+        self.embed, self.inp = NoiseEmbedding(width, num_classes), nn.Linear(dim, width)
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
         self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, out_dim or dim))
 
     def forward(self, x, c, y=None):
-        emb = self.embed(c, y)
-        h = self.inp(x)
+        emb, h = self.embed(c, y), self.inp(x)
         for norm, layer in zip(self.norms, self.layers):
             h = h + layer(F.silu(norm(h) + emb))
         return self.out(h)
 
 
 class ResBlock(nn.Module):
-    """x + conv(silu(GN(conv(silu(GN(x))) + W emb))), with a 1x1 conv on the skip when the
-    channel count changes (Ho et al. 2020, appendix B)."""
+    """x + conv(silu(GN(conv(silu(GN(x))) + W emb))), a 1x1 conv on the skip when the channel
+    count changes (Ho et al. 2020, appendix B)."""
 
     def __init__(self, c_in, c_out, emb_dim):
         super().__init__()
@@ -1491,22 +1481,17 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, emb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + rearrange(self.emb(F.silu(emb)), "b c -> b c 1 1")
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
+        h = self.conv1(F.silu(self.norm1(x))) + rearrange(self.emb(F.silu(emb)), "b c -> b c 1 1")
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
 
 
 class Attention(nn.Module):
-    """Residual multi-head self-attention over the pixels of a feature map:
-    x + W_o softmax(q k^T / sqrt(d)) v, with q, k, v = W_qkv GN(x) per pixel."""
+    """x + W_o softmax(q k^T / sqrt(d)) v over the pixels, q, k, v = W_qkv GN(x), 4 heads."""
 
     def __init__(self, channels, heads=4):
         super().__init__()
-        self.heads = heads
-        self.norm = nn.GroupNorm(8, channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
+        self.heads, self.norm = heads, nn.GroupNorm(8, channels)
+        self.qkv, self.proj = nn.Conv2d(channels, 3 * channels, 1), nn.Conv2d(channels, channels, 1)
 
     def forward(self, x):
         qkv = self.qkv(self.norm(x))
@@ -1516,11 +1501,11 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    """Small UNet for images (B, C, H, W), H and W divisible by 2^(len(mults) - 1): one ResBlock
-    per level going down (average pooling between levels) and up (nearest upsampling, skip
-    connections concatenated), ResBlock-attention-ResBlock at the lowest resolution. With
-    `logits` = K it is a noise-conditional classifier: the downward path, then GN, SiLU, the
-    spatial mean and K logits (Dhariwal & Nichol 2021 use the UNet's encoder the same way)."""
+    """Small UNet for images (B, C, H, W), H and W divisible by 2^(len(mults) - 1): a ResBlock per
+    level down (average pooling between levels) and up (nearest upsampling, skips concatenated),
+    ResBlock-attention-ResBlock at the lowest resolution. With `logits` = K, a noise-conditional
+    classifier: the way down, then GN, SiLU, the spatial mean and K logits (as Dhariwal & Nichol
+    2021 use the UNet's encoder)."""
 
     def __init__(self, channels=1, width=32, mults=(1, 2, 2), num_classes=None, logits=None):
         super().__init__()
@@ -1569,13 +1554,13 @@ def ddpm_level(sched, t):
 
 
 def ncsn_level(sigmas, sigma):
-    """c = 1000 log(sigma / sigma_min) / log(sigma_max / sigma_min): 0 at the smallest level. [F19]"""
+    """c = 1000 log(sigma / sigma_min) / log(sigma_max / sigma_min): 0 at the smallest. [F19]"""
     lo, hi = math.log(sigmas.min()), math.log(sigmas.max())
     return 1000 * (sigma.log() - lo) / (hi - lo)
 
 
 def sde_level(sde, s):
-    """c = 1000 s at SDE time s (B,); for DiscreteVPSDE s = t / T, so c = 1000 t / T. [F23]"""
+    """c = 1000 s at SDE time s (B,); on DiscreteVPSDE s = t / T, so c = 1000 t / T. [F23]"""
     return 1000 * s
 
 
@@ -1596,8 +1581,8 @@ def sde_score_of(net, sde, y=None):
 
 
 def guided_eps(eps_model, sched, log_likelihood_fn, w):
-    """Classifier guidance of an eps-model, composed at the score level: score = -eps / std,
-    guided by guided_score, read back as eps = -std score, std = sqrt(1 - alpha_bar_t). [F21, F30]"""
+    """Classifier guidance of an eps-model at the score level: score = -eps / std guided by
+    guided_score, read back as eps = -std score, std = sqrt(1 - alpha_bar_t). [F21, F30]"""
     def std(t):
         return marginal_coefs(sched, t)[1]
     score = guided_score(lambda x, t: eps_to_score(eps_model(x, t), std(t)), log_likelihood_fn, w)
@@ -1667,9 +1652,8 @@ def shapes(n, generator, size=16):
 
 DATASETS = {"moons": moons, "swissroll": swiss_roll, "ring": gaussian_ring,
             "checkerboard": checkerboard, "shapes": shapes}
-NPY_DTYPES = {"<f4": torch.float32, "<f8": torch.float64, "<f2": torch.float16,
-              "|u1": torch.uint8, "|i1": torch.int8, "<i2": torch.int16, "<i4": torch.int32,
-              "<i8": torch.int64, "|b1": torch.bool}
+NPY_DTYPES = {"<f4": torch.float32, "<f8": torch.float64, "<f2": torch.float16, "|u1": torch.uint8,
+              "|i1": torch.int8, "<i2": torch.int16, "<i4": torch.int32, "<i8": torch.int64}
 
 
 def one_line(error, limit=200):
@@ -1678,30 +1662,32 @@ def one_line(error, limit=200):
 
 
 def read_npy(path):
-    """Read a little-endian .npy array with the standard library: magic, version, header dict
+    """A little-endian .npy array read with the standard library: magic, version, header dict
     (ast.literal_eval), then the raw bytes through torch.frombuffer."""
     raw = Path(path).read_bytes()
     if raw[:6] != b"\x93NUMPY":
         raise ValueError(f"{path}: not a .npy file (bad magic bytes)")
     size_fmt = "<H" if raw[6] == 1 else "<I"
     start = 8 + struct.calcsize(size_fmt)
-    (header_len,) = struct.unpack(size_fmt, raw[8:start])
-    header = ast.literal_eval(raw[start:start + header_len].decode("latin1"))
-    dtype = NPY_DTYPES.get(header["descr"])
+    end = start + struct.unpack(size_fmt, raw[8:start])[0]
+    header = ast.literal_eval(raw[start:end].decode("latin1"))
+    dtype, shape = NPY_DTYPES.get(header["descr"]), header["shape"]
     if dtype is None:
         raise ValueError(f"{path}: unsupported dtype {header['descr']!r} (use float or uint8)")
-    shape, offset = header["shape"], start + header_len
     nbytes = math.prod(shape) * dtype.itemsize
-    if len(raw) - offset < nbytes:
-        raise ValueError(f"{path}: truncated ({len(raw) - offset} of {nbytes} data bytes)")
-    x = torch.frombuffer(bytearray(raw[offset:offset + nbytes]), dtype=dtype)
+    if len(raw) - end < nbytes:
+        raise ValueError(f"{path}: truncated ({len(raw) - end} of {nbytes} data bytes)")
+    x = torch.frombuffer(bytearray(raw[end:end + nbytes]), dtype=dtype)
     if header["fortran_order"]:
         return x.reshape(shape[::-1]).permute(*reversed(range(len(shape))))
     return x.reshape(shape)
 
 
-def read_tensor(path):
-    """A tensor, or a dict of tensors, from a .pt (torch.load, weights_only) or .npy file."""
+def load_data(path):
+    """User data: a .pt/.npy tensor x of shape (N, d) or (N, C, H, W), or a .pt dict {'x', 'y'}
+    with labels y (N,) in 0..K-1. uint8 images are scaled to [-1, 1]; float images must lie in
+    [-1, 1], vectors within +-100 (the prior is N(0, I)). Returns (x, y or None); anything else
+    is a ValueError naming the file and the problem."""
     if not str(path).endswith((".pt", ".npy")):
         raise ValueError(f"{path}: unsupported file type (expected .pt or .npy)")
     try:
@@ -1710,24 +1696,11 @@ def read_tensor(path):
         raise
     except Exception as e:  # unreadable, missing or corrupt: one line naming the file
         raise ValueError(f"{path}: cannot read ({type(e).__name__}: {one_line(e)})")
-    if not isinstance(x, (torch.Tensor, dict)):
-        raise ValueError(f"{path}: expected a tensor or a dict {{'x', 'y'}}, found "
-                         f"{type(x).__name__}")
-    return x
-
-
-def load_data(path, labels=""):
-    """User data: a .pt/.npy tensor x of shape (N, d) or (N, C, H, W), or a .pt dict {'x', 'y'};
-    labels y (N,) in 0..K-1 from the dict or from the file `labels`. uint8 images are scaled to
-    [-1, 1]; float images must lie in [-1, 1], vectors within +-100 (the prior is N(0, I)).
-    Returns (x, y or None); anything else is a ValueError naming the file and the problem."""
-    x, y = read_tensor(path), None
-    if isinstance(x, dict):
-        x, y = x.get("x"), x.get("y")
+    x, y = (x.get("x"), x.get("y")) if isinstance(x, dict) else (x, None)
     if not isinstance(x, torch.Tensor) or x.ndim not in (2, 4) or len(x) < 10:
         found = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{path}: expected x of shape (N, d) or (N, C, H, W) with N >= 10, "
-                         f"found {found}")
+        raise ValueError(f"{path}: expected x of shape (N, d) or (N, C, H, W) with N >= 10, or a "
+                         f"dict {{'x', 'y'}}, found {found}")
     if x.ndim == 4 and (x.shape[2] % 4 or x.shape[3] % 4):
         raise ValueError(f"{path}: image size {tuple(x.shape[2:])} must be divisible by 4 (UNet)")
     x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
@@ -1740,33 +1713,23 @@ def load_data(path, labels=""):
     if x.ndim == 2 and max(-lo, hi) > 100:
         raise ValueError(f"{path}: values up to {max(-lo, hi):.4g}; standardize the data first "
                          "(the prior is N(0, I))")
-    y = read_tensor(labels) if labels else y
     if y is not None and not (isinstance(y, torch.Tensor) and y.shape == x.shape[:1]
                               and not y.is_floating_point() and y.min() >= 0):
-        raise ValueError(f"{labels or path}: labels must be integers >= 0 of shape ({len(x)},)")
+        raise ValueError(f"{path}: labels y must be integers >= 0 of shape ({len(x)},)")
     return x, None if y is None else y.long()
 
 
 def grid_levels(x):
-    """K when every value of the images x lies on one of K evenly spaced levels 2 k / (K - 1) - 1
-    in [-1, 1] (K = 256, 8-bit, is tried first; then K = the number of distinct values), else 0
-    (vectors, or continuous values)."""
-    if x.ndim != 4:
-        return 0
-    for k in (256, len(x.unique())):
+    """K when all of the images x lie on K evenly spaced levels 2 k / (K - 1) - 1 in [-1, 1]
+    (K = 256, 8-bit, tried first; then the number of distinct values), else 0 (vectors too)."""
+    for k in (256, len(x.unique())) if x.ndim == 4 else ():
         u = (x.double() + 1) * (k - 1) / 2
-        if 2 <= k <= 65536 and (u - u.round()).abs().max() < 1e-3:
+        if 2 <= k and (u - u.round()).abs().max() < 1e-3:
             return k
     return 0
 
 
-@dataclass
-class Data:
-    """Training and held-out examples, with class labels (None where the data has none)."""
-    x: torch.Tensor
-    y: torch.Tensor | None
-    x_test: torch.Tensor
-    y_test: torch.Tensor | None
+Data = namedtuple("Data", "x y x_test y_test")  # training and held-out examples, labels or None
 
 
 def get_data(config, n_test=10_000):
@@ -1774,17 +1737,15 @@ def get_data(config, n_test=10_000):
     seed. A file: a seeded permutation holds out the share config.holdout (at least 2)."""
     if config.data in DATASETS:
         make = DATASETS[config.data]
-        x, y = make(config.n_train, rng(config.seed, "train"))
-        return Data(x, y, *make(n_test, rng(config.seed, "test")))
-    x, y = load_data(config.data, config.labels)
+        return Data(*make(config.n_train, rng(config.seed, "train")),
+                    *make(n_test, rng(config.seed, "test")))
+    x, y = load_data(config.data)
     perm = torch.randperm(len(x), generator=rng(config.seed, "split"))
     held = max(2, round(config.holdout * len(x)))
+    if len(x) - held < 2:
+        raise ValueError(f"holdout: {config.holdout} leaves {len(x) - held} examples to train on")
     test, train = perm[:held], perm[held:]
-    if len(train) < 2:
-        raise ValueError(f"holdout: {config.holdout} leaves {len(train)} of {len(x)} examples "
-                         "to train on")
-    pick = (lambda i: None) if y is None else (lambda i: y[i])
-    return Data(x[train], pick(train), x[test], pick(test))
+    return Data(x[train], None if y is None else y[train], x[test], None if y is None else y[test])
 
 
 def mmd2_unbiased(x, y, bandwidths):
@@ -1806,25 +1767,18 @@ def mmd2_unbiased(x, y, bandwidths):
 def mmd_bandwidths(x):
     """RBF bandwidths for mmd2_unbiased: the median distance between points of x, times
     1/8, 1/4, 1/2 and 1 (fine structure to global shape)."""
-    x = x[:1000].flatten(1).double()
-    med = torch.pdist(x).median().item()
+    med = torch.pdist(x[:1000].flatten(1).double()).median().item()
     return [med / 8, med / 4, med / 2, med]
 
 
-def mmd2_floor(x_test, n, bandwidths, generator, pairs=10):
-    """The noise floor of mmd2_unbiased at n vs n points: the root mean square of the MMD^2
-    between `pairs` pairs of disjoint held-out subsets of size n. Its mean being 0, this is its
-    standard deviation when the model is perfect (needs len(x_test) >= 2 n)."""
-    values = []
-    for _ in range(pairs):
-        i = torch.randperm(len(x_test), generator=generator)[:2 * n]
-        values.append(mmd2_unbiased(x_test[i[:n]], x_test[i[n:]], bandwidths))
-    return math.sqrt(sum(v * v for v in values) / pairs)
-
-
 def write_atomic(path, data):
-    """Write bytes so that readers see the old file or the new one, never half of one: into a new
-    file beside it (mode 0o666 less the umask, applied by the OS), fsync, then os.replace."""
+    """Write bytes (or torch.save an object) so that readers see the old file or the new one,
+    never half of one: into a new file beside it (mode 0o666 less the umask, applied by the OS,
+    which is never changed), fsync, then os.replace."""
+    if not isinstance(data, bytes):
+        buffer = io.BytesIO()
+        torch.save(data, buffer)
+        data = buffer.getvalue()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
@@ -1838,50 +1792,42 @@ def write_atomic(path, data):
         raise
 
 
-def torch_bytes(obj):
-    """torch.save into bytes (for write_atomic)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
 def write_png(path, img):
     """Write a uint8 image, gray (H, W) or RGB (H, W, 3), as a PNG with zlib and struct."""
     img = img.to(torch.uint8).cpu()
-    h, w = img.shape[:2]
-    rows = torch.cat([torch.zeros(h, 1, dtype=torch.uint8), img.reshape(h, -1)], dim=1)
+    rows = torch.cat([torch.zeros(img.shape[0], 1, dtype=torch.uint8),
+                      img.reshape(img.shape[0], -1)], dim=1)
 
     def chunk(kind, data):  # length, type, data, CRC-32 of type and data
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-    header = struct.pack(">IIBBBBB", w, h, 8, 2 if img.ndim == 3 else 0, 0, 0, 0)
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+    header = struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 2 if img.ndim == 3 else 0, 0,
+                         0, 0)
     write_atomic(path, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
                  + chunk(b"IDAT", zlib.compress(bytes(rows.flatten().tolist()), 6))
                  + chunk(b"IEND", b""))
 
 
-DIGITS = (0x7B6F, 0x2C97, 0x73E7, 0x73CF, 0x5BC9, 0x79CF, 0x79EF, 0x7249, 0x7BEF, 0x7BCF)
+DIGITS = (0x7B6F, 0x2C97, 0x73E7, 0x73CF, 0x5BC9, 0x79CF, 0x79EF, 0x7249, 0x7BEF, 0x7BCF)  # 3x5
 
 
 def stamp(img, number, zoom=2):
-    """Write `number` in 3x5-pixel digits (each pixel zoom x zoom), black on white, in the
-    top-left corner of a gray uint8 picture (a time mark on a trajectory frame)."""
+    """Write `number` in 3x5-pixel digits, black, at the top left of a gray uint8 picture."""
     for i, ch in enumerate(str(number)):
         bits = torch.tensor([(DIGITS[int(ch)] >> (14 - k)) & 1 for k in range(15)]).reshape(5, 3)
         glyph = (255 * (1 - bits)).to(torch.uint8).repeat_interleave(zoom, 0)
-        x0 = 2 + 4 * zoom * i
-        img[2:2 + 5 * zoom, x0:x0 + 3 * zoom] = glyph.repeat_interleave(zoom, 1)
+        img[2:2 + 5 * zoom, 2 + 4 * zoom * i:2 + 4 * zoom * i + 3 * zoom] = \
+            glyph.repeat_interleave(zoom, 1)
     return img
 
 
 def density_image(x, hi, res=160, zoom=2):
-    """2-D points -> uint8 (res zoom, res zoom) histogram picture of the square [-hi, hi]^2,
-    white background, darker where denser (square-root scale), y axis up."""
-    x = x[torch.isfinite(x).all(dim=1)].float().cpu()
-    ij = ((x + hi) / (2 * hi) * res).floor().long()
+    """2-D points -> uint8 (res zoom)^2 histogram picture of the square [-hi, hi]^2, white
+    background, darker where denser (square-root scale), y axis up."""
+    ij = ((x[torch.isfinite(x).all(dim=1)].float().cpu() + hi) / (2 * hi) * res).floor().long()
     ij = ij[((ij >= 0) & (ij < res)).all(dim=1)]
-    counts = torch.bincount((res - 1 - ij[:, 1]) * res + ij[:, 0], minlength=res * res)
-    v = (counts.float() / max(counts.float().quantile(0.995).item(), 1.0)).clamp(max=1).sqrt()
+    counts = torch.bincount((res - 1 - ij[:, 1]) * res + ij[:, 0], minlength=res * res).float()
+    v = (counts / max(counts.quantile(0.995).item(), 1.0)).clamp(max=1).sqrt()
     img = (255 * (1 - v)).round().to(torch.uint8).reshape(res, res)
     return img.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
 
@@ -1889,11 +1835,10 @@ def density_image(x, hi, res=160, zoom=2):
 def image_grid(x, ncol=8, zoom=4):
     """Images (N, C, H, W) in [-1, 1] -> uint8 grid picture (gray or RGB), 1 pixel of white
     between images, each pixel shown as zoom x zoom."""
-    n = len(x)
-    x = torch.cat([x.float().cpu(), x.new_full((-n % ncol, *x.shape[1:]), -1).float().cpu()])
-    x = F.pad(x.clamp(-1, 1), (1, 1, 1, 1), value=1.0)
-    grid = rearrange(x, "(r c) ch h w -> (r h) (c w) ch", c=ncol)
-    img = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    x = torch.cat([x.float().cpu(), x.new_full((-len(x) % ncol, *x.shape[1:]), -1).float().cpu()])
+    grid = rearrange(F.pad(x.clamp(-1, 1), (1, 1, 1, 1), value=1.0),
+                     "(r c) ch h w -> (r h) (c w) ch", c=ncol)
+    img = ((grid + 1) * 127.5).round().to(torch.uint8)
     img = img.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
     return img[..., 0] if img.shape[-1] == 1 else img
 
@@ -1904,41 +1849,40 @@ def side_by_side(imgs, gap=6):
     return torch.cat([t for img in imgs for t in (img, bar)][:-1], dim=1)
 
 
-def data_extent(x):
-    """Half-width of the square that shows 2-D data: 1.1 times the 99.5% quantile of |x|."""
-    return 1.1 * x.abs().quantile(0.995).item()
+def extent(x):
+    """Half-width of the square that shows 2-D points: 1.1 times the 99.5% quantile of |x|."""
+    return 1.1 * x[torch.isfinite(x).all(dim=1)].abs().quantile(0.995).item()
 
 
 def picture(samples, data):
     """Samples (left) beside held-out data (right): 2-D points as densities on one square fixed
-    to the data (exploded samples fall outside it), images as two grids of 32."""
+    to the data (exploded samples fall outside it), images as two grids of up to 32."""
     if samples.ndim == 4:
         n = min(32, len(samples), len(data))
         return side_by_side([image_grid(samples[:n]), image_grid(data[:n])])
     if samples.shape[1] != 2:
         raise ValueError(f"samples: can only picture 2-D points or images, found {samples.shape}")
-    hi = data_extent(data)
+    hi = extent(data)
     return side_by_side([density_image(samples, hi), density_image(data[:len(samples)], hi)])
 
 
 def trajectory_picture(frames, data):
-    """Frames (steps done, x) from noise (left) to data (right), each marked with its steps done,
-    then the held-out data: 2-D densities (each frame on a square wide enough for it and the
-    data), or for images one row per sample (the first 8)."""
+    """Frames (steps done, x) from noise (left) to data, each marked with its steps done, then
+    held-out data: 2-D densities (each on a square wide enough for it and the data), or for
+    images one row per sample (the first 8)."""
     if data.ndim == 4:
         rows = torch.stack([x[:8].cpu() for _, x in frames] + [data[:8]], 1)
         img = image_grid(rearrange(rows, "b k ... -> (b k) ..."), ncol=len(frames) + 1)
-        width = img.shape[1] // (len(frames) + 1)
-        header = torch.full((14, *img.shape[1:]), 255, dtype=torch.uint8)
+        header, width = torch.full((14, *img.shape[1:]), 255, dtype=torch.uint8), img.shape[1]
         for j, (done, _) in enumerate(frames):
-            stamp(header[:, j * width:(j + 1) * width], done)
+            stamp(header[:, j * width // (len(frames) + 1):], done)
         return torch.cat([header, img])
-    hi = data_extent(data)
-    imgs = [stamp(density_image(x, max(hi, data_extent(x)), res=100), done) for done, x in frames]
+    hi = extent(data)
+    imgs = [stamp(density_image(x, max(hi, extent(x)), res=100), done) for done, x in frames]
     return side_by_side(imgs + [density_image(data, hi, res=100)], gap=4)
 
 
-# --- training: the methods, TrainConfig, checkpoints, train(), using a trained run --------------
+# --- training: the methods, TrainConfig, train(), using a trained run ----------------------------
 
 
 def sample_als(score_fn, sigmas, x, *, steps, generator=None, callback=None):
@@ -1957,50 +1901,24 @@ def no_generator(sampler):
     return lambda *args, generator=None, **kwargs: sampler(*args, **kwargs)
 
 
-@dataclass(frozen=True)
-class Sampler:
-    """fn(model, process, x, steps=, generator=, callback=, **options); its default step count; the
-    options it takes (inpainting: known, mask; clip: clip_x0) and its number of states."""
-    fn: Callable
-    steps: int
-    inpaint: bool = False
-    clip: bool = False
-    states: Callable = lambda steps, process: steps
+def noised(method, process, x0, generator):
+    """(x at a random noise level, its time (B,)) drawn exactly as the method's loss draws them
+    (q(x_t | x0) and t for ddpm, x0 + sigma z and sigma for ncsn, p_{0s} and s for the SDEs),
+    read off the model's input: the training data of a noise-conditional classifier."""
+    seen = []
+    method.loss(lambda x, time: seen.append((x, time)) or torch.zeros_like(x), process, x0,
+                generator)
+    return seen[0]
 
 
-@dataclass(frozen=True)
-class Method:
-    """A training method: its noise process, how a network becomes the model the math takes,
-    the loss, the network's c for the method's time, a draw at a random noise level (for a
-    classifier), the prior and the samplers (the first is the default)."""
-    process: Callable   # config -> Schedule | sigmas (L,) | SDE
-    model_of: Callable  # (net, process, y) -> eps_model(x, t) or score_fn(x, sigma or s)
-    loss: Callable      # (model, process, x0, generator) -> (B,)
-    level: Callable     # (process, time (B,)) -> c (B,) in [0, 1000]
-    draw: Callable      # (process, x0, generator) -> (x at a random noise level, its time)
-    prior: Callable     # (process, shape, generator, device) -> start of sampling
-    samplers: dict      # name -> Sampler
-
-
-def draw_ddpm(sched, x0, g):
-    """(x_t ~ q(x_t | x0), t ~ U{1..T}). [F3]"""
-    t = draw_t(sched, x0, g)
-    return q_sample(sched, x0, t, generator=g), t
-
-
-def draw_ncsn(sigmas, x0, g):
-    """(x0 + sigma z, sigma ~ U{sigma_1..sigma_L}). [F19]"""
-    sigma = draw_sigma(sigmas, x0, g)
-    return x0 + bcast(sigma, x0) * torch.randn(x0.shape, generator=g, device=x0.device), sigma
-
-
-def draw_sde(sde, x0, g):
-    """(x_s ~ p_{0s}(x_s | x0), s ~ U(eps_s, 1)). [F23]"""
-    s = draw_s(x0, g)
-    mean, std = sde.marginal(x0, s)
-    return mean + std * torch.randn(x0.shape, generator=g, device=x0.device), s
-
-
+# A sampler: fn(model, process, x, steps=, generator=, callback=, **options), its default step
+# count, whether it takes known= and mask= (inpainting) and clip_x0=, and its number of states.
+Sampler = namedtuple("Sampler", "fn steps inpaint clip states",
+                     defaults=(False, False, lambda steps, process: steps))
+# A method: process(config) -> Schedule | sigmas | SDE; model_of(net, process, y) -> eps_model or
+# score_fn; loss(model, process, x0, g) -> (B,); level(process, time) -> the network's c;
+# prior(process, shape, g, device); samplers {name: Sampler}, the first the default.
+Method = namedtuple("Method", "process model_of loss level prior samplers")
 BETAS = {"linear": linear_betas, "cosine": cosine_betas}
 SDE_SAMPLERS = {"em": Sampler(reverse_sde_sample, 500, inpaint=True),
                 "pc": Sampler(partial(reverse_sde_sample, corrector_steps=1), 250, inpaint=True),
@@ -2010,34 +1928,31 @@ SDE_SAMPLERS = {"em": Sampler(reverse_sde_sample, 500, inpaint=True),
                 "dpm++": Sampler(no_generator(dpm_solver_sde_sample), 20)}
 
 
-def sde_method(make):
-    return Method(make, sde_score_of, lambda m, p, x0, g: sde_loss(m, p, x0, generator=g),
-                  sde_level, draw_sde, lambda p, shape, g, dev: p.prior_sample(
-                      shape, generator=g, device=dev), SDE_SAMPLERS)
-
-
 METHODS = {
     "ddpm": Method(lambda c: Schedule.from_betas(BETAS[c.schedule](c.T)), eps_model_of,
-                   lambda m, p, x0, g: eps_loss(m, p, x0, generator=g), ddpm_level, draw_ddpm,
+                   lambda m, p, x0, g: eps_loss(m, p, x0, generator=g), ddpm_level,
                    lambda p, shape, g, dev: torch.randn(shape, generator=g, device=dev),
                    {"ancestral": Sampler(ddpm_sample, 250, inpaint=True, clip=True),
                     "ddim": Sampler(ddim_sample, 50, clip=True),
                     "dpm++": Sampler(no_generator(dpm_solver_sample), 20, clip=True)}),
     "ncsn": Method(lambda c: geometric_sigmas(c.sigma_max, c.sigma_min, c.n_sigmas),
-                   ncsn_score_of, lambda m, p, x0, g: dsm_loss(m, x0, p, generator=g), ncsn_level,
-                   draw_ncsn, lambda p, shape, g, dev: float(p.max()) * torch.randn(
-                       shape, generator=g, device=dev),
+                   ncsn_score_of, lambda m, p, x0, g: dsm_loss(m, x0, p, generator=g),
+                   ncsn_level,
+                   lambda p, shape, g, dev: float(p.max()) * torch.randn(shape, generator=g,
+                                                                         device=dev),
                    {"als": Sampler(sample_als, 100, states=lambda n, p: len(p) * n + 1)}),
-    "vp": sde_method(lambda c: VPSDE()),
-    "ve": sde_method(lambda c: VESDE(c.sigma_min, c.sigma_max)),
-    "subvp": sde_method(lambda c: SubVPSDE()),
+    **{name: Method(make, sde_score_of, lambda m, p, x0, g: sde_loss(m, p, x0, generator=g),
+                    sde_level, lambda p, shape, g, dev: p.prior_sample(shape, generator=g,
+                                                                        device=dev), SDE_SAMPLERS)
+       for name, make in (("vp", lambda c: VPSDE()), ("subvp", lambda c: SubVPSDE()),
+                          ("ve", lambda c: VESDE(c.sigma_min, c.sigma_max)))},
 }
 SAMPLERS = sorted({name for m in METHODS.values() for name in m.samplers})
 
 
 def opt(default, help, *, lo=None, above=None, below=None, choices=None, auto=None):
-    """A TrainConfig field: its default, its --help text, its allowed range (lo <= v, above < v,
-    v < below) or choices, and `auto` = (for points, for images) when the default is None."""
+    """A TrainConfig field: default, --help text, range (lo <= v, above < v, v < below) or
+    choices, and `auto` = (for points, for images), the values a default of None becomes."""
     return field(default=default, metadata=dict(help=help, lo=lo, above=above, below=below,
                                                 choices=choices, auto=auto))
 
@@ -2046,40 +1961,34 @@ def out_of_range(value, lo=None, above=None, below=None, **_):
     """Why a number is out of its range, or ''."""
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, got {value}"
-    ranges = [(lo, lambda: value >= lo, f">= {lo}"), (above, lambda: value > above, f"> {above}"),
-              (below, lambda: value < below, f"< {below}")]
-    wanted = [text for bound, ok, text in ranges if bound is not None and not ok()]
+    wanted = [f"{op} {bound}" for op, bound, ok in
+              ((">=", lo, lambda: value >= lo), (">", above, lambda: value > above),
+               ("<", below, lambda: value < below)) if bound is not None and not ok()]
     return f"must be {' and '.join(wanted)}, got {value}" if wanted else ""
 
 
 @dataclass
 class TrainConfig:
     """Everything `train` needs; `python ddpm_score.py train --help` lists the same fields."""
-    data: str = opt("moons", "built-in data set or a .pt/.npy file: x (N, d) or (N, C, H, W), "
-                    "or a .pt dict {'x', 'y'} with labels; the run stores its absolute path")
-    labels: str = opt("", "a .pt/.npy file of N integer class labels for --data FILE")
-    holdout: float = opt(0.1, "share of a data file held out for samples and nll", above=0,
+    data: str = opt("moons", "built-in data or a .pt/.npy file: x (N, d) or (N, C, H, W), or a "
+                    ".pt dict {'x', 'y'} with labels y; the run stores its absolute path")
+    holdout: float = opt(0.1, "share of a data file held out (final samples, nll)", above=0,
                          below=1)
-    levels: int = opt(None, "grey levels of image data, 2 k / (K - 1) - 1 in [-1, 1], for "
-                      "nll's dequantization (256: 8-bit; 0: continuous); default: detected",
-                      lo=0)
+    levels: int = opt(None, "grey levels of image data, 2 k / (K - 1) - 1, for nll's "
+                      "dequantization (256: 8-bit; 0: continuous; default: detected)", lo=0)
     method: str = opt("ddpm", "ddpm (eps_loss), ncsn (dsm_loss), vp, ve or subvp (sde_loss)",
                       choices=list(METHODS))
     steps: int = opt(None, "total optimizer steps (with --resume: the new total)", lo=1,
                      auto=(2000, 4000))
-    batch_size: int = opt(None, "global batch size, split evenly across DDP ranks", lo=1,
-                          auto=(512, 64))
-    lr: float = opt(None, "peak Adam learning rate, reached after lr_warmup steps", above=0,
-                    auto=(1e-3, 5e-4))
+    batch_size: int = opt(None, "global batch size, split across DDP ranks", lo=1, auto=(512, 64))
+    lr: float = opt(None, "peak Adam learning rate", above=0, auto=(1e-3, 5e-4))
     lr_warmup: int = opt(100, "steps of linear learning-rate warm-up", lo=0)
     lr_decay: bool = opt(True, "cosine decay to 0 at `steps` (a resume that raises it re-plans)")
     grad_clip: float = opt(1.0, "largest gradient norm (0: no clipping)", lo=0)
-    ema: float = opt(0.99, "EMA decay of the weights used for sampling (0: the live weights)",
-                     lo=0, below=1)
+    ema: float = opt(0.99, "EMA decay of the weights used for sampling (0: live)", lo=0, below=1)
     ema_warmup: int = opt(100, "steps during which the EMA copies the live weights", lo=0)
-    seed: int = opt(0, "seeds the data, the weights, every training draw and the samples", lo=0)
-    device: str = opt("auto", "auto (cuda when available), cpu or cuda",
-                      choices=["auto", "cpu", "cuda"])
+    seed: int = opt(0, "seeds the data, the weights, every training draw, the samples", lo=0)
+    device: str = opt("auto", "auto: cuda when available", choices=["auto", "cpu", "cuda"])
     amp: bool = opt(False, "bf16 autocast on CUDA")
     out: str = opt("runs/default", "run folder: ckpt.pt, config.json, loss.csv, samples.png")
     resume: bool = opt(False, "continue from OUT/ckpt.pt (its config.json gives the defaults)")
@@ -2088,48 +1997,40 @@ class TrainConfig:
     depth: int = opt(3, "MLP residual layers (vector data)", lo=1)
     channels: int = opt(32, "UNet base channels (image data), a multiple of 8", lo=8)
     conditional: bool = opt(False, "condition the network on the data's class labels")
-    label_dropout: float = opt(0.1, "conditional: share of null labels (classifier-free "
-                               "guidance)", lo=0, below=1)
+    label_dropout: float = opt(0.1, "share of null labels (classifier-free guidance)", lo=0,
+                               below=1)
     classifier: bool = opt(False, "train p(y | x_s) for classifier guidance, --out RUN/classifier")
     schedule: str = opt("linear", "ddpm: beta schedule", choices=list(BETAS))
     T: int = opt(1000, "ddpm: number of discrete steps", lo=2)
     sigma_min: float = opt(0.01, "ncsn and ve: smallest noise level", above=0)
-    sigma_max: float = opt(0.0, "ncsn and ve: largest noise level; 0 = largest data distance",
-                           lo=0)
+    sigma_max: float = opt(0.0, "ncsn and ve: largest noise level (0: the data's diameter)", lo=0)
     n_sigmas: int = opt(10, "ncsn: number of noise levels", lo=2)
-    sampler: str = opt("", "sampler of the final samples; '' = the method's first",
+    sampler: str = opt("", "sampler of the final samples ('': the method's first)",
                        choices=["", *SAMPLERS])
-    sample_steps: int = opt(0, "steps of that sampler; 0 = its default", lo=0)
-    n_samples: int = opt(None, "final samples for the picture and the MMD (0: none)", lo=0,
+    sample_steps: int = opt(0, "steps of that sampler (0: its default)", lo=0)
+    n_samples: int = opt(None, "final samples for the picture and MMD (0: none)", lo=0,
                          auto=(2000, 64))
-    n_train: int = opt(50_000, "training examples drawn for a built-in data set", lo=10)
+    n_train: int = opt(50_000, "training examples drawn for built-in data", lo=10)
     log_every: int = opt(100, "steps between plain progress lines and loss-log rows", lo=1)
-    ckpt_every: int = opt(1000, "steps between checkpoints (one is also written at the end)",
-                          lo=1)
+    ckpt_every: int = opt(1000, "steps between checkpoints (and one at the end)", lo=1)
 
 
-@dataclass
-class TrainResult:
-    """What `train` returns. `ema` is the network to sample with."""
-    loss: float  # mean training loss over the last logged interval
-    step: int  # steps done
-    net: nn.Module  # live network
-    ema: nn.Module  # EMA network
-    process: object  # the method's Schedule, sigmas or SDE
-    paths: dict  # name -> path of each file written in the run folder
-    quality: dict  # mmd2, floor and prior_mmd2 of the final samples (empty if not evaluated)
-    interrupted: bool = False  # stopped early by `stop` (a checkpoint was saved)
+# What `train` returns: the mean loss of the last logged interval, the steps done, the live and
+# the EMA network (sample with the EMA), the process, {name: path} of the files written, the
+# final samples' quality (mmd2, floor, prior_mmd2) or a classifier's accuracy, and whether
+# `stop` ended it early (with a checkpoint).
+TrainResult = namedtuple("TrainResult", "loss step net ema process paths quality interrupted")
 
 
 def check_config(config):
-    """Raise ValueError naming the first bad field of a TrainConfig (before any work)."""
+    """Raise ValueError naming the first bad field of a TrainConfig; touches nothing."""
     for f in fields(TrainConfig):
         value, meta = getattr(config, f.name), f.metadata
         if meta["choices"] and value not in meta["choices"]:
             raise ValueError(f"{f.name}: {value!r} is not one of {meta['choices']}")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if problem := out_of_range(value, **meta):
-                raise ValueError(f"{f.name}: {problem}")
+        problem = f.type in (int, float) and value is not None and out_of_range(value, **meta)
+        if problem:
+            raise ValueError(f"{f.name}: {problem}")
     method = METHODS[config.method]
     labels = "conditional" if config.conditional else "classifier" if config.classifier else ""
     checks = [
@@ -2142,24 +2043,23 @@ def check_config(config):
          f"sigma_max: {config.sigma_max} must be > sigma_min = {config.sigma_min} (or 0: auto)"),
         (not labels or config.data not in DATASETS or DATASETS[config.data](2, rng(0))[1]
          is not None, f"{labels}: data {config.data!r} has no class labels (built-in data with "
-         "labels: moons, ring, shapes; a file: --labels or a .pt dict {'x', 'y'})"),
+         "labels: moons, ring, shapes; a file: a .pt dict {'x', 'y'})"),
         (not (config.classifier and config.conditional),
          "classifier: a classifier takes no labels in; drop --conditional"),
         (not (config.resume and config.overwrite), "resume: --resume and --overwrite exclude "
          "each other"),
         (config.device != "cuda" or torch.cuda.is_available(), "device: cuda is not available"),
-        (not config.amp or pick_device(config.device).type == "cuda", "amp: bf16 autocast is for "
-         "CUDA, and the device is cpu"),
+        (not config.amp or pick_device(config.device).type == "cuda",
+         "amp: bf16 autocast is for CUDA, and the device is cpu"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    if config.method == "ddpm":
-        end = method.process(config).alpha_bar[-1].sqrt().item()
-        if end > 0.05:
-            raise ValueError(f"T: the {config.schedule} schedule with T = {config.T} ends at "
-                             f"sqrt(alpha_bar_T) = {end:.3f}, far from the N(0, I) that sampling "
-                             "starts from (F5); use a larger T")
+    end = method.process(config).alpha_bar[-1].sqrt().item() if config.method == "ddpm" else 0
+    if end > 0.05:
+        raise ValueError(f"T: the {config.schedule} schedule with T = {config.T} ends at "
+                         f"sqrt(alpha_bar_T) = {end:.3f}, far from the N(0, I) that sampling "
+                         "starts from (F5); use a larger T")
 
 
 def check_out(config):
@@ -2168,10 +2068,9 @@ def check_out(config):
     out, kept = Path(config.out), Path(config.out) / "ckpt.pt"
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {out} is a file, not a folder")
-    if config.resume and not kept.exists():
-        raise ValueError(f"resume: no checkpoint at {kept}")
-    if kept.exists() and not (config.resume or config.overwrite):
-        raise ValueError(f"out: {out} holds a run (ckpt.pt); continue it with --resume or "
+    if config.resume != kept.exists() and not config.overwrite:
+        raise ValueError(f"resume: no checkpoint at {kept}" if config.resume else
+                         f"out: {out} holds a run (ckpt.pt); continue it with --resume or "
                          "replace it with --overwrite")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -2182,29 +2081,19 @@ def check_out(config):
 
 
 RUN_OUTPUTS = ("ckpt.pt", "config.json", "loss.csv", "samples*.p*", "trajectory_*.png",
-               "inpaint_*.p*", "classifier")
-
-
-def clear_run(out):
-    """--overwrite: delete the run's own outputs in `out` (its classifier included), nothing
-    else, so nothing stale is paired with the new model."""
-    for pattern in RUN_OUTPUTS:
-        for path in Path(out).glob(pattern):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+               "inpaint_*.p*", "classifier")  # what --overwrite deletes, and nothing else
 
 
 def resolve_config(config, data):
     """The config as the run stores it: the data path made absolute, None (auto) fields set for
     points or images, levels detected, and for ncsn and ve sigma_max = 0 set to the largest
     distance between two of (up to) 2,000 training points, rounded up (Song & Ermon 2020)."""
-    image = data.x.ndim == 4
-    auto = {f.name: f.metadata["auto"][image] for f in fields(TrainConfig)
+    auto = {f.name: f.metadata["auto"][data.x.ndim == 4] for f in fields(TrainConfig)
             if f.metadata["auto"] and getattr(config, f.name) is None}
     if config.levels is None:
         auto["levels"] = grid_levels(data.x)
     if config.data not in DATASETS:
         auto["data"] = str(Path(config.data).resolve())
-        auto["labels"] = config.labels and str(Path(config.labels).resolve())
     if not config.sigma_max and config.method in ("ncsn", "ve"):
         auto["sigma_max"] = math.ceil(torch.pdist(data.x[:2000].flatten(1)).max().item())
     return replace(config, **auto)
@@ -2214,21 +2103,6 @@ def pick_device(name):
     """'auto' -> cuda when available, else cpu."""
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto"
                         else name)
-
-
-def learning_rate(config, step):
-    """lr min(1, step / lr_warmup), times (1 + cos(pi step / steps)) / 2 with lr_decay."""
-    lr = config.lr * min(1.0, step / max(config.lr_warmup, 1))
-    return lr * (1 + math.cos(math.pi * step / config.steps)) / 2 if config.lr_decay else lr
-
-
-def save_run(out, config, state, log):
-    """ckpt.pt (tensors only: weights, EMA, optimizer, step, loss log, data shape), config.json
-    and loss.csv (step, mean loss since the previous row, seconds), each written atomically."""
-    write_atomic(out / "ckpt.pt", torch_bytes(state))
-    write_atomic(out / "config.json", (json.dumps(asdict(config), indent=2) + "\n").encode())
-    rows = "".join(f"{int(s)},{loss:.6g},{t:.2f}\n" for s, loss, t in log)
-    write_atomic(out / "loss.csv", ("step,loss,seconds\n" + rows).encode())
 
 
 def load_checkpoint(path, device="cpu"):
@@ -2246,12 +2120,12 @@ def load_checkpoint(path, device="cpu"):
 
 
 def train(config, stop=None):
-    """Train as `config` says; rank 0 writes the run folder: ckpt.pt, config.json, loss.csv and
-    samples.png (for a classifier its held-out accuracy instead). Returns a TrainResult.
+    """Train as `config` says; rank 0 writes the run folder: ckpt.pt (tensors only), config.json,
+    loss.csv and samples.png (a classifier: its held-out accuracy instead). Returns TrainResult.
 
     A library call leaves the process as it found it: threads, signal handlers and process
     groups are the caller's (the command line sets threads, turns Ctrl-C into `stop` and joins
-    torchrun's process group); with a process group already joined it trains with DDP. Once the
+    torchrun's process group); in a joined process group it trains with DDP. Once the
     threading.Event `stop` is set, training ends after the current step, with a checkpoint. A
     non-finite loss raises FloatingPointError and leaves the last checkpoint as it was."""
     check_config(config)
@@ -2261,26 +2135,22 @@ def train(config, stop=None):
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     data = get_data(config)
-    config, out = resolve_config(config, data), Path(config.out)
+    config, out, shape = resolve_config(config, data), Path(config.out), tuple(data.x.shape[1:])
     if config.batch_size % world:
         raise ValueError(f"batch_size: {config.batch_size} is not divisible by {world} ranks")
-    k = None
-    if config.conditional or config.classifier:
-        if data.y is None:
-            raise ValueError(f"{'conditional' if config.conditional else 'classifier'}: data "
-                             f"{config.data!r} has no class labels (built-in data with labels: "
-                             "moons, ring, shapes; a file: --labels or a .pt dict {'x', 'y'})")
-        k = int(data.y.max()) + 1
-    if rank == 0 and config.overwrite:
-        clear_run(out)
-    if rank == 0 and data.x.ndim == 4 or config.data not in DATASETS:
+    if (config.conditional or config.classifier) and data.y is None:
+        raise ValueError(f"data: {config.data} has no labels y (save a .pt dict {{'x', 'y'}})")
+    k = int(data.y.max()) + 1 if config.conditional or config.classifier else None
+    for path in (p for pattern in RUN_OUTPUTS for p in out.glob(pattern)) if (
+            rank == 0 and config.overwrite) else ():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if rank == 0 and config.data not in DATASETS:
         print(f"data: {len(data.x)} training and {len(data.x_test)} held-out examples of shape "
-              f"{tuple(data.x.shape[1:])}" + (f", {config.levels} levels" if config.levels
-                                             else ""), file=sys.stderr)
+              f"{shape}, {config.levels or 'continuous'} levels", file=sys.stderr)
 
     # The network (the same initial weights on every rank), its EMA and the optimizer.
-    method, process, shape = METHODS[config.method], METHODS[config.method].process(config), \
-        tuple(data.x.shape[1:])
+    method = METHODS[config.method]
+    process = method.process(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         net = make_network(config, shape, k).to(device)
@@ -2299,7 +2169,7 @@ def train(config, stop=None):
         ema.n_averaged.copy_(state["ema_n"])
         step, log = int(state["step"]), state["loss_log"].tolist()
 
-    # This rank's shard; the loop: batch, loss, backward, clip, Adam, EMA, log, checkpoint.
+    # This rank's shard; each step: batch, loss, backward, clip, Adam, EMA, log, checkpoint.
     x, y = data.x[rank::world].to(device), None if k is None else data.y[rank::world].to(device)
     B, t0 = config.batch_size // world, time.time() - (log[-1][2] if log else 0.0)
     progress, total, count = Progress("step", config.steps, config.log_every, step), 0.0, 0
@@ -2314,8 +2184,8 @@ def train(config, stop=None):
         noise_g = rng(config.seed, "noise", rank, step, device=device.type)
         with torch.autocast("cuda", torch.bfloat16, enabled=config.amp):
             if config.classifier:
-                xs, time_ = method.draw(process, x0, noise_g)
-                loss = F.cross_entropy(model(xs, method.level(process, time_)), y0)
+                xs, time_s = noised(method, process, x0, noise_g)
+                loss = F.cross_entropy(model(xs, method.level(process, time_s)), y0)
             else:
                 loss = method.loss(method.model_of(model, process, y0), process, x0, noise_g).mean()
         opt.zero_grad(set_to_none=True)
@@ -2326,8 +2196,10 @@ def train(config, stop=None):
             kept = f'{kept} (step {int(load_checkpoint(kept)["step"])})' if kept.exists() else "none"
             raise FloatingPointError(f"non-finite loss ({loss.item():.4g}) or gradient at step "
                                      f"{step}; training stopped, last good checkpoint: {kept}")
+        lr = config.lr * min(1.0, step / max(config.lr_warmup, 1))  # warm-up, then cosine decay
         for group in opt.param_groups:
-            group["lr"] = learning_rate(config, step)
+            group["lr"] = lr * (1 + math.cos(math.pi * step / config.steps)) / 2 \
+                if config.lr_decay else lr
         opt.step()
         if step <= config.ema_warmup:
             ema.n_averaged.zero_()  # AveragedModel copies the weights when n_averaged == 0
@@ -2340,11 +2212,14 @@ def train(config, stop=None):
             log.append((step, total / count, time.time() - t0))
             total, count = 0.0, 0
         if rank == 0 and (step % config.ckpt_every == 0 or step == config.steps or stopped):
-            state = {"model": net.state_dict(), "ema": ema.module.state_dict(),
-                     "ema_n": ema.n_averaged, "opt": opt.state_dict(), "step": torch.tensor(step),
-                     "loss_log": torch.tensor(log, dtype=torch.float64).reshape(-1, 3),
-                     "shape": torch.tensor(shape), "num_classes": torch.tensor(k or 0)}
-            save_run(out, config, state, log)
+            write_atomic(out / "ckpt.pt", {
+                "model": net.state_dict(), "ema": ema.module.state_dict(),
+                "ema_n": ema.n_averaged, "opt": opt.state_dict(), "step": torch.tensor(step),
+                "loss_log": torch.tensor(log, dtype=torch.float64).reshape(-1, 3),
+                "shape": torch.tensor(shape), "num_classes": torch.tensor(k or 0)})
+            write_atomic(out / "config.json", json.dumps(asdict(config), indent=2).encode())
+            rows = "".join(f"{int(s)},{loss:.6g},{t:.2f}\n" for s, loss, t in log)
+            write_atomic(out / "loss.csv", ("step,loss,seconds\n" + rows).encode())
 
     # Rank 0 evaluates: the classifier's accuracy, or final samples beside the held-out data.
     paths, quality = {name: out / name for name in ("ckpt.pt", "config.json", "loss.csv")}, {}
@@ -2352,62 +2227,50 @@ def train(config, stop=None):
     if rank == 0 and not stopped and config.classifier:
         quality = classifier_accuracy(trained, data, device)
     elif rank == 0 and not stopped and config.n_samples:
-        quality = final_samples(trained, data, device)
-        paths["samples.png"] = out / "samples.png"
+        quality, paths["samples.png"] = final_samples(trained, data, device), out / "samples.png"
     return TrainResult(log[-1][1] if log else math.nan, step, net, ema.module, process, paths,
-                       quality, interrupted=stopped)
+                       quality, stopped)
 
 
 class Progress:
-    """A progress line on stderr, `label done/total  rate/s  time left`: redrawn in place on a
-    terminal, else printed every `every` units (every 10 s when every is None) and at the end."""
+    """A progress line on stderr, `label done/total  rate/s  time left`, every `every` units
+    (every 10 s when every is None) and at the end: the same on a terminal and in a log."""
 
     def __init__(self, label, total, every=None, start=0):
         self.label, self.total, self.every, self.start = label, total, every, start
         self.t0 = self.last = time.time()
-        self.tty = sys.stderr.isatty()
 
     def show(self, done, extra=""):
         now = time.time()
-        due = done == self.total or bool(self.every and done % self.every == 0)
-        if not (due or now - self.last > (0.2 if self.tty else 10)):
-            return
-        self.last, rate = now, (done - self.start) / max(now - self.t0, 1e-9)
-        line = (f"{self.label} {done}/{self.total}{extra}  {rate:.1f}/s  "
-                f"{(self.total - done) / max(rate, 1e-9):.0f} s left")
-        end = "\n" if not self.tty or done == self.total else ""
-        print("\r" + line if self.tty else line, end=end, file=sys.stderr, flush=True)
+        if done == self.total or self.every and done % self.every == 0 or now - self.last > 10:
+            self.last, rate = now, (done - self.start) / max(now - self.t0, 1e-9)
+            print(f"{self.label} {done}/{self.total}{extra}  {rate:.1f}/s  "
+                  f"{(self.total - done) / max(rate, 1e-9):.0f} s left", file=sys.stderr,
+                  flush=True)
 
 
-@dataclass
-class Model:
-    """A trained network with what it needs to be used: its config, noise process, example
-    shape and the number of classes of its labels (None: unconditional)."""
-    config: TrainConfig
-    net: nn.Module
-    process: object
-    shape: tuple
-    num_classes: int | None
+# A trained network and what it needs to be used: its config, noise process, example shape and
+# the number of classes of its labels (None: unconditional).
+Model = namedtuple("Model", "config net process shape num_classes")
 
 
 def guided_model(m, y=None, w=0.0, classifier=None):
     """What the math takes from run m, eps_model(x, t) or score_fn(x, time), for labels y (n,):
-    with a classifier (a network net(x, c) of logits), classifier guidance of the unconditional
-    model, score + w grad log p(y | x) (F30, at the score level); else with w > 0 classifier-free
+    with a classifier (net(x, c) -> logits), classifier guidance of the unconditional model,
+    score + w grad log p(y | x) (F30, at the score level); else with w > 0 classifier-free
     guidance (1 + w) model(x, y) - w model(x, null) (F30); else the plain model."""
     method = METHODS[m.config.method]
+    uncond = method.model_of(m.net, m.process, None)
     if classifier is None:
         model = method.model_of(m.net, m.process, y)
-        uncond = method.model_of(m.net, m.process, None)
         return classifier_free(model, uncond, w) if w and y is not None else model
 
     def log_likelihood(x, time):  # log p_time(y | x) per example
         logits = classifier(x, method.level(m.process, time))
         return F.log_softmax(logits, dim=-1).gather(1, y[:, None])[:, 0]
-    model = method.model_of(m.net, m.process, None)
     if m.config.method == "ddpm":
-        return guided_eps(model, m.process, log_likelihood, w)
-    return guided_score(model, log_likelihood, w)
+        return guided_eps(uncond, m.process, log_likelihood, w)
+    return guided_score(uncond, log_likelihood, w)
 
 
 FRAMES = 9  # states of x kept by draw_samples(frames=...): at most this many plus the start
@@ -2417,10 +2280,9 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
                  device="cpu", known=None, mask=None, frames=None, batch=2000):
     """n samples from run m with `sampler` ('' = the run's, else the method's first) and `steps`
     (0 = its default), in batches of `batch`: labels y (n,) or None, guidance w (guided_model),
-    inpainting with known and mask (n, ...) [F31]; on image data x0_hat is clipped to [-1, 1].
-    Prints a progress line; the list `frames` receives (steps done, x) for at most FRAMES + 1
-    evenly spaced states of the first batch (the start included), so memory does not grow with
-    the number of steps."""
+    inpainting with known and mask (n, ...) [F31]; on images x0_hat is clipped to [-1, 1].
+    Prints a progress line; the list `frames` receives (steps done, x) for at most FRAMES evenly
+    spaced states of the first batch and its start, so memory does not grow with the steps."""
     method = METHODS[m.config.method]
     name = sampler or m.config.sampler or next(iter(method.samplers))
     if name not in method.samplers:
@@ -2429,13 +2291,14 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
     s = method.samplers[name]
     if known is not None and not s.inpaint:
         can = [k for k, v in method.samplers.items() if v.inpaint] or "none"
-        raise ValueError(f"sampler: {name} cannot inpaint; samplers of method {m.config.method} "
-                         f"that can: {can}")
+        raise ValueError(f"sampler: {name} cannot inpaint; those of {m.config.method} that can: "
+                         f"{can}")
     steps = steps or m.config.sample_steps or s.steps
-    states, batches = s.states(steps, m.process), math.ceil(n / batch)
+    states, g, out = s.states(steps, m.process), rng(seed, "sample", device=device.type
+                                                     if isinstance(device, torch.device)
+                                                     else device), []
     keep = {round(j * (states - 1) / (FRAMES - 1)) for j in range(FRAMES)}
-    g, out, progress = rng(seed, "sample", device=torch.device(device).type), [], \
-        Progress(f"sampling ({name}, {steps} steps) state", batches * states)
+    progress = Progress(f"sampling ({name}, {steps} steps) state", math.ceil(n / batch) * states)
     for b, start in enumerate(range(0, n, batch)):
         x = method.prior(m.process, (min(batch, n - start), *m.shape), g, device)
         if frames is not None and b == 0:
@@ -2455,28 +2318,26 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
     return torch.cat(out)
 
 
-def class_labels(num_classes, n):
-    """Labels 0, 1, ..., K-1, 0, 1, ... for a class-conditional network, else None."""
-    return None if num_classes is None else torch.arange(n) % num_classes
-
-
 def final_samples(m, data, device):
-    """Draw config.n_samples samples, write samples.png (samples beside held-out data) and print
-    the MMD^2 to held-out data beside its noise floor and the prior's. The MMD compares
-    min(n, held-out / 2) of each, the floor needing two disjoint held-out sets of that size."""
+    """Draw config.n_samples samples, write samples.png (beside held-out data) and print their
+    MMD^2 to held-out data, on k = min(n, held-out / 2) of each, beside the prior's and the noise
+    floor: the RMS of the MMD^2 between 10 pairs of disjoint held-out sets of k, its standard
+    deviation for a perfect model (its mean being 0)."""
     n, out, seed = m.config.n_samples, Path(m.config.out), m.config.seed
     t0 = time.time()
-    samples = draw_samples(m, n, seed=seed, y=class_labels(m.num_classes, n), device=device)
+    y = None if m.num_classes is None else torch.arange(n) % m.num_classes
+    samples = draw_samples(m, n, seed=seed, y=y, device=device)
     seconds, x_test = time.time() - t0, data.x_test
     write_png(out / "samples.png", picture(samples, x_test))
     k, h, g = min(n, len(x_test) // 2), mmd_bandwidths(x_test), rng(seed, "mmd")
     prior = METHODS[m.config.method].prior(m.process, (k, *m.shape), g, "cpu")
-    quality = {"mmd2": mmd2_unbiased(samples[:k], x_test[:k], h), "n": k,
-               "floor": mmd2_floor(x_test, k, h, g), "prior_mmd2": mmd2_unbiased(prior, x_test[:k], h),
-               "sample_seconds": seconds}
+    pairs = [torch.randperm(len(x_test), generator=g)[:2 * k] for _ in range(10)]
+    floor = math.sqrt(sum(mmd2_unbiased(x_test[i[:k]], x_test[i[k:]], h) ** 2 for i in pairs) / 10)
+    quality = {"mmd2": mmd2_unbiased(samples[:k], x_test[:k], h), "floor": floor,
+               "prior_mmd2": mmd2_unbiased(prior, x_test[:k], h), "n": k}
     print(f"samples: {out / 'samples.png'} ({n} in {seconds:.1f} s; left samples, right held-out "
-          f"data)\nMMD^2 to held-out data {quality['mmd2']:.2e}, noise floor {quality['floor']:.2e} "
-          f"(std of MMD^2 between two held-out sets of {k}), prior {quality['prior_mmd2']:.2e}"
+          f"data)\nMMD^2 to held-out data {quality['mmd2']:.2e}, noise floor {quality['floor']:.2e}"
+          f" (std of MMD^2 between two held-out sets of {k}), prior {quality['prior_mmd2']:.2e}"
           + (f"; only {k} per set: the MMD says little" if k < 200 else ""))
     return quality
 
@@ -2487,8 +2348,8 @@ def classifier_accuracy(m, data, device, n=2000):
     method, g = METHODS[m.config.method], rng(m.config.seed, "accuracy", device=device.type)
     x0, y = data.x_test[:n].to(device), data.y_test[:n].to(device)
     with torch.no_grad():
-        xs, time_ = method.draw(m.process, x0, g)
-        c = method.level(m.process, time_)
+        xs, time_s = noised(method, m.process, x0, g)
+        c = method.level(m.process, time_s)
         right = (m.net(xs, c).argmax(dim=-1) == y).float()
     accuracy, low_noise = right.mean().item(), right[c <= c.quantile(0.1)].mean().item()
     print(f"classifier: held-out accuracy {accuracy:.1%} at random noise levels, {low_noise:.1%} "
@@ -2503,12 +2364,12 @@ def read_config(path):
 
 
 def load_run(run_dir, device="cpu", use_ema=True):
-    """A run folder written by `train` as a Model: config.json and the weights from ckpt.pt."""
+    """A run folder written by `train` as a Model: config.json and the weights of ckpt.pt."""
     run_dir = Path(run_dir)
     try:
         config = read_config(run_dir / "config.json")
     except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"{run_dir / 'config.json'}: cannot read the run's config ({one_line(e)})")
+        raise ValueError(f"{run_dir / 'config.json'}: cannot read it ({one_line(e)})")
     state = load_checkpoint(run_dir / "ckpt.pt", device)
     shape, k = tuple(state["shape"].tolist()), int(state["num_classes"]) or None
     net = make_network(config, shape, k).to(device)
@@ -2532,10 +2393,10 @@ def load_classifier(run_dir, m, device="cpu"):
                          f"`python ddpm_score.py train --classifier --out {path}`")
     clf = load_run(path, device)
     for key in ("data", "method", *PROCESS_FIELDS.get(m.config.method, ())):
-        mine, theirs = getattr(clf.config, key), getattr(m.config, key)
-        if mine != theirs:
-            raise ValueError(f"classifier: {path} was trained with {key} = {mine!r}, "
-                             f"the run with {key} = {theirs!r}")
+        if getattr(clf.config, key) != getattr(m.config, key):
+            raise ValueError(f"classifier: {path} was trained with {key} = "
+                             f"{getattr(clf.config, key)!r}, the run with {key} = "
+                             f"{getattr(m.config, key)!r}")
     clf.net.requires_grad_(False)
     return clf
 
@@ -2547,49 +2408,45 @@ def inpainting_mask(shape, kind):
     """The known part (True) of images of `shape` (B, C, H, W) whose `kind` region is missing:
     the right half, the bottom half, or the centre square of half the side. [F31]"""
     if len(shape) != 4:
-        raise ValueError(f"shape: inpainting masks are for images (B, C, H, W), got "
-                         f"{tuple(shape)}")
+        raise ValueError(f"shape: masks are for images (B, C, H, W), got {tuple(shape)}")
     _check_choice("kind", kind, set(MASKS))
     H, W = shape[-2:]
-    missing = {"right": (slice(None), slice(W // 2, None)),
-               "bottom": (slice(H // 2, None), slice(None)),
-               "centre": (slice(H // 4, H - H // 4), slice(W // 4, W - W // 4))}[kind]
+    rows, cols = {"right": (slice(None), slice(W // 2, None)),
+                  "bottom": (slice(H // 2, None), slice(None)),
+                  "centre": (slice(H // 4, H - H // 4), slice(W // 4, W - W // 4))}[kind]
     mask = torch.ones(shape, dtype=torch.bool)
-    mask[(..., *missing)] = False
+    mask[..., rows, cols] = False
     return mask
 
 
 @torch.no_grad()
 def bits_per_dim(m, x, *, levels=0, steps=100, batch=256, seed=0, device="cpu"):
-    """Bits per dimension of each example of x under run m, in fixed-size batches, no autograd
-    graph kept: ({'elbo': (N,), 'ode': (N,)}, convention). 'elbo' (ddpm): the variational bound
-    of F10-F13 (vlb_bpd, sigma_t^2 = beta_t); 'ode' (not ncsn; steps > 0): the probability-flow
-    likelihood of F27 (RK4, `steps` steps), for ddpm through DiscreteVPSDE, whose marginal at
-    s = t / T is q(x_t | x0), from s = 1 / T (the network sees only the c of training).
-    levels = K > 0: the data are K evenly spaced levels in [-1, 1]; y = x + w (u - 1/2) with
-    u ~ U(0, 1), w = 2 / (K - 1), and bpd = (-log p(y) - d log w) / (d ln 2), bits per K-level
-    value, an upper bound on the discrete NLL (for K = 256 the ELBO uses the discretized decoder
-    of Ho et al. 2020 instead: the published convention). levels = 0: -log p(x) / (d ln 2), a
-    continuous density, which can be negative and is not comparable with image bits/dim."""
+    """Bits per dimension of each example of x under run m, in fixed-size batches, keeping no
+    autograd graph: ({'elbo': (N,), 'ode': (N,)}, convention). 'elbo' (ddpm): the variational
+    bound of F10-F13 (vlb_bpd, sigma_t^2 = beta_t, the published decoder variance); 'ode' (not
+    ncsn; steps > 0): the probability-flow likelihood of F27 with RK4 on `steps` steps, for ddpm
+    through DiscreteVPSDE (marginal q(x_t | x0) at s = t / T) from s = 1 / T, so the network only
+    sees the c of training. levels = K > 0: x on K evenly spaced levels in [-1, 1]; y = x + w (u -
+    1/2), u ~ U(0, 1), w = 2 / (K - 1), bpd = (-log p(y) - d log w) / (d ln 2): bits per K-level
+    value, an upper bound on the discrete NLL (K = 256: the ELBO uses Ho et al.'s discretized
+    decoder instead, the published convention). levels = 0: -log p(x) / (d ln 2), a continuous
+    density, which can be negative and is not comparable with image bits/dim."""
     if m.config.method == "ncsn":
         raise ValueError("nll: method ncsn has discrete noise levels and no likelihood; "
                          "use ddpm, vp, ve or subvp")
     ddpm, d, dev = m.config.method == "ddpm", x[0].numel(), torch.device(device)
-    w = 2 / (levels - 1) if levels else 1.0
-    sde = DiscreteVPSDE(m.process) if ddpm else m.process
-    out = {"elbo": [], "ode": []} if ddpm else {"ode": []}
-    progress = Progress("nll batch", math.ceil(len(x) / batch))
+    w, sde = 2 / (levels - 1) if levels else 1.0, DiscreteVPSDE(m.process) if ddpm else m.process
+    out, progress = {"elbo": [], "ode": []}, Progress("nll batch", math.ceil(len(x) / batch))
     for b, start in enumerate(range(0, len(x), batch)):
         xb = x[start:start + batch].to(dev)
-        u = torch.rand(xb.shape, generator=rng(seed, "dequantize", b, device=dev.type),
-                       device=dev)
+        u = torch.rand(xb.shape, generator=rng(seed, "dequantize", b, device=dev.type), device=dev)
         yb = xb + w * (u - 0.5) if levels else xb
         if ddpm:
-            discretized = levels == 256
-            elbo = vlb_bpd(eps_model_of(m.net, m.process), m.process, xb if discretized else yb,
-                           decoder="discretized" if discretized else "gaussian",
+            exact = levels == 256  # the discretized decoder: no dequantization needed
+            elbo = vlb_bpd(eps_model_of(m.net, m.process), m.process, xb if exact else yb,
+                           decoder="discretized" if exact else "gaussian",
                            generator=rng(seed, "elbo", b, device=dev.type))["total"]
-            out["elbo"].append(elbo.cpu() - (0 if discretized else math.log2(w)))
+            out["elbo"].append(elbo.cpu() - (0 if exact else math.log2(w)))
         if steps:
             ode = ode_likelihood(sde_score_of(m.net, sde), sde, yb, steps=steps,
                                  eps_s=1 / m.process.T if ddpm else 1e-5,
@@ -2636,68 +2493,66 @@ def data_name(value):
                                      f'{", ".join(DATASETS)}, or a .pt/.npy file)')
 
 
+RUN_FLAGS = [  # (subcommands, flag, argparse keywords) of sample and nll
+    ("sample nll", "--run", dict(required=True, help="run folder written by train")),
+    ("sample nll", "--seed", dict(type=number(int, lo=0), default=0, help="(%(default)s)")),
+    ("sample nll", "--device", dict(default="auto", choices=["auto", "cpu", "cuda"])),
+    ("sample", "--sampler", dict(default="", choices=["", *SAMPLERS], help="('': the run's)")),
+    ("sample", "--steps", dict(type=number(int, lo=0), default=0, help="(0: its default)")),
+    ("sample", "--n", dict(type=number(int, lo=1), help="samples (2000; --inpaint: 8 images)")),
+    ("sample", "--trajectory", dict(action="store_true", help=f"picture {FRAMES} states too")),
+    ("sample", "--no-ema", dict(action="store_true", help="the live, not the EMA, weights")),
+    ("sample", "--class", dict(dest="label", type=number(int, lo=0), metavar="K",
+                               help="guide towards class K (default: every class in turn)")),
+    ("sample", "--guidance", dict(type=number(float, lo=0), metavar="W", help=(
+        "weight: cfg (1 + W) eps(x, K) - W eps(x, null), classifier score + W grad log p(K | x)"
+        " (default: the plain conditional, W = 0 for cfg, 1 for the classifier)"))),
+    ("sample", "--guide", dict(default="auto", choices=["auto", "cfg", "classifier"],
+                               help="auto: cfg on a --conditional run, else RUN/classifier")),
+    ("sample", "--inpaint", dict(action="store_true", help="complete held-out images")),
+    ("sample", "--mask", dict(default="right", choices=MASKS, help="region --inpaint fills in")),
+    ("sample", "--completions", dict(type=number(int, lo=1), default=4,
+                                     help="completions per image (%(default)s)")),
+    ("nll", "--n", dict(type=number(int, lo=1), default=256, help="examples (%(default)s)")),
+    ("nll", "--data", dict(type=data_name, help="score this .pt/.npy file, not held-out data")),
+    ("nll", "--levels", dict(type=number(int, lo=0), help="grey levels (0: continuous; "
+                             "default: the run's)")),
+    ("nll", "--steps", dict(type=number(int, lo=0), default=100,
+                            help="RK4 steps of the ODE likelihood (0: none; %(default)s)")),
+    ("nll", "--batch", dict(type=number(int, lo=1), default=256,
+                            help="examples per batch, which bounds memory (%(default)s)")),
+]
+
+
 def make_parser(defaults=TrainConfig()):
-    """train (one flag per TrainConfig field, defaults from `defaults`, help from the fields'
+    """train (a flag per TrainConfig field: defaults from `defaults`, help from the field's
     metadata), sample and nll; every number is checked as it is parsed."""
     parser = Parser(prog="ddpm_score.py", description=main.__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    common = Parser(add_help=False)
-    common.add_argument("--threads", type=number(int, lo=1), default=1,
-                        help="CPU threads for torch (%(default)s: see the README)")
     sub = parser.add_subparsers(dest="command", required=True)
-    train_p = sub.add_parser("train", parents=[common], help="train a model, write a run folder")
+    helps = {"train": "train a model, write a run folder", "sample": "draw samples from a run",
+             "nll": "bits/dim of held-out data or a file"}
+    subs = {name: sub.add_parser(name, help=text) for name, text in helps.items()}
+    for p in subs.values():
+        p.add_argument("--threads", type=number(int, lo=1), default=1,
+                       help="CPU threads for torch (%(default)s; see the README)")
     for f in fields(TrainConfig):
         meta, default = f.metadata, getattr(defaults, f.name)
-        auto = meta["auto"]
-        extra = (f" (default: {auto[0]} for points, {auto[1]} for images)" if auto
-                 else "" if default is None else " (default: %(default)s)")
-        kw = dict(default=default, help=meta["help"].replace("%", "%%") + extra)
+        auto = meta["auto"] and f" (default: {meta['auto'][0]} for points, {meta['auto'][1]} " \
+            "for images)"
+        kw = dict(default=default, help=meta["help"].replace("%", "%%") + (
+            auto or ("" if default is None else " (default: %(default)s)")))
         if f.type is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif meta["choices"]:
             kw["choices"] = meta["choices"]
         else:
-            kw["type"] = (data_name if f.name == "data" else str if f.type is str
-                          else number(f.type, **meta))
-        train_p.add_argument("--" + f.name.replace("_", "-"), **kw)
-    sample = sub.add_parser("sample", parents=[common], help="draw samples from a trained run")
-    sample.add_argument("--sampler", default="", choices=["", *SAMPLERS],
-                        help="sampler ('' = the run's default)")
-    sample.add_argument("--steps", type=number(int, lo=0), default=0,
-                        help="sampler steps (0 = its default)")
-    sample.add_argument("--n", type=number(int, lo=1),
-                        help="number of samples (default 2000; with --inpaint 8 images)")
-    sample.add_argument("--trajectory", action="store_true",
-                        help=f"also picture {FRAMES} states from noise to data")
-    sample.add_argument("--no-ema", action="store_true", help="use the live, not the EMA, weights")
-    sample.add_argument("--class", dest="label", type=number(int, lo=0), metavar="K",
-                        help="guide towards class K (default: every class in turn)")
-    sample.add_argument("--guidance", type=number(float, lo=0), metavar="W",
-                        help="guidance weight: cfg (1 + W) eps(x, K) - W eps(x, null), classifier "
-                        "score + W grad log p(K | x) (default: the plain conditional, W = 0 for "
-                        "cfg, 1 for the classifier)")
-    sample.add_argument("--guide", default="auto", choices=["auto", "cfg", "classifier"],
-                        help="auto: cfg on a --conditional run, else RUN/classifier (%(default)s)")
-    sample.add_argument("--inpaint", action="store_true",
-                        help="complete held-out images whose --mask region is missing")
-    sample.add_argument("--mask", default="right", choices=MASKS,
-                        help="the region --inpaint fills in (%(default)s)")
-    sample.add_argument("--completions", type=number(int, lo=1), default=4,
-                        help="completions per image with --inpaint (%(default)s)")
-    nll = sub.add_parser("nll", parents=[common], help="bits/dim of held-out data or a file")
-    nll.add_argument("--n", type=number(int, lo=1), default=256,
-                     help="examples scored, the first of the held-out data (%(default)s)")
-    nll.add_argument("--data", type=data_name, help="score this .pt/.npy file instead")
-    nll.add_argument("--levels", type=number(int, lo=0),
-                     help="grey levels for dequantization (0: continuous; default: the run's)")
-    nll.add_argument("--steps", type=number(int, lo=0), default=100,
-                     help="RK4 steps of the ODE likelihood (0: none) (%(default)s)")
-    nll.add_argument("--batch", type=number(int, lo=1), default=256,
-                     help="examples per batch: memory is bounded by it (%(default)s)")
-    for p in (sample, nll):
-        p.add_argument("--run", required=True, help="run folder written by train")
-        p.add_argument("--seed", type=number(int, lo=0), default=0, help="(%(default)s)")
-        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+            kw["type"] = data_name if f.name == "data" else str if f.type is str else number(
+                f.type, **meta)
+        subs["train"].add_argument("--" + f.name.replace("_", "-"), **kw)
+    for names, flag, kw in RUN_FLAGS:
+        for name in names.split():
+            subs[name].add_argument(flag, **kw)
     return parser
 
 
@@ -2709,15 +2564,15 @@ def train_command(args, argv):
     if args.resume and config_path.exists():
         args = make_parser(replace(read_config(config_path), resume=True)).parse_args(argv)
     elif args.classifier and run_path.exists():  # RUN/classifier: RUN's config, as a classifier
-        defaults = replace(read_config(run_path), classifier=True, conditional=False,
-                           resume=False, overwrite=False, out=args.out)
-        args = make_parser(defaults).parse_args(argv)
+        args = make_parser(replace(read_config(run_path), classifier=True, conditional=False,
+                                   resume=False, overwrite=False, out=args.out)).parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         check_config(config)
-        if pick_device(config.device).type == "cuda":
+        cuda = pick_device(config.device).type == "cuda"
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if pick_device(config.device).type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")
     stop = threading.Event()
 
     def on_sigint(signum, frame):  # the first Ctrl-C stops after this step, a second at once
@@ -2737,13 +2592,14 @@ def train_command(args, argv):
     print(f"trained {result.step} steps, final loss {result.loss:.4f}; run folder {config.out}")
 
 
-def load_generator(args, device):
-    """The run of --run for sample and nll: a generative model, not a classifier."""
+def open_run(args):
+    """(device, the run of --run) for sample and nll: a generative model, not a classifier."""
+    device = pick_device(args.device)
     m = load_run(args.run, device, use_ema=not getattr(args, "no_ema", False))
     if m.config.classifier:
         raise ValueError(f"run: {args.run} is a classifier (for guidance); use the run it "
                          f"guides, {Path(args.run).parent}")
-    return m
+    return device, m
 
 
 def guidance(args, m, n, device):
@@ -2751,11 +2607,10 @@ def guidance(args, m, n, device):
     and --guide: cfg needs a conditional run, classifier a classifier in RUN/classifier (auto:
     cfg if the run is conditional). By default the plain conditional (w = 0 cfg, 1 classifier)."""
     if args.label is None and args.guidance is None and args.guide == "auto":
-        return class_labels(m.num_classes, n), 0.0, None, ""
-    has_classifier = (Path(args.run) / "classifier" / "ckpt.pt").exists()
+        return None if m.num_classes is None else torch.arange(n) % m.num_classes, 0.0, None, ""
     guide = args.guide if args.guide != "auto" else "cfg" if m.num_classes else "classifier"
-    if guide == "classifier" and not m.num_classes and args.guide == "auto" \
-            and not has_classifier:
+    if args.guide == "auto" and guide == "classifier" and not (
+            Path(args.run) / "classifier" / "ckpt.pt").exists():
         raise ValueError(f"class: {args.run} is unconditional and has no classifier; train "
                          f"with --conditional, or a classifier with `python ddpm_score.py "
                          f"train --classifier --out {Path(args.run) / 'classifier'}`")
@@ -2767,20 +2622,18 @@ def guidance(args, m, n, device):
     if label is not None and label >= k:
         raise ValueError(f"class: {label} is out of range; the run has {k} classes, 0..{k - 1}")
     w = args.guidance if args.guidance is not None else (0.0 if guide == "cfg" else 1.0)
-    y = class_labels(k, n) if label is None else torch.full((n,), label)
     which = "classifier-free" if guide == "cfg" else f"classifier {Path(args.run) / 'classifier'}"
     print(f"guidance: {which}, w = {w:g}, "
           f"{f'classes 0..{k - 1} in turn' if label is None else f'class {label}'}")
-    tag = f"_{guide}{w:g}" + ("" if label is None else f"_class{label}")
-    return y, w, None if clf is None else clf.net, tag
+    y = torch.arange(n) % k if label is None else torch.full((n,), label)
+    return y, w, clf and clf.net, f"_{guide}{w:g}" + ("" if label is None else f"_class{label}")
 
 
 def sample_command(args):
     """`sample`: --n samples from a run into samples_SAMPLER[_GUIDE_classK].pt, a dict {'x': the
     samples, 'y': their labels or None}, and .png (beside held-out data); with --trajectory,
-    trajectory_*.png; with --inpaint, inpaint_MASK_SAMPLER.pt and .png."""
-    device = pick_device(args.device)
-    m, out = load_generator(args, device), Path(args.run)
+    trajectory_*.png; with --inpaint, inpaint_MASK_SAMPLER.pt and .png. [F30, F31]"""
+    (device, m), out = open_run(args), Path(args.run)
     name = args.sampler or m.config.sampler or next(iter(METHODS[m.config.method].samplers))
     data = get_data(m.config)
     if args.inpaint and (len(m.shape) != 3 or args.trajectory):
@@ -2794,40 +2647,35 @@ def sample_command(args):
     if args.inpaint:
         mask = inpainting_mask(x0.shape, args.mask)
         x = draw_samples(m, n, known=x0.to(device), mask=mask.to(device), **kw)
-        stem = out / f"inpaint_{args.mask}_{name}{tag}"
-        write_atomic(f"{stem}.pt", torch_bytes({"x": x, "known": x0, "mask": mask, "y": y}))
-        rows = torch.cat([torch.where(mask, x0, 0.0)[::args.completions, None],
-                          rearrange(x, "(n k) ... -> n k ...", k=args.completions),
-                          x0[::args.completions, None]], dim=1)
-        write_png(f"{stem}.png", image_grid(rearrange(rows, "n k ... -> (n k) ..."),
-                                            ncol=rows.shape[1]))
-        print(f"wrote {stem}.pt and {stem}.png (a row per image: the input, {args.completions} "
-              f"completions of its {args.mask} part, the original)")
+        stem, k = out / f"inpaint_{args.mask}_{name}{tag}", args.completions
+        write_atomic(f"{stem}.pt", {"x": x, "known": x0, "mask": mask, "y": y})
+        rows = torch.cat([torch.where(mask, x0, 0.0)[::k, None],
+                          rearrange(x, "(n k) ... -> n k ...", k=k), x0[::k, None]], dim=1)
+        write_png(f"{stem}.png", image_grid(rearrange(rows, "n k ... -> (n k) ..."), k + 2))
+        print(f"wrote {stem}.pt and {stem}.png (a row per image: the input, {k} completions of "
+              f"its {args.mask} part, the original)")
         return
     frames = [] if args.trajectory else None
     x = draw_samples(m, n, frames=frames, **kw)
     stem = out / f"samples_{name}{tag}"
-    write_atomic(f"{stem}.pt", torch_bytes({"x": x, "y": y}))
+    write_atomic(f"{stem}.pt", {"x": x, "y": y})
     write_png(f"{stem}.png", picture(x, data.x_test))
     print(f"wrote {stem}.pt (a dict: 'x' the samples, 'y' their labels or None) and {stem}.png "
           "(left samples, right held-out data)")
     if frames:
-        path = out / f"trajectory_{name}{tag}.png"
-        write_png(path, trajectory_picture(frames, data.x_test))
-        print(f"wrote {path} (noise on the left, each frame marked with the sampler's states "
-              "done; held-out data on the right)")
+        write_png(out / f"trajectory_{name}{tag}.png", trajectory_picture(frames, data.x_test))
+        print(f"wrote {out / f'trajectory_{name}{tag}.png'} (noise on the left, each frame "
+              "marked with the sampler's states done; held-out data on the right)")
 
 
 def nll_command(args):
     """`nll`: bits/dim of the first --n held-out examples of the run's data, or of --data FILE."""
-    device = pick_device(args.device)
-    m = load_generator(args, device)
+    device, m = open_run(args)
     x = load_data(args.data)[0] if args.data else get_data(m.config).x_test
     if tuple(x.shape[1:]) != m.shape:
         raise ValueError(f"data: {args.data} holds examples of shape {tuple(x.shape[1:])}, the "
                          f"run's are {m.shape}")
-    levels = m.config.levels if args.levels is None else args.levels
-    t0 = time.time()
+    t0, levels = time.time(), m.config.levels if args.levels is None else args.levels
     bpd, convention = bits_per_dim(m, x[:args.n], levels=levels, steps=args.steps,
                                    batch=args.batch, seed=args.seed, device=device)
     for name, v in bpd.items():
@@ -2837,26 +2685,17 @@ def nll_command(args):
 
 
 def main(argv=None):
-    """Train and sample diffusion and score-based models.
+    """Train and sample diffusion and score-based models (README.md has more).
 
     examples:
       python ddpm_score.py train                                   # moons, ddpm, under a minute
       python ddpm_score.py sample --run runs/default --sampler ddim --steps 50 --trajectory
       python ddpm_score.py nll --run runs/default
-      python ddpm_score.py train --method vp --data checkerboard --out runs/vp
-      python ddpm_score.py train --out runs/default --resume --steps 3000
-      torchrun --nproc_per_node=2 ddpm_score.py train --out runs/ddp
-
-    controllable generation (data with labels: moons, ring, shapes, or your file's):
       python ddpm_score.py train --data ring --conditional --out runs/ring
       python ddpm_score.py sample --run runs/ring --class 3 --guidance 1   # classifier-free
-      python ddpm_score.py train --classifier --out runs/ring/classifier
-      python ddpm_score.py sample --run runs/ring --class 3 --guide classifier --guidance 2
       python ddpm_score.py train --data shapes --out runs/shapes           # image defaults
       python ddpm_score.py sample --run runs/shapes --inpaint --mask centre
-
-    A classifier trained with --out RUN/classifier takes RUN's config as its defaults and
-    learns p(y | x_s) on data noised by RUN's process; `sample --run RUN` then finds it.
+      torchrun --nproc_per_node=2 ddpm_score.py train --out runs/ddp
     """
     args = make_parser().parse_args(argv)
     torch.set_num_threads(args.threads)

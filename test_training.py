@@ -392,8 +392,8 @@ def test_npy_reader_matches_numpy(tmp_path):
     ("odd.pt", lambda p: torch.save(torch.zeros(20, 1, 6, 6), p), "divisible by 4"),
     ("scale.pt", lambda p: torch.save(torch.full((20, 2), 255.0), p), "standardize"),
     ("labels.pt", lambda p: torch.save({"x": torch.zeros(20, 2), "y": torch.zeros(19)}, p),
-     "labels must be integers"),
-    ("list.pt", lambda p: torch.save([1, 2], p), "expected a tensor or a dict"),
+     "labels y must be integers"),
+    ("list.pt", lambda p: torch.save([1, 2], p), "or a dict"),
     ("garbage.pt", lambda p: p.write_bytes(b"\x00" * 10), "cannot read"),
     ("short.npy", lambda p: write_npy(p, {"descr": "<f4", "fortran_order": False,
                                           "shape": (20, 2)}, b"\x00" * 8), "truncated"),
@@ -434,7 +434,8 @@ def test_each_methods_noise_level_map_matches_its_process_marginal(method):
     config = ds.TrainConfig(method=method, sigma_max=5.0)
     process = ds.METHODS[method].process(config)
     B, d = 8000, 8
-    x, time = ds.METHODS[method].draw(process, torch.zeros(B, d), torch.Generator().manual_seed(0))
+    x, time = ds.noised(ds.METHODS[method], process, torch.zeros(B, d),
+                        torch.Generator().manual_seed(0))
     time = time.double()
     if method == "ddpm":
         std = (1 - alpha_bars(process)[time.long()]).sqrt()
@@ -591,7 +592,7 @@ def test_nll_of_a_trained_run_is_vlb_bpd_computed_directly_in_bounded_batches(ti
                             for b, i in enumerate(range(0, 40, 16))])
     assert abs(direct.mean().item() - printed["elbo"]) < 2e-6
     seen.clear()
-    bpd, _ = ds.bits_per_dim(replace(m, net=net), x, steps=2, batch=16)
+    bpd, _ = ds.bits_per_dim(m._replace(net=net), x, steps=2, batch=16)
     assert max(seen) <= 16 and all(v.grad_fn is None and not v.requires_grad for v in bpd.values())
 
 
