@@ -2436,24 +2436,29 @@ def bits_per_dim(m, x, *, levels=0, steps=100, batch=256, seed=0, device="cpu"):
                          "use ddpm, vp, ve or subvp")
     ddpm, d, dev = m.config.method == "ddpm", x[0].numel(), torch.device(device)
     w, sde = 2 / (levels - 1) if levels else 1.0, DiscreteVPSDE(m.process) if ddpm else m.process
-    out, progress = {"elbo": [], "ode": []}, Progress("nll batch", math.ceil(len(x) / batch))
+    calls = math.ceil(len(x) / batch) * ((m.process.T if ddpm else 0) + 4 * steps)
+    out, progress, done = {"elbo": [], "ode": []}, Progress("nll network calls", calls), [0]
+
+    def net(*args):  # the run's network, counting its calls for the progress line
+        done[0] += 1
+        progress.show(done[0])
+        return m.net(*args)
     for b, start in enumerate(range(0, len(x), batch)):
         xb = x[start:start + batch].to(dev)
         u = torch.rand(xb.shape, generator=rng(seed, "dequantize", b, device=dev.type), device=dev)
         yb = xb + w * (u - 0.5) if levels else xb
         if ddpm:
             exact = levels == 256  # the discretized decoder: no dequantization needed
-            elbo = vlb_bpd(eps_model_of(m.net, m.process), m.process, xb if exact else yb,
+            elbo = vlb_bpd(eps_model_of(net, m.process), m.process, xb if exact else yb,
                            decoder="discretized" if exact else "gaussian",
                            generator=rng(seed, "elbo", b, device=dev.type))["total"]
             out["elbo"].append(elbo.cpu() - (0 if exact else math.log2(w)))
         if steps:
-            ode = ode_likelihood(sde_score_of(m.net, sde), sde, yb, steps=steps,
+            ode = ode_likelihood(sde_score_of(net, sde), sde, yb, steps=steps,
                                  eps_s=1 / m.process.T if ddpm else 1e-5,
                                  divergence="exact" if d <= 16 else "hutchinson",
                                  generator=rng(seed, "ode", b, device=dev.type))
             out["ode"].append(ode["bpd"].cpu() - math.log2(w))
-        progress.show(b + 1)
     convention = (f"{levels}-level data dequantized over bins of width 2/{levels - 1}: bits per "
                   f"{levels}-level value" if levels else "continuous data: -log2 density per "
                   "dimension, not comparable with image bits/dim (can be negative)")
