@@ -26,6 +26,8 @@ References
     Song et al. 2021, Score-Based Generative Modeling through SDEs, arXiv:2011.13456
     Dhariwal, Nichol 2021, Diffusion Models Beat GANs (classifier guidance), arXiv:2105.05233
     Ho, Salimans 2022, Classifier-Free Diffusion Guidance, arXiv:2207.12598
+    Lu et al. 2022, DPM-Solver++, arXiv:2211.01095; Karras et al. 2022, EDM, arXiv:2206.00364
+    Dormand, Prince 1980, embedded Runge-Kutta formulae, J. Comput. Appl. Math. 6 (rk45)
 
 Three ways in
     import ddpm_score                 # the math, samplers and networks as functions
@@ -79,28 +81,27 @@ def _randn_like(x, generator):
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
+def _full(x, s):
+    """Continuous time s as a (B,) tensor, at least float32 (PITFALLS #11: no bf16 time)."""
+    return torch.full(x.shape[:1], s, device=x.device,
+                      dtype=torch.promote_types(x.dtype, torch.float32))
+
+
 def _check_batch(x, name="x"):
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] < 1:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a tensor of shape (B, ...) with B >= 1, got {got}")
 
 
-def _check_same_shape(a, b, name_a, name_b):
-    if a.shape != b.shape:
-        raise ValueError(f"{name_b} must have the shape of {name_a} {tuple(a.shape)}, "
-                         f"got {tuple(b.shape)}")
-
-
-def _check_per_example(v, x, name):
-    """A per-example tensor must be (B,) for x of shape (B, ...)."""
-    if not isinstance(v, torch.Tensor) or v.shape != x.shape[:1]:
+def _check_shape(v, shape, name):
+    if not isinstance(v, torch.Tensor) or v.shape != shape:
         got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-        raise ValueError(f"{name} must be a tensor of shape ({x.shape[0]},), got {got}")
+        raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {got}")
 
 
-def _check_positive(name, value):
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+def _check_real(name, value, hi=math.inf):
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < hi):
+        raise ValueError(f"{name} must be a finite number in (0, {hi}), got {value!r}")
 
 
 def _check_count(name, value, least):
@@ -125,28 +126,15 @@ def _sum_flat(x):
 # --- schedules [F1, F2, Schedules] ---------------------------------------------------------------
 
 
-def _check_T(T):
-    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
-        raise ValueError(f"T must be an integer >= 1, got {T!r}")
-
-
-def _check_unit_open(name, value):
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value < 1):
-        raise ValueError(f"{name} must be a finite number in (0, 1), got {value!r}")
-
-
 def linear_betas(T=1000, beta_1=None, beta_T=None):
-    """beta_t = beta_1 + (t - 1) / (T - 1) (beta_T - beta_1), t = 1..T. [Schedules, F1, F5]
-
-    Defaults scale Ho et al.'s 1e-4 and 0.02 by 1000 / T, as improved DDPM does (beta_T capped at
-    0.999), so every T >= 20 ends near pure noise: sqrt(alpha_bar_T) < 0.007 (F5); unscaled,
-    T = 100 would stop at 0.60. Returns a float64 tensor of shape (T,) (T = 1 gives [beta_1]).
-    """
-    _check_T(T)
-    beta_1 = min(1e-4 * 1000 / T, 0.999) if beta_1 is None else beta_1
-    beta_T = min(0.02 * 1000 / T, 0.999) if beta_T is None else beta_T
-    _check_unit_open("beta_1", beta_1)
-    _check_unit_open("beta_T", beta_T)
+    """beta_t = beta_1 + (t - 1) / (T - 1) (beta_T - beta_1), t = 1..T, float64. [Schedules, F1, F5]
+    Defaults 1e-4 and 0.02 (Ho et al.) scaled by 1000 / T as improved DDPM does, capped at 0.999:
+    every T >= 20 ends near N(0, I), sqrt(alpha_bar_T) < 0.007 (unscaled, T = 100 gives 0.60)."""
+    _check_count("T", T, 1)
+    beta_1 = min(0.1 / T, 0.999) if beta_1 is None else beta_1
+    beta_T = min(20 / T, 0.999) if beta_T is None else beta_T
+    _check_real("beta_1", beta_1, 1)
+    _check_real("beta_T", beta_T, 1)
     if beta_T < beta_1:
         raise ValueError(f"beta_T must be >= beta_1 = {beta_1}, got {beta_T}")
     return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
@@ -154,45 +142,31 @@ def linear_betas(T=1000, beta_1=None, beta_T=None):
 
 def cosine_betas(T=1000, s=0.008, max_beta=0.999):
     """alpha_bar_t = f(t) / f(0), f(t) = cos^2(((t / T) + s) / (1 + s) pi / 2). [Schedules]
-
-    beta_t = min(1 - f(t) / f(t-1), max_beta) (Nichol & Dhariwal 2021). Only the last step or few
-    are clipped at max_beta; PITFALLS.md #1 is why every sampler coefficient is tested for them.
-    Returns a float64 tensor of shape (T,).
-    """
-    _check_T(T)
-    _check_positive("s", s)
-    _check_unit_open("max_beta", max_beta)
-    t = torch.arange(T + 1, dtype=torch.float64)
-    f = torch.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    beta_t = min(1 - f(t) / f(t-1), max_beta), float64 (T,): the last steps are clipped, which
+    is why every sampler coefficient is tested for them (PITFALLS #1)."""
+    _check_count("T", T, 1)
+    _check_real("s", s)
+    _check_real("max_beta", max_beta, 1)
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
 
 
 def geometric_sigmas(sigma_max, sigma_min, L):
-    """sigma_1 > ... > sigma_L, a geometric sequence from sigma_max to sigma_min. [F19]
-
-    Returns a float64 tensor of shape (L,), descending (NCSN order: largest noise first).
-    """
-    _check_positive("sigma_max", sigma_max)
-    _check_positive("sigma_min", sigma_min)
-    if not isinstance(L, int) or isinstance(L, bool) or L < 1:
-        raise ValueError(f"L must be an integer >= 1, got {L!r}")
+    """sigma_1 > ... > sigma_L, geometric from sigma_max to sigma_min, float64 (L,). [F19]"""
+    _check_real("sigma_max", sigma_max)
+    _check_real("sigma_min", sigma_min)
+    _check_count("L", L, 1)
     if L > 1 and not sigma_max > sigma_min:
         raise ValueError(f"sigma_max must be > sigma_min = {sigma_min}, got {sigma_max}")
-    return torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), L,
-                                    dtype=torch.float64))
+    return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), L, dtype=torch.float64)
 
 
 @dataclass(frozen=True, eq=False)
 class Schedule:
     """A discrete schedule: float64 arrays of length T+1, index 0 meaning no noise. [F2, F7]
-
-    beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{i=1..t} alpha_i, and the posterior variance
-    beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t (beta_tilde_1 = 0).
-    Build it with ``Schedule.from_betas(linear_betas())``. It holds plain tensors, not module
-    buffers, so an EMA of a network never averages it (PITFALLS.md #10). Read-only: each of
-    ``beta``, ``alpha``, ``alpha_bar``, ``beta_tilde`` returns a fresh CPU copy, so writing into
-    it cannot change the schedule; ``==`` is identity (eq=False: tensors have no truth value).
-    """
+    beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{i<=t} alpha_i, beta_tilde_t = (1 -
+    alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t. Plain tensors, not module buffers (PITFALLS #10);
+    read-only (each array is a fresh copy); ``==`` is identity."""
     T: int
     _beta: torch.Tensor
     _alpha: torch.Tensor
@@ -215,12 +189,9 @@ class Schedule:
             i = int(bad.nonzero()[0])
             raise ValueError(f"betas must lie in (0, 1), got beta_{i + 1} = {betas[i].item()}")
         beta = torch.cat([betas.new_zeros(1), betas])
-        alpha = 1 - beta
-        alpha_bar = torch.cumprod(alpha, 0)
-        # beta_tilde_t = (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) beta_t; index 0 is set to 0.
-        beta_tilde = torch.zeros_like(beta)
-        beta_tilde[1:] = (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:]) * beta[1:]
-        return cls(len(betas), beta, alpha, alpha_bar, beta_tilde)
+        alpha_bar = torch.cumprod(1 - beta, 0)
+        beta_tilde = torch.cat([beta[:1], (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:]) * betas])
+        return cls(len(betas), beta, 1 - beta, alpha_bar, beta_tilde)
 
 
 def _check_t(sched, t, x):
@@ -231,12 +202,12 @@ def _check_t(sched, t, x):
     if t.numel() and (t.min() < 1 or t.max() > sched.T):
         raise ValueError(f"t must lie in 1..T = 1..{sched.T}, got values in "
                          f"{int(t.min())}..{int(t.max())}")
+    return t.cpu()
 
 
 def marginal_coefs(sched, t):
     """(scale, std) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), each (B,) float64. [F3]"""
-    _check_t(sched, t, t)
-    alpha_bar = sched._alpha_bar[t.cpu()]
+    alpha_bar = sched._alpha_bar[_check_t(sched, t, t)]
     return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
 
 
@@ -244,26 +215,23 @@ def marginal_coefs(sched, t):
 
 
 def _noise(x, noise, generator, name="noise"):
-    if noise is None:
-        return _randn_like(x, generator)
-    _check_same_shape(x, noise, "x", name)
-    return noise
+    if noise is not None:
+        _check_shape(noise, x.shape, name)
+    return _randn_like(x, generator) if noise is None else noise
 
 
 def q_step(sched, x_prev, t, noise=None, *, generator=None):
     """x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) z, one step of q(x_t | x_{t-1}). [F1]"""
     _check_batch(x_prev, "x_prev")
-    _check_t(sched, t, x_prev)
+    t = _check_t(sched, t, x_prev)
     z = _noise(x_prev, noise, generator)
-    t = t.cpu()
-    return bcast(sched._alpha[t].sqrt(), x_prev) * x_prev + bcast(sched._beta[t].sqrt(), x_prev) * z
+    return bcast(sched._alpha[t].sqrt(), x_prev) * x_prev + bcast(sched._beta[t].sqrt(), z) * z
 
 
 def q_mean_var(sched, x0, t):
     """q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I); returns (mean, var). [F3]"""
     _check_batch(x0, "x0")
-    _check_t(sched, t, x0)
-    alpha_bar = sched._alpha_bar[t.cpu()]   # coefficients in float64, then cast (PITFALLS #11)
+    alpha_bar = sched._alpha_bar[_check_t(sched, t, x0)]   # float64, cast at use (PITFALLS #11)
     return bcast(alpha_bar.sqrt(), x0) * x0, bcast(1 - alpha_bar, x0)
 
 
@@ -278,41 +246,31 @@ def q_sample(sched, x0, t, noise=None, *, generator=None):
 
 def posterior_mean_var(sched, x0, xt, t):
     """q(x_{t-1} | x_t, x0) = N(mu_tilde, beta_tilde I); returns (mu_tilde, beta_tilde). [F7]
-
     mu_tilde = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x0
-             + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t.
-    """
+             + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t."""
     _check_batch(x0, "x0")
-    _check_same_shape(x0, xt, "x0", "xt")
-    _check_t(sched, t, x0)
-    t = t.cpu()
-    beta, alpha, alpha_bar, alpha_bar_prev = (sched._beta[t], sched._alpha[t], sched._alpha_bar[t],
-                                              sched._alpha_bar[t - 1])
+    _check_shape(xt, x0.shape, "xt")
+    t = _check_t(sched, t, x0)
+    beta, alpha_bar, alpha_bar_prev = sched._beta[t], sched._alpha_bar[t], sched._alpha_bar[t - 1]
     mu_tilde = (bcast(alpha_bar_prev.sqrt() * beta / (1 - alpha_bar), x0) * x0
-                + bcast(alpha.sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar), x0) * xt)
+                + bcast(sched._alpha[t].sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar), x0) * xt)
     return mu_tilde, bcast(sched._beta_tilde[t], x0)
 
 
 def mu_from_eps(sched, xt, t, eps):
-    """mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t). [F8, F9]
-
-    With the true eps this is mu_tilde (F8); with eps_theta it is the model mean (F9).
-    """
+    """mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t): mu_tilde with the
+    true eps (F8), the model mean with eps_theta (F9). [F8, F9]"""
     _check_batch(xt, "xt")
-    _check_same_shape(xt, eps, "xt", "eps")
-    _check_t(sched, t, xt)
-    t = t.cpu()
+    _check_shape(eps, xt.shape, "eps")
+    t = _check_t(sched, t, xt)
     coef = sched._beta[t] / (1 - sched._alpha_bar[t]).sqrt()
     return (xt - bcast(coef, xt) * eps) / bcast(sched._alpha[t].sqrt(), xt)
 
 
 def gaussian_kl(mean1, var1, mean2, var2):
-    """KL(N(mean1, var1) || N(mean2, var2)) per element, in nats. [F13]
-
-    1/2 [log(var2 / var1) + (var1 + (mean1 - mean2)^2) / var2 - 1]; the arguments broadcast.
-    Sum over the data dimensions for the KL of N(m1, v1 I) and N(m2, v2 I).
-    """
-    var1, var2 = (v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
+    """KL(N(mean1, var1) || N(mean2, var2)) per element in nats, arguments broadcast: 1/2
+    [log(var2 / var1) + (var1 + (mean1 - mean2)^2) / var2 - 1]. [F13]"""
+    var1, var2 = (torch.as_tensor(v, dtype=torch.float64) if not torch.is_tensor(v) else v
                   for v in (var1, var2))
     if (var1 <= 0).any() or (var2 <= 0).any():
         raise ValueError("var1 and var2 must be > 0")
@@ -320,62 +278,37 @@ def gaussian_kl(mean1, var1, mean2, var2):
 
 
 def reverse_var(sched, t, kind="beta"):
-    """sigma_t^2 of p_theta(x_{t-1} | x_t): beta_t or beta_tilde_t, as (B,) float64. [F6, F7]
-
-    beta_tilde_1 = 0 would give the decoder p(x0 | x1) zero variance and log(0); as in improved
-    DDPM the log-variance is clipped: at t = 1 we use beta_tilde_2 (beta_1 when T = 1).
-    """
+    """sigma_t^2 of p_theta(x_{t-1} | x_t): beta_t or beta_tilde_t, (B,) float64; at t = 1
+    beta_tilde is clipped to beta_tilde_2 (beta_1 if T = 1), as in improved DDPM. [F6, F7]"""
     _check_choice("kind", kind, {"beta", "beta_tilde"})
-    _check_t(sched, t, t)
-    t = t.cpu()
+    t = _check_t(sched, t, t)
     if kind == "beta":
         return sched._beta[t]
     floor = sched._beta_tilde[2] if sched.T > 1 else sched._beta[1]
     return torch.where(t == 1, floor, sched._beta_tilde[t])
 
 
-def _std_normal_cdf(x):
-    return 0.5 * (1 + torch.erf(x / math.sqrt(2)))
-
-
 def discretized_gaussian_logp(x0, mean, var):
-    """log P(x0) of 8-bit data under N(mean, var) integrated over the pixel's bin. [F10, L_0]
-
-    Data scaling: an 8-bit value k in 0..255 is x0 = 2 k / 255 - 1 in [-1, 1], so a bin has half
-    width 1/255. P(x0) = Phi((x0 + 1/255 - mean) / std) - Phi((x0 - 1/255 - mean) / std), with the
-    edge bins (k = 0, 255) extended to -inf and +inf so the 256 probabilities sum to 1.
-    Elementwise, in nats. Probabilities are floored at 1e-12 to keep the log finite.
-    """
-    _check_same_shape(x0, mean, "x0", "mean")
+    """log P(x0) of 8-bit data under N(mean, var) over the pixel's bin, in nats. [F10, L_0]
+    k in 0..255 is x0 = 2 k / 255 - 1: P = Phi((x0 + 1/255 - mean) / std) - Phi((x0 - 1/255 -
+    mean) / std), edge bins open (the masses sum to 1), floored at 1e-12."""
+    _check_shape(mean, x0.shape, "mean")
     var = torch.as_tensor(var, dtype=x0.dtype, device=x0.device)
     if not (var > 0).all():
         raise ValueError(f"var must be > 0, got min {var.min().item()}")
-    std = var.sqrt()
-    upper = _std_normal_cdf((x0 + 1 / 255 - mean) / std)
-    lower = _std_normal_cdf((x0 - 1 / 255 - mean) / std)
-    upper = torch.where(x0 > 1 - 1e-3, torch.ones_like(upper), upper)    # k = 255: up to +inf
-    lower = torch.where(x0 < -1 + 1e-3, torch.zeros_like(lower), lower)  # k = 0: from -inf
-    return torch.log((upper - lower).clamp(min=1e-12))
+    phi = lambda u: 0.5 * (1 + torch.erf((u - mean) / (var * 2).sqrt()))  # noqa: E731
+    upper = torch.where(x0 > 1 - 1e-3, 1.0, phi(x0 + 1 / 255))       # k = 255: up to +inf
+    return torch.log((upper - torch.where(x0 < -1 + 1e-3, 0.0, phi(x0 - 1 / 255))).clamp(min=1e-12))
 
 
 def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized",
             decoder_var="published", generator=None):
-    """The variational bound (F10) of an eps-model, per example, in bits per dimension.
-
-    -ELBO = KL(q(x_T|x0) || N(0, I)) + sum_{t=2..T} L_{t-1} + L_0, where
-    L_{t-1} = KL(q(x_{t-1} | x_t, x0) || N(mu_theta(x_t, t), sigma_t^2 I))  [F7, F9, F11, F13]
-    L_0 = -log p_theta(x0 | x1): the discretized Gaussian decoder for 8-bit data scaled to [-1, 1]
-    (``decoder='discretized'``, see discretized_gaussian_logp) or the continuous density
-    N(x0; mu_theta(x1, 1), sigma_1^2 I) (``decoder='gaussian'``, for real-valued data).
-    sigma_t^2 is ``reverse_var(sched, t, sigma2)`` for t >= 2. The decoder's variance sigma_1^2 is
-    beta_tilde_2 with ``decoder_var='published'`` (the default: Ho et al.'s and improved DDPM's code
-    clip the log-variance there for both sigma2 choices, so bits/dim compare with papers), or
-    ``reverse_var(sched, 1, sigma2)`` with 'sigma2' (beta_1 for sigma2 = 'beta': 1e-4 at T = 1000,
-    a sharper decoder). The two coincide for sigma2 = 'beta_tilde'; T = 1 uses beta_1.
-    One x_t ~ q(x_t | x0) is drawn for every t, so
-    the bound costs T evaluations of eps_model. Returns a dict of (B,) tensors 'total' and 'prior'
-    and a (B, T) tensor 'terms' (terms[:, 0] = L_0, terms[:, t-1] = L_{t-1}); nats / (d ln 2).
-    """
+    """The variational bound (F10) of an eps-model per example, in bits per dimension:
+    KL(q(x_T|x0) || N(0, I)) + sum_{t>=2} KL(q(x_{t-1} | x_t, x0) || N(mu_theta, sigma_t^2 I)) - log
+    p(x0 | x1) [F7, F9, F11, F13], sigma_t^2 = reverse_var(t, sigma2), one x_t ~ q(x_t | x0) per t;
+    decoder 'discretized' (8-bit data in [-1, 1]) or 'gaussian', with sigma_1^2 = beta_tilde_2 by
+    ``decoder_var='published'`` (Ho et al.'s and improved DDPM's code: bits/dim as in papers) or
+    reverse_var(1, sigma2) by 'sigma2'. Returns (B,) 'total', 'prior'; (B, T) 'terms'."""
     _check_batch(x0, "x0")
     _check_choice("decoder", decoder, {"discretized", "gaussian"})
     _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
@@ -391,52 +324,20 @@ def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized",
         mu = mu_from_eps(sched, xt, t, eps_model(xt, t))
         kind = "beta_tilde" if step == 1 and decoder_var == "published" else sigma2
         var = bcast(reverse_var(sched, t, kind), x0)
-        if step == 1 and decoder == "discretized":
-            nll = -discretized_gaussian_logp(x0, mu, var)
-        elif step == 1:
-            nll = 0.5 * (torch.log(2 * math.pi * var) + (x0 - mu) ** 2 / var)
-        else:
+        if step > 1:
             nll = gaussian_kl(*posterior_mean_var(sched, x0, xt, t), mu, var)
+        elif decoder == "discretized":
+            nll = -discretized_gaussian_logp(x0, mu, var)
+        else:
+            nll = 0.5 * (torch.log(2 * math.pi * var) + (x0 - mu) ** 2 / var)
         terms[:, step - 1] = _sum_flat(nll)
-    T = torch.full((B,), sched.T, dtype=torch.long, device=x0.device)
-    mean_T, var_T = q_mean_var(sched, x0, T)
+    mean_T, var_T = q_mean_var(sched, x0, torch.full((B,), sched.T, device=x0.device))
     prior = _sum_flat(gaussian_kl(mean_T, var_T, torch.zeros_like(x0), torch.ones_like(var_T)))
-    to_bpd = 1 / (d * math.log(2))
-    terms, prior = terms * to_bpd, prior * to_bpd
+    terms, prior = terms / (d * math.log(2)), prior / (d * math.log(2))
     return {"total": prior + terms.sum(1), "prior": prior, "terms": terms}
 
 
 # --- parameterizations: eps, score, x0 [F21] -----------------------------------------------------
-
-
-def eps_to_score(eps, std):
-    """score = -eps / std, the score of q(x_t | x0) = N(scale x0, std^2 I). [F21]
-
-    For the DDPM chain std = sqrt(1 - alpha_bar_t); for an SDE std comes from ``sde.marginal``.
-    ``std`` is a (B,) tensor or already broadcastable against eps.
-    """
-    return -eps / _as_coef(std, eps, "std")
-
-
-def score_to_eps(score, std):
-    """eps = -std * score, the inverse of eps_to_score. [F21]"""
-    return -_as_coef(std, score, "std") * score
-
-
-def x0_from_eps(xt, eps, scale, std):
-    """x0 = (x_t - std eps) / scale, inverting x_t = scale x0 + std eps. [F3, F21, F29]"""
-    _check_same_shape(xt, eps, "xt", "eps")
-    return (xt - _as_coef(std, xt, "std") * eps) / _as_coef(scale, xt, "scale")
-
-
-def tweedie(xt, score, scale, std):
-    """Tweedie: E[x0 | x_t] = (x_t + std^2 grad log p_t(x_t)) / scale. [F21]
-
-    For the DDPM chain scale = sqrt(alpha_bar_t), std = sqrt(1 - alpha_bar_t); for NCSN's
-    x~ = x + sigma z, scale = 1 and std = sigma.
-    """
-    _check_same_shape(xt, score, "xt", "score")
-    return (xt + _as_coef(std, xt, "std") ** 2 * score) / _as_coef(scale, xt, "scale")
 
 
 def _as_coef(v, x, name):
@@ -449,6 +350,30 @@ def _as_coef(v, x, name):
     return v.to(device=x.device, dtype=x.dtype)
 
 
+def eps_to_score(eps, std):
+    """score = -eps / std, the score of q(x_t | x0) = N(scale x0, std^2 I); std (B,) or
+    broadcastable: sqrt(1 - alpha_bar_t) for DDPM, std(s) of ``sde.marginal`` for an SDE. [F21]"""
+    return -eps / _as_coef(std, eps, "std")
+
+
+def score_to_eps(score, std):
+    """eps = -std * score, the inverse of eps_to_score. [F21]"""
+    return -_as_coef(std, score, "std") * score
+
+
+def x0_from_eps(xt, eps, scale, std):
+    """x0 = (x_t - std eps) / scale, inverting x_t = scale x0 + std eps. [F3, F21, F29]"""
+    _check_shape(eps, xt.shape, "eps")
+    return (xt - _as_coef(std, xt, "std") * eps) / _as_coef(scale, xt, "scale")
+
+
+def tweedie(xt, score, scale, std):
+    """Tweedie: E[x0 | x_t] = (x_t + std^2 grad log p_t(x_t)) / scale; DDPM: scale =
+    sqrt(alpha_bar_t), std = sqrt(1 - alpha_bar_t); NCSN: scale = 1, std = sigma. [F21]"""
+    _check_shape(score, xt.shape, "score")
+    return (xt + _as_coef(std, xt, "std") ** 2 * score) / _as_coef(scale, xt, "scale")
+
+
 # --- losses (per example, shape (B,), mean over the data dimensions) -----------------------------
 
 
@@ -457,12 +382,17 @@ def draw_t(sched, x0, generator=None):
     return torch.randint(1, sched.T + 1, x0.shape[:1], generator=generator, device=x0.device)
 
 
-def draw_sigma(sigmas, x0, generator=None):
-    """sigma ~ U{sigma_1..sigma_L}, one per example in x0's dtype: F19's (1/L) sum_i. [F19]"""
+def _sigmas(sigmas):
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     if sigmas.ndim != 1 or len(sigmas) < 1 or not (sigmas > 0).all():
         raise ValueError(f"sigmas must be a non-empty 1-D sequence of numbers > 0, "
                          f"got {sigmas.tolist()}")
+    return sigmas
+
+
+def draw_sigma(sigmas, x0, generator=None):
+    """sigma ~ U{sigma_1..sigma_L}, one per example in x0's dtype: F19's (1/L) sum_i. [F19]"""
+    sigmas = _sigmas(sigmas)
     idx = torch.randint(0, len(sigmas), x0.shape[:1], generator=generator, device=x0.device)
     return sigmas.to(x0.device)[idx].to(x0.dtype)
 
@@ -476,109 +406,71 @@ def draw_s(x0, generator=None, eps_s=1e-5):
 
 def eps_loss(eps_model, sched, x0, *, t=None, noise=None, generator=None):
     """L_simple = ||eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t)||^2 / d.
-
-    [F12] Per example, the mean over the data dimensions (so d drops out of the loss's scale).
-
-    t ~ U{1..T} and eps ~ N(0, I) unless given. eps_model(xt, t) gets t as a (B,) LongTensor.
-    """
+    [F12] Per example; t ~ U{1..T}, eps ~ N(0, I) unless given; eps_model(xt, t), t (B,) long."""
     _check_batch(x0, "x0")
-    if t is None:
-        t = draw_t(sched, x0, generator)
+    t = draw_t(sched, x0, generator) if t is None else t
     eps = _noise(x0, noise, generator)
-    xt = q_sample(sched, x0, t, eps)
-    return _mean_flat((eps - eps_model(xt, t)) ** 2)
+    return _mean_flat((eps - eps_model(q_sample(sched, x0, t, eps), t)) ** 2)
 
 
 def dsm_loss(score_model, x0, sigmas, *, sigma=None, noise=None, generator=None):
-    """NCSN: lambda(sigma) ||s_theta(x~, sigma) + (x~ - x0) / sigma^2||^2 / d. [F18, F19]
-
-    x~ = x0 + sigma z with sigma drawn uniformly from ``sigmas`` (so the batch mean is F19's
-    (1/L) sum_i) unless ``sigma``, a (B,) tensor, is given. The target -(x~ - x0) / sigma^2
-    = -z / sigma is the score of q_sigma(x~ | x0) (F18), and lambda(sigma) = sigma^2 makes every
-    level O(1) (PITFALLS #6).
-    score_model(x, sigma) gets sigma as a (B,) tensor.
-    """
+    """NCSN: lambda(sigma) ||s_theta(x~, sigma) + (x~ - x0) / sigma^2||^2 / d, x~ = x0 + sigma z.
+    [F18, F19] sigma (B,) given or drawn from ``sigmas``; lambda = sigma^2 (PITFALLS #6)."""
     _check_batch(x0, "x0")
-    if sigma is None:
-        sigma = draw_sigma(sigmas, x0, generator)
-    _check_per_example(sigma, x0, "sigma")
+    sigma = draw_sigma(sigmas, x0, generator) if sigma is None else sigma
+    _check_shape(sigma, x0.shape[:1], "sigma")
     if not (sigma > 0).all():
         raise ValueError(f"sigma must be > 0, got min {sigma.min().item()}")
-    z = _noise(x0, noise, generator)
-    sigma_b = bcast(sigma, x0)
-    x_tilde = x0 + sigma_b * z
-    return _mean_flat(sigma_b ** 2 * (score_model(x_tilde, sigma) + z / sigma_b) ** 2)
+    z, sigma_b = _noise(x0, noise, generator), bcast(sigma, x0)
+    return _mean_flat(sigma_b ** 2 * (score_model(x0 + sigma_b * z, sigma) + z / sigma_b) ** 2)
 
 
 def sde_loss(score_model, sde, x0, *, likelihood_weighting=False, s=None, noise=None,
              eps_s=1e-5, generator=None):
-    """E_s lambda(s) ||s_theta(x_s, s) - grad log p_{0s}(x_s | x0)||^2 / d. [F25]
-
-    s ~ U(eps_s, 1) unless given; (mean, std) = sde.marginal(x0, s); x_s = mean + std z, whose
-    conditional score is -z / std. lambda(s) = std^2 by default (the F19 weighting) or g(s)^2 with
-    ``likelihood_weighting`` (then the loss bounds KL(p_0 || p_theta)). Works with any object that
-    has ``marginal(x0, s)`` (and ``diffusion(s)`` for likelihood weighting).
-    score_model(x, s) gets s as a (B,) tensor.
-    """
+    """E_s lambda(s) ||s_theta(x_s, s) - grad log p_{0s}(x_s | x0)||^2 / d, s ~ U(eps_s, 1). [F25]
+    lambda = std(s)^2, or g(s)^2 with ``likelihood_weighting`` (then a bound on the KL)."""
     _check_batch(x0, "x0")
-    _check_unit_open("eps_s", eps_s)
-    if s is None:
-        s = draw_s(x0, generator, eps_s)
-    _check_per_example(s, x0, "s")
+    _check_real("eps_s", eps_s, 1)
+    s = draw_s(x0, generator, eps_s) if s is None else s
+    _check_shape(s, x0.shape[:1], "s")
     if not ((s > 0) & (s <= 1)).all():
         raise ValueError(f"s must lie in (0, 1], got values in {s.min().item()}..{s.max().item()}")
     z = _noise(x0, noise, generator)
     mean, std = sde.marginal(x0, s)
-    x_s = mean + std * z
     weight = bcast(sde.diffusion(s), x0) ** 2 if likelihood_weighting else std ** 2
-    return _mean_flat(weight * (score_model(x_s, s) + z / std) ** 2)
+    return _mean_flat(weight * (score_model(mean + std * z, s) + z / std) ** 2)
 
 
 def score_matching_loss(score_model, x):
     """Implicit score matching: (1/2 ||s_theta(x)||^2 + tr(grad_x s_theta(x))) / d. [F16]
-
-    Equals the Fisher divergence (F15) / d minus a theta-free constant. The Jacobian trace is exact:
-    one backward pass per data dimension, so use it for small d; see sliced_score_matching_loss.
-    score_model(x) takes only x. Differentiable in the model's parameters.
-    """
+    F15 / d minus a theta-free constant; the trace is exact (one backward pass per dimension)."""
     _check_batch(x, "x")
     x = x.detach().requires_grad_(True)
     score = score_model(x).flatten(1)
-    B, d = score.shape
-    trace = x.new_zeros(B)
-    for i in range(d):
-        grad = torch.autograd.grad(score[:, i].sum(), x, create_graph=True)[0]
-        trace = trace + grad.flatten(1)[:, i]
-    return (0.5 * (score ** 2).sum(1) + trace) / d
+    trace = sum(torch.autograd.grad(score[:, i].sum(), x, create_graph=True)[0].flatten(1)[:, i]
+                for i in range(score.shape[1]))
+    return (0.5 * (score ** 2).sum(1) + trace) / score.shape[1]
 
 
 def sliced_score_matching_loss(score_model, x, *, n_projections=1, probe="rademacher",
                                generator=None):
     """Sliced score matching: (1/2 ||s_theta(x)||^2 + v^T grad_x s_theta(x) v) / d. [F16]
-
-    v has E[v v^T] = I (Rademacher +-1 or standard Gaussian), so E_v[v^T J v] = tr(J): one
-    backward pass per projection instead of one per dimension. Averaged over ``n_projections``.
-    """
+    E[v v^T] = I (Rademacher or Gaussian), so E_v[v^T J v] = tr(J); averaged over n_projections."""
     _check_batch(x, "x")
     _check_choice("probe", probe, {"rademacher", "gaussian"})
-    if not isinstance(n_projections, int) or n_projections < 1:
-        raise ValueError(f"n_projections must be an integer >= 1, got {n_projections!r}")
+    _check_count("n_projections", n_projections, 1)
     x = x.detach().requires_grad_(True)
     score = score_model(x)
-    vjv = x.new_zeros(x.shape[0])
-    for _ in range(n_projections):
-        v = _probe(x, probe, generator)
-        grad = torch.autograd.grad((score * v).sum(), x, create_graph=True)[0]  # J^T v
-        vjv = vjv + _sum_flat(grad * v) / n_projections
-    return (0.5 * _sum_flat(score ** 2) + vjv) / x[0].numel()
+    vjv = sum(_sum_flat(torch.autograd.grad((score * v).sum(), x, create_graph=True)[0] * v)
+              for v in (_probe(x, probe, generator) for _ in range(n_projections)))
+    return (0.5 * _sum_flat(score ** 2) + vjv / n_projections) / x[0].numel()
 
 
 def _probe(x, kind, generator):
     """A random probe v with E[v v^T] = I: Rademacher (+-1) or standard Gaussian. [F16, F27]"""
     if kind == "gaussian":
         return _randn_like(x, generator)
-    bits = torch.randint(0, 2, x.shape, generator=generator, device=x.device)
-    return (2 * bits - 1).to(x.dtype)
+    return (2 * torch.randint(0, 2, x.shape, generator=generator, device=x.device) - 1).to(x.dtype)
 
 
 # --- Langevin dynamics and NCSN [F17, F20] -------------------------------------------------------
@@ -587,12 +479,9 @@ def _probe(x, kind, generator):
 @torch.no_grad()
 def langevin(score_fn, x, *, step_size, n_steps, generator=None):
     """x_k = x_{k-1} + (eps / 2) grad log p(x_{k-1}) + sqrt(eps) z_k, k = 1..n_steps. [F17]
-
-    ``step_size`` is eps. score_fn(x) returns grad_x log p(x). Samples p exactly only as eps -> 0;
-    for a Gaussian N(0, c^2) the chain's stationary variance is c^2 / (1 - eps / (4 c^2)).
-    """
+    Exact only as eps -> 0: for N(0, c^2) the stationary variance is c^2 / (1 - eps / (4 c^2))."""
     _check_batch(x, "x")
-    _check_positive("step_size", step_size)
+    _check_real("step_size", step_size)
     _check_count("n_steps", n_steps, 0)
     for _ in range(n_steps):
         x = x + step_size / 2 * score_fn(x) + math.sqrt(step_size) * _randn_like(x, generator)
@@ -603,38 +492,24 @@ def langevin(score_fn, x, *, step_size, n_steps, generator=None):
 def annealed_langevin(score_fn, x, sigmas, *, eps=2e-5, n_steps_each=100, denoise=True,
                       generator=None):
     """Annealed Langevin (NCSN): for i = 1..L, K steps of F17 with s_theta(., sigma_i). [F20]
-
-    Step alpha_i = eps sigma_i^2 / sigma_L^2 (sigmas descending, sigma_L the smallest). With
-    ``denoise`` a last Tweedie step x + sigma_L^2 s_theta(x, sigma_L) removes the remaining noise
-    (F21 with scale 1, std sigma_L). score_fn(x, sigma) gets sigma as a (B,) tensor.
-    """
+    alpha_i = eps sigma_i^2 / sigma_L^2, Tweedie last (``denoise``), float32 sigma (PITFALLS 11)."""
     _check_batch(x, "x")
-    _check_positive("eps", eps)
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    if sigmas.ndim != 1 or len(sigmas) < 1 or not (sigmas > 0).all():
-        raise ValueError(f"sigmas must be a non-empty 1-D sequence of numbers > 0, "
-                         f"got {sigmas.tolist()}")
-    sigma_L = sigmas[-1].item()
-    for sigma in sigmas.tolist():
-        alpha = eps * sigma ** 2 / sigma_L ** 2
-        sigma_b = _full(x, sigma)                 # at least float32 (PITFALLS #11)
+    _check_real("eps", eps)
+    sigmas = _sigmas(sigmas).tolist()
+    for sigma, sigma_b in zip(sigmas, [_full(x, sigma) for sigma in sigmas]):
+        alpha = eps * sigma ** 2 / sigmas[-1] ** 2
         x = langevin(lambda y: score_fn(y, sigma_b), x, step_size=alpha, n_steps=n_steps_each,
                      generator=generator)
-    if denoise:
-        x = tweedie(x, score_fn(x, _full(x, sigma_L)), 1.0, sigma_L)
-    return x
+    return tweedie(x, score_fn(x, _full(x, sigmas[-1])), 1.0, sigmas[-1]) if denoise else x
 
 
-# --- SDEs and their samplers [F22-F29] -----------------------------------------------------------
+# --- SDEs and their samplers [F22-F29, F32] ------------------------------------------------------
 
 
 class _LinearSDE:
-    """dx = a(s) x ds + g(s) dw on s in [0, 1], with a Gaussian prior N(0, prior_std^2 I). [F22]
-
-    Subclasses define ``drift_coef(s)`` = a(s), ``diffusion(s)`` = g(s) and ``marginal_coefs(s)``
-    = (mean coefficient, std) of p_{0s}(x_s | x0). Every s is a (B,) tensor. ``spacing`` is the
-    default time grid of the ODE solvers (see s_grid).
-    """
+    """dx = a(s) x ds + g(s) dw on s in [0, 1], prior N(0, prior_std^2 I). [F22]
+    Subclasses define drift_coef(s) = a(s), diffusion(s) = g(s), marginal_coefs(s) = (m, std) of
+    p_{0s}(x_s | x0), s (B,); ``spacing`` is the solvers' default grid (s_grid)."""
     prior_std, spacing = 1.0, "uniform"
 
     def drift(self, x, s):
@@ -644,7 +519,7 @@ class _LinearSDE:
     def marginal(self, x0, s):
         """p_{0s}(x_s | x0) = N(m(s) x0, std(s)^2 I); returns (mean, std (B, 1, ..., 1)). [F23]"""
         _check_batch(x0, "x0")
-        _check_per_example(s, x0, "s")
+        _check_shape(s, x0.shape[:1], "s")
         scale, std = self.marginal_coefs(s)
         return bcast(scale, x0) * x0, bcast(std, x0)
 
@@ -653,24 +528,20 @@ class _LinearSDE:
         return self.prior_std * torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
     def prior_logp(self, z):
-        """log N(z; 0, prior_std^2 I) per example, in nats."""
+        """log N(z; 0, prior_std^2 I) per example, in nats. [F22]"""
         d = z[0].numel()
         return (-0.5 * _sum_flat(z ** 2) / self.prior_std ** 2
                 - d * math.log(self.prior_std) - 0.5 * d * math.log(2 * math.pi))
 
 
 class VPSDE(_LinearSDE):
-    """Variance preserving: f = -1/2 beta(s) x, g = sqrt(beta(s)), the continuous DDPM. [F22, F23]
-
-    beta(s) = beta_min + s (beta_max - beta_min); mean exp(-1/2 B(s)) x0 and variance
-    1 - exp(-B(s)), B(s) = int_0^s beta = beta_min s + (beta_max - beta_min) s^2 / 2.
-    """
-
+    """Variance preserving: f = -1/2 beta(s) x, g = sqrt(beta(s)); mean exp(-B/2) x0, variance
+    1 - exp(-B), B(s) = int_0^s beta, beta(s) = beta_min + s (beta_max - beta_min). [F22, F23]"""
     spacing = "quadratic"
 
     def __init__(self, beta_min=0.1, beta_max=20.0):
-        _check_positive("beta_min", beta_min)
-        _check_positive("beta_max", beta_max)
+        _check_real("beta_min", beta_min)
+        _check_real("beta_max", beta_max)
         if beta_max < beta_min:
             raise ValueError(f"beta_max must be >= beta_min = {beta_min}, got {beta_max}")
         self.beta_min, self.beta_max = beta_min, beta_max
@@ -694,10 +565,8 @@ class VPSDE(_LinearSDE):
 
 
 class SubVPSDE(VPSDE):
-    """sub-VP: f = -1/2 beta(s) x, g = sqrt(beta(s) (1 - exp(-2 B(s)))). [F22, F23]
-
-    Mean as VP, variance (1 - exp(-B(s)))^2, always below the VP variance.
-    """
+    """sub-VP: f = -1/2 beta(s) x, g = sqrt(beta(s) (1 - exp(-2 B(s)))); mean as VP, variance
+    (1 - exp(-B(s)))^2. [F22, F23]"""
 
     def diffusion(self, s):
         return (self.beta(s) * -torch.expm1(-2 * self.int_beta(s))).sqrt()
@@ -707,15 +576,12 @@ class SubVPSDE(VPSDE):
 
 
 class VESDE(_LinearSDE):
-    """Variance exploding: f = 0, g = sigma(s) sqrt(2 log(sigma_max / sigma_min)). [F22, F23]
-
-    sigma(s) = sigma_min (sigma_max / sigma_min)^s; mean x0 and the exact variance
-    sigma(s)^2 - sigma_min^2 (zero at s = 0); prior N(0, (sigma_max^2 - sigma_min^2) I).
-    """
+    """Variance exploding: f = 0, g = sigma(s) sqrt(2 log(sigma_max / sigma_min)), sigma(s) =
+    sigma_min (sigma_max / sigma_min)^s; mean x0, variance sigma(s)^2 - sigma_min^2. [F22, F23]"""
 
     def __init__(self, sigma_min=0.01, sigma_max=50.0):
-        _check_positive("sigma_min", sigma_min)
-        _check_positive("sigma_max", sigma_max)
+        _check_real("sigma_min", sigma_min)
+        _check_real("sigma_max", sigma_max)
         if not sigma_max > sigma_min:
             raise ValueError(f"sigma_max must be > sigma_min = {sigma_min}, got {sigma_max}")
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
@@ -734,28 +600,20 @@ class VESDE(_LinearSDE):
         return torch.ones_like(s), (self.sigma(s) ** 2 - self.sigma_min ** 2).sqrt()
 
 
-class DiscreteVPSDE(_LinearSDE):
-    """A discrete Schedule in continuous time: at s = t / T the marginal is q(x_t | x0). [F3, F23]
-
-    t(s) = s T and log alpha_bar(t) linear in t between integer steps, so B(s) = int_0^s beta
-    = -log alpha_bar(s T): mean sqrt(alpha_bar) x0, variance 1 - alpha_bar (exactly F3 at every
-    s = t / T), f = -1/2 beta(s) x, g = sqrt(beta(s)) with beta(s) = -T log(1 - beta_t) constant on
-    ((t - 1) / T, t / T] [F22]. Run samplers and ode_likelihood on s in [1 / T, 1] to query an eps
-    network only in its training range t in 1..T. Times within 1e-4 steps of an integer step count
-    as that step (float32 s = t / T is not exact).
-    """
+class DiscreteVPSDE(VPSDE):
+    """A Schedule in continuous time: at s = t / T the marginal is exactly q(x_t | x0). [F3, F23]
+    log alpha_bar linear in t = s T between steps: B(s) = -log alpha_bar(s T), beta(s) = -T log(1 -
+    beta_t) on ((t-1) / T, t / T] (F22); s within 1e-4 steps of a step is snapped to it."""
 
     def __init__(self, sched):
-        self.sched, self.T = sched, sched.T
-        self._log_alpha_bar = {}                    # per device, made on first use
+        self.sched, self.T, self._tables = sched, sched.T, {}
 
     def _steps(self, s):
-        """(log alpha_bar table on s's device, t = s T in float64 snapped to integer steps)."""
-        table = self._log_alpha_bar.get(s.device)
-        if table is None:
-            table = self._log_alpha_bar[s.device] = self.sched._alpha_bar.log().to(s.device)
+        """(log alpha_bar on s's device, t = s T in float64 snapped to integer steps)."""
+        if s.device not in self._tables:
+            self._tables[s.device] = self.sched._alpha_bar.log().to(s.device)
         t = s.double() * self.T
-        return table, torch.where((t - t.round()).abs() < 1e-4, t.round(), t)
+        return self._tables[s.device], torch.where((t - t.round()).abs() < 1e-4, t.round(), t)
 
     def int_beta(self, s):
         """B(s) = -log alpha_bar(s T), log alpha_bar linear between steps. [F23]"""
@@ -764,73 +622,108 @@ class DiscreteVPSDE(_LinearSDE):
         return -(table[k] + (t - k) * (table[k + 1] - table[k])).to(s.dtype)
 
     def beta(self, s):
-        """beta(s) = -T log(1 - beta_t) = T (log alpha_bar_{t-1} - log alpha_bar_t), t = ceil(s T).
-        [F22]"""
+        """beta(s) = T (log alpha_bar_{t-1} - log alpha_bar_t), t = ceil(s T). [F22]"""
         table, t = self._steps(s)
         k = t.ceil().clamp(1, self.T).long()
         return (self.T * (table[k - 1] - table[k])).to(s.dtype)
 
-    drift_coef = VPSDE.drift_coef
-    diffusion = VPSDE.diffusion
-    marginal_coefs = VPSDE.marginal_coefs
-
 
 def reverse_drift(sde, score, x, s, ode=False):
     """f(x, s) - g(s)^2 score (reverse SDE), or f - 1/2 g^2 score (probability flow). [F24, F26]"""
-    g2 = bcast(sde.diffusion(s), x) ** 2
-    return sde.drift(x, s) - (0.5 if ode else 1.0) * g2 * score
+    return sde.drift(x, s) - (0.5 if ode else 1.0) * bcast(sde.diffusion(s), x) ** 2 * score
+
+
+def _coefs(sde, times):
+    """{s: (a(s), g(s)^2, m(s), std(s))} as Python floats, one float64 evaluation on the CPU."""
+    s = torch.tensor(list(times), dtype=torch.float64)
+    cols = (sde.drift_coef(s), sde.diffusion(s) ** 2, *sde.marginal_coefs(s))
+    return dict(zip(s.tolist(), zip(*(c.tolist() for c in cols))))
+
+
+def _s_at_log_sigma(sde, targets):
+    """s where log(std(s) / m(s)) = target: linear interpolation in a table of 4096 times, then
+    Newton steps in log s, d log(std / m) / d log s = s g^2 / (2 std^2) (from F23)."""
+    grid = torch.linspace(0, 1, 4097, dtype=torch.float64)[1:]
+    table = torch.log(torch.div(*reversed(sde.marginal_coefs(grid))))   # increasing in s
+    i = torch.searchsorted(table, targets).clamp(1, len(grid) - 1)
+    w = (targets - table[i - 1]) / (table[i] - table[i - 1])
+    s = torch.where(targets < table[0], grid[0] * torch.exp(2 * (targets - table[0])),
+                    grid[i - 1] + w * (grid[i] - grid[i - 1]))
+    for _ in range(2):
+        m, std = sde.marginal_coefs(s)
+        s = s * torch.exp(-(torch.log(std / m) - targets) * 2 * std ** 2
+                          / (s * sde.diffusion(s) ** 2))
+    return s
+
+
+GRIDS = ("uniform", "quadratic", "logsnr", "edm")
+
+
+def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
+    """Times 1 = s_0 > ... > s_N = eps_s (N = steps) for the SDE solvers: 'uniform'; 'quadratic',
+    s_i = eps_s + (1 - eps_s) (1 - i / N)^2; 'logsnr', uniform in log(m / std); 'edm', std / m on
+    Karras et al.'s rho-grid. None: sde.spacing, the best for RK4 likelihoods on a 16-d Gaussian
+    (bench): quadratic for the VP family (RMS at 48 NFE 2.5e-3 nats; uniform 0.14, logsnr 0.019,
+    edm 0.031), uniform for VE (0.078; quadratic 0.46). A sequence is the grid itself. [F26]"""
+    if not isinstance(steps, (int, float)):
+        grid = [float(s) for s in steps]
+        if len(grid) < 2 or not all(1 >= a > b >= 0 for a, b in zip(grid, grid[1:])):
+            raise ValueError(f"steps must be an int or a strictly descending grid of at least two "
+                             f"times in [0, 1], got {grid}")
+        return grid
+    _check_count("steps", steps, 1)
+    _check_real("eps_s", eps_s, 1)
+    spacing = sde.spacing if spacing is None else spacing
+    _check_choice("spacing", spacing, set(GRIDS))
+    u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    if spacing in ("uniform", "quadratic"):
+        s = eps_s + (1 - eps_s) * (1 - u) ** (1 if spacing == "uniform" else 2)
+        return [1.0, *s[1:].tolist()]
+    ends = torch.tensor([1.0, eps_s], dtype=torch.float64)
+    log_sigma = torch.log(torch.div(*reversed(sde.marginal_coefs(ends))))
+    if spacing == "logsnr":
+        log_sigma = log_sigma[0] + u * (log_sigma[1] - log_sigma[0])
+    else:
+        r = (log_sigma / rho).exp()
+        log_sigma = rho * torch.log(r[0] + u * (r[1] - r[0]))
+    return [1.0, *_s_at_log_sigma(sde, log_sigma[1:-1]).tolist(), eps_s]
 
 
 def _time_grid(sched, steps):
     """Descending integer steps tau_S = T > ... > tau_1 >= 1: all T, S evenly spaced, or given."""
-    if steps is None:
-        steps = sched.T
+    steps = sched.T if steps is None else steps
     if isinstance(steps, int) and not isinstance(steps, bool):
         if not 1 <= steps <= sched.T:
             raise ValueError(f"steps must be in 1..T = 1..{sched.T}, got {steps}")
         return torch.linspace(sched.T, 1, steps, dtype=torch.float64).round().long().tolist()
     grid = [int(t) for t in steps]
-    ok = (len(grid) >= 1 and grid[0] == sched.T and grid[-1] >= 1
-          and all(a > b for a, b in zip(grid, grid[1:])))
-    if not ok:
+    if not (grid and grid[0] == sched.T and grid[-1] >= 1
+            and all(a > b for a, b in zip(grid, grid[1:]))):
         raise ValueError(f"steps must be an int or a strictly descending sequence of steps that "
                          f"starts at T = {sched.T} and ends >= 1, got {grid}")
     return grid
 
 
 def _check_inpainting(x, known, mask):
-    if known is None and mask is None:
-        return
-    if known is None or mask is None:
+    if (known is None) != (mask is None):
         raise ValueError("known and mask must be given together for inpainting")
-    _check_same_shape(x, known, "x", "known")
-    if mask.dtype != torch.bool or mask.shape != x.shape:
+    if mask is not None:
+        _check_shape(known, x.shape, "known")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape):
         raise ValueError(f"mask must be a bool tensor of the data's shape {tuple(x.shape)}, "
                          f"got {mask.dtype} {tuple(mask.shape)}")
 
 
-def _replace_known(x, known, mask, alpha_bar, generator):
-    """F31: on the mask, x_t := sqrt(alpha_bar) known + sqrt(1 - alpha_bar) z ~ q(x_t | known)."""
+def _replace_known(x, known, mask, scale, std, generator):
+    """F31: on the mask, x := scale known + std z, a sample of q(x_t | known) or p_{0s}."""
     if mask is None:
         return x
-    noisy = math.sqrt(alpha_bar) * known + math.sqrt(1 - alpha_bar) * _randn_like(x, generator)
-    return torch.where(mask, noisy, x)
-
-
-def _replace_known_sde(x, known, mask, sde, s, generator):
-    """F31 for an SDE: on the mask, x_s := m(s) known + std(s) z ~ p_{0s}(x_s | known)."""
-    if mask is None:
-        return x
-    mean, std = sde.marginal(known, _full(x, s))
-    return torch.where(mask, mean + std * _randn_like(x, generator), x)
+    return torch.where(mask, scale * known + std * _randn_like(x, generator), x)
 
 
 def _check_clip(clip_x0):
-    """None, or a range (lo, hi) with lo < hi for x0_hat."""
-    ok = clip_x0 is None or (isinstance(clip_x0, (tuple, list)) and len(clip_x0) == 2
-                             and all(isinstance(v, (int, float)) for v in clip_x0)
-                             and clip_x0[0] < clip_x0[1])
-    if not ok:
+    if not (clip_x0 is None or isinstance(clip_x0, (tuple, list)) and len(clip_x0) == 2 and all(
+            isinstance(v, (int, float)) for v in clip_x0) and clip_x0[0] < clip_x0[1]):
         raise ValueError(f"clip_x0 must be None or a range (lo, hi) with lo < hi, got {clip_x0!r}")
 
 
@@ -841,7 +734,7 @@ def _x0_hat(x, eps, alpha_bar, clip_x0):
 
 
 def _long_steps(x, grid):
-    """The integer steps of a grid as (B,) LongTensors on x's device, made once before a loop."""
+    """The integer steps of a grid as (B,) LongTensors on x's device, made before a loop."""
     return [torch.full(x.shape[:1], t, dtype=torch.long, device=x.device) for t in grid]
 
 
@@ -849,29 +742,19 @@ def _long_steps(x, grid):
 def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", clip_x0=None, generator=None,
                 callback=None, known=None, mask=None):
     """Ancestral sampling x_{t-1} = mu_theta(x_t, t) + sigma_t z, from x = x_T to x_0. [F6, F9]
-
-    sigma_t^2 = beta_t or beta_tilde_t (``sigma2``). With a subsequence tau_S = T > ... > tau_1 of
-    steps (``steps``, see _time_grid) the chain is respaced: beta'_i = 1 - alpha_bar_{tau_i} /
-    alpha_bar_{tau_{i-1}} (tau_0 = 0), which keeps every alpha_bar_{tau_i}; with all T steps it is
-    the original chain. The last step returns the mean: no noise is added at t = 1.
-    ``clip_x0=(lo, hi)`` (off by default; (-1, 1) for images, as the DDPM code does) clips
-    x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t) and takes the posterior mean
-    mu_tilde(x_t, x0_hat) (F7), which equals F9 when nothing is clipped.
-    Inpainting (F31): where the boolean ``mask`` is True, x is replaced after every step by a
-    sample of q(x_t | known) at the new step, so the result equals ``known`` there exactly. The
-    rest only approximates p(x_unknown | known): measured exactly on a 4-D correlated Gaussian
-    (test_math.py), replacement recovers ~58% of the conditional mean shift, leaves variances
-    ~0.1 too large and loses the correlation (KL 0.12 nats to the exact conditional, 1.05 for the
-    prior), at 200 steps and at 1000 alike: a gap of the method, not of the discretization.
-    ``callback(i, x)``, if given, sees x after each step.
-    """
+    sigma_t^2 = beta_t or beta_tilde_t (``sigma2``); on a grid tau_S = T > ... > tau_1 (``steps``)
+    the chain is respaced, beta'_i = 1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}}; no noise at
+    the last step. ``clip_x0=(lo, hi)`` (off by default) clips x0_hat and takes mu_tilde(x_t,
+    x0_hat) (F7). Inpainting (F31): where ``mask`` is True, x is replaced after each step by a
+    sample of q(x_t | known); the rest approximates p(x_unknown | known) (on a 4-D Gaussian, KL
+    0.12 nats to the exact conditional against 1.05 for the prior, at 200 and 1000 steps alike)."""
     _check_batch(x, "x")
     _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
     _check_inpainting(x, known, mask)
     _check_clip(clip_x0)
     grid = _time_grid(sched, steps)
     ab = sched._alpha_bar[grid + [0]].tolist()       # alpha_bar at tau_S, ..., tau_1, tau_0 = 0
-    x = _replace_known(x, known, mask, ab[0], generator)
+    x = _replace_known(x, known, mask, math.sqrt(ab[0]), math.sqrt(1 - ab[0]), generator)
     for i, t_b in enumerate(_long_steps(x, grid)):
         a, a_prev = ab[i], ab[i + 1]
         beta = 1 - a / a_prev                           # beta' of the respaced chain
@@ -884,7 +767,7 @@ def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", clip_x0=None,
         if i < len(grid) - 1:
             var = beta if sigma2 == "beta" else (1 - a_prev) / (1 - a) * beta
             x = x + math.sqrt(var) * _randn_like(x, generator)
-        x = _replace_known(x, known, mask, a_prev, generator)
+        x = _replace_known(x, known, mask, math.sqrt(a_prev), math.sqrt(1 - a_prev), generator)
         if callback is not None:
             callback(i, x)
     return x
@@ -894,16 +777,9 @@ def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", clip_x0=None,
 def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, clip_x0=None, generator=None,
                 callback=None):
     """DDIM: x_t' = sqrt(alpha_bar_t') x0_hat + sqrt(1 - alpha_bar_t' - sigma^2) eps + sigma z.
-
-    [F29] x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), eps = eps_theta(x_t, t).
-
-    t' is the previous point of the grid (``steps``: an int S <= T or an explicit descending grid
-    from T; the previous point of the last one is 0, where alpha_bar = 1, so the result is x0_hat).
-    sigma = eta sqrt((1 - alpha_bar_t') / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_t'):
-    eta = 0 is deterministic, eta = 1 with S = T is ancestral DDPM (sigma^2 = beta_tilde_t).
-    ``clip_x0=(lo, hi)`` (off by default) clips x0_hat and re-derives eps = (x_t - sqrt(alpha_bar)
-    x0_hat) / sqrt(1 - alpha_bar) from it, so eta = 1, S = T stays ancestral DDPM with clipping.
-    """
+    [F29] x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), t' the previous grid
+    point (0 after the last: the result is x0_hat), sigma = eta sqrt((1 - alpha_bar_t') / (1 -
+    alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_t'). ``clip_x0`` clips x0_hat (eps follows)."""
     _check_batch(x, "x")
     if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
@@ -913,15 +789,16 @@ def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, clip_x0=None, generat
     for i, t_b in enumerate(_long_steps(x, grid)):
         a, a_prev = ab[i], ab[i + 1]
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-        c = 1 - a_prev - sigma ** 2            # >= 0 for eta <= 1 up to float64 rounding
+        c = 1 - a_prev - sigma ** 2           # >= 0 for eta <= 1 up to rounding (PITFALLS #4)
         if c < -1e-12:
             raise ValueError(f"1 - alpha_bar_prev - sigma^2 = {c} < 0 at t = {grid[i]}")
-        c = max(c, 0.0)
-        eps = eps_model(x, t_b)
-        x0_hat = _x0_hat(x, eps, a, clip_x0)
-        if clip_x0 is not None:
+        eps, r = eps_model(x, t_b), math.sqrt(a_prev / a)
+        if clip_x0 is None:                   # the same update folded into two coefficients
+            x = r * x + (math.sqrt(max(c, 0.0)) - r * math.sqrt(1 - a)) * eps
+        else:
+            x0_hat = _x0_hat(x, eps, a, clip_x0)
             eps = (x - math.sqrt(a) * x0_hat) / math.sqrt(1 - a)
-        x = math.sqrt(a_prev) * x0_hat + math.sqrt(c) * eps
+            x = math.sqrt(a_prev) * x0_hat + math.sqrt(max(c, 0.0)) * eps
         if sigma > 0:
             x = x + sigma * _randn_like(x, generator)
         if callback is not None:
@@ -929,125 +806,92 @@ def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, clip_x0=None, generat
     return x
 
 
-def _full(x, s):
-    """Continuous time s as a (B,) tensor, at least float32 (PITFALLS #11: no bf16 time)."""
-    return torch.full(x.shape[:1], s, device=x.device,
-                      dtype=torch.promote_types(x.dtype, torch.float32))
-
-
-def _s_at_log_sigma(sde, targets):
-    """s in [0, 1] where log(std(s) / m(s)) = target, by bisection (it increases with s)."""
-    lo, hi = torch.zeros_like(targets), torch.ones_like(targets)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        m, std = sde.marginal_coefs(mid)
-        below = torch.log(std / m) < targets
-        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
-    return (lo + hi) / 2
-
-
-def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
-    """Descending times 1 = s_0 > s_1 > ... > s_N = eps_s, N = steps, for every SDE solver. [F26]
-
-    'uniform' in s; 'quadratic': s_i = eps_s + (1 - eps_s) (1 - i / N)^2, steps shrinking near
-    s = 0 where the VP flow changes fastest; 'logsnr': uniform in lambda = log(m(s) / std(s));
-    'edm': sigma = std / m on Karras et al.'s grid sigma_i = (sigma_max^(1/rho) + i / N
-    (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho. None takes ``sde.spacing``, the grid measured
-    best for RK4 likelihoods with the exact score of a 16-d Gaussian (benchmarks/bench_samplers.py):
-    'quadratic' for VP, sub-VP and DiscreteVPSDE (RMS error at 48 NFE 2.4e-3 nats against 0.13
-    uniform, 0.019 logsnr, 0.030 edm), 'uniform' for VE (0.078 against 0.46 quadratic, 0.31
-    logsnr, 0.085 edm), whose log-sigma is already linear in s. A sequence ``steps`` is the grid
-    itself: strictly descending, in [0, 1], at least two times. Returns Python floats.
-    """
-    if not isinstance(steps, (int, float)):
-        grid = [float(s) for s in steps]
-        if len(grid) < 2 or not all(1 >= a > b >= 0 for a, b in zip(grid, grid[1:])):
-            raise ValueError(f"steps must be an int or a strictly descending grid of at least two "
-                             f"times in [0, 1], got {grid}")
-        return grid
-    _check_count("steps", steps, 1)
-    _check_unit_open("eps_s", eps_s)
-    spacing = getattr(sde, "spacing", "uniform") if spacing is None else spacing
-    _check_choice("spacing", spacing, set(GRIDS))
-    u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
-    if spacing == "uniform":
-        s = 1 - (1 - eps_s) * u
-    elif spacing == "quadratic":
-        s = eps_s + (1 - eps_s) * (1 - u) ** 2
-    else:
-        ends = torch.tensor([1.0, eps_s], dtype=torch.float64)
-        log_sigma = torch.log(torch.div(*reversed(sde.marginal_coefs(ends))))
-        if spacing == "logsnr":
-            log_sigma = log_sigma[0] + u * (log_sigma[1] - log_sigma[0])
+def _dpm_solver_2m(x0_fn, x, alphas, sigmas, callback):
+    """DPM-Solver++(2M) on points i with marginal x_i = alpha_i x0 + sigma_i eps. [F32]"""
+    lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alphas, sigmas)]
+    h = [b - a for a, b in zip(lam, lam[1:])]
+    x0_prev = None
+    for i in range(len(h)):
+        x0 = x0_fn(x, i)
+        if sigmas[i + 1] == 0:                   # a step to sigma = 0 lands on x0 (h -> inf)
+            x = x0
         else:
-            r = (log_sigma / rho).exp()
-            log_sigma = rho * torch.log(r[0] + u * (r[1] - r[0]))
-        s = _s_at_log_sigma(sde, log_sigma[1:-1])
-        s = torch.cat([ends[:1], s, ends[1:]])
-    return s.tolist()
+            D = x0 if i == 0 else x0 + h[i] / (2 * h[i - 1]) * (x0 - x0_prev)
+            x = sigmas[i + 1] / sigmas[i] * x - alphas[i + 1] * math.expm1(-h[i]) * D
+        x0_prev = x0
+        if callback is not None:
+            callback(i, x)
+    return x
 
 
-GRIDS = ("uniform", "quadratic", "logsnr", "edm")
+@torch.no_grad()
+def dpm_solver_sample(eps_model, sched, x, *, steps=10, clip_x0=None, callback=None):
+    """DPM-Solver++(2M): x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i.
+    [F32, F21] alpha, sigma = sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t); h_i the step in lambda =
+    log(alpha / sigma); D = x0_hat, after the first step (1 + 1/(2 r)) x0_hat - 1/(2 r) x0_hat_prev,
+    r = h_{i-1} / h_i (Lu et al. 2022). ``steps`` S: uniform in lambda from T to 1, rounded, or an
+    explicit grid; the last step (to sigma = 0) returns x0_hat, clipped by ``clip_x0``."""
+    _check_batch(x, "x")
+    _check_clip(clip_x0)
+    if isinstance(steps, int) and not isinstance(steps, bool) and 2 <= steps <= sched.T:
+        s = s_grid(DiscreteVPSDE(sched), steps - 1, 1 / sched.T, "logsnr")
+        steps = list(dict.fromkeys(max(1, round(u * sched.T)) for u in s))
+    grid = _time_grid(sched, steps)
+    ab, t_b = sched._alpha_bar[grid + [0]].tolist(), _long_steps(x, grid)
+    return _dpm_solver_2m(lambda y, i: _x0_hat(y, eps_model(y, t_b[i]), ab[i], clip_x0), x,
+                          [math.sqrt(a) for a in ab], [math.sqrt(1 - a) for a in ab], callback)
 
 
-def _coefs(sde, times):
-    """{s: (a(s), g(s)^2)} as Python floats: one float64 evaluation on the CPU for all times."""
-    s = torch.tensor(list(times), dtype=torch.float64)
-    return dict(zip(s.tolist(), zip(sde.drift_coef(s).tolist(), (sde.diffusion(s) ** 2).tolist())))
+@torch.no_grad()
+def dpm_solver_sde_sample(score_fn, sde, x, *, steps=10, eps_s=1e-3, spacing="logsnr",
+                          callback=None):
+    """DPM-Solver++(2M) for a score on a linear SDE, s = 1 to eps_s: alpha = m(s), sigma = std(s),
+    Tweedie's x0_hat = (x + std^2 score) / m; uniform in lambda by default. [F32, F21, F26]"""
+    _check_batch(x, "x")
+    grid = s_grid(sde, steps, eps_s, spacing)
+    _, _, m, std = zip(*_coefs(sde, grid).values())
+    s_b = [_full(x, s) for s in grid]
+    return _dpm_solver_2m(lambda y, i: (y + std[i] ** 2 * score_fn(y, s_b[i])) / m[i], x, m, std,
+                          callback)
 
 
 @torch.no_grad()
 def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0.16,
                        eps_s=1e-3, predictor="euler_maruyama", spacing="uniform", generator=None,
                        callback=None, known=None, mask=None):
-    """Predictor-corrector sampling of the reverse SDE on a grid from s = 1 to eps_s. [F24, F28]
-
-    Predictor from s to s' < s: 'euler_maruyama', x <- x - [a x - g^2 score] (s - s')
-    + g sqrt(s - s') z (F24); or 'reverse_diffusion', the reverse of the exact forward transition
-    x_s = A x_s' + G z: x <- (x + G^2 score) / A + G z, with A = m(s) / m(s') and
-    G^2 = v(s) - A^2 v(s') from the marginals, i.e. Tweedie's mean of A x_s' given x_s plus the
-    forward noise (F28); on DiscreteVPSDE(sched) with the grid t / T, t = T..0, it is ancestral
-    DDPM step for step (A = sqrt(alpha_t), G^2 = beta_t). The last predictor step adds no noise.
-    Corrector (``corrector_steps`` Langevin steps at fixed s before each predictor step, F17 with
-    eps = 2 delta): x <- x + delta score + sqrt(2 delta) z, delta = 2 alpha (snr ||z|| /
-    ||score||)^2 with the norms averaged over the batch as in Song et al.'s code (per-example
-    norms make delta heavy-tailed in low dimension), alpha = 1 with Euler-Maruyama (the
-    continuous rule) and alpha_i = A^2 with the reverse-diffusion predictor (1 - beta_i on the
-    discretized VP, 1 on VE), as F28 states. ``steps``: a count on the grid ``spacing``
-    (see s_grid; uniform by default: measured, the quadratic grid does not lower Euler-Maruyama's
-    W2 at 100-1000 steps) or an explicit grid (which may end at s = 0: the score is only
-    evaluated at the start of a step). Inpainting (F31): where the boolean ``mask`` is True,
-    x is replaced after every step by a sample of p_{0s}(x_s | known); the result equals
-    ``known`` there exactly (see ddpm_sample for the measured gap of the method).
-    score_fn(x, s) gets s as a (B,) tensor; coefficients are Python floats made before the loop.
-    """
+    """Predictor-corrector sampling of the reverse SDE from s = 1 to eps_s. [F24, F28]
+    Predictor, s to s' < s: 'euler_maruyama', x <- x - (a x - g^2 score)(s - s') + g sqrt(s - s')
+    z (F24); 'reverse_diffusion', x <- (x + G^2 score) / A + G z, the reverse of the exact forward
+    step x_s = A x_s' + G z, A = m(s) / m(s'), G^2 = v(s) - A^2 v(s') (F28): on DiscreteVPSDE with
+    the grid t / T, t = T..0, ancestral DDPM step for step. No noise at the last step. Before it,
+    ``corrector_steps`` Langevin steps x <- x + delta score + sqrt(2 delta) z, delta = 2 alpha (snr
+    ||z|| / ||score||)^2 (batch-averaged norms), alpha = 1, or A^2 (F28's alpha_i) with reverse
+    diffusion. Grid: uniform (measured: quadratic is worse at 200-1000 steps) or explicit, ending
+    >= 0. Inpainting (F31) as in ddpm_sample, with p_{0s}(x_s | known)."""
     _check_batch(x, "x")
     _check_inpainting(x, known, mask)
     _check_count("corrector_steps", corrector_steps, 0)
     _check_choice("predictor", predictor, {"euler_maruyama", "reverse_diffusion"})
     grid = s_grid(sde, steps, eps_s, spacing)
-    coefs = _coefs(sde, grid)
-    m, std = (c.tolist() for c in sde.marginal_coefs(torch.tensor(grid, dtype=torch.float64)))
-    s_b = [_full(x, s) for s in grid]
-    x = _replace_known_sde(x, known, mask, sde, grid[0], generator)
-    for i, (s, s_next) in enumerate(zip(grid, grid[1:])):
-        (a, g2), ds = coefs[s], s - s_next
-        A = m[i] / m[i + 1]                                   # forward transition s' -> s
-        G2 = std[i] ** 2 - A ** 2 * std[i + 1] ** 2
+    coefs, s_b = list(_coefs(sde, grid).values()), [_full(x, s) for s in grid]
+    x = _replace_known(x, known, mask, *coefs[0][2:], generator)
+    for i, ((a, g2, m, std), (_, _, m_next, std_next)) in enumerate(zip(coefs, coefs[1:])):
+        ds, A = grid[i] - grid[i + 1], m / m_next              # forward transition s' -> s
+        G2 = max(std ** 2 - A ** 2 * std_next ** 2, 0.0)
         alpha = A ** 2 if predictor == "reverse_diffusion" else 1.0
-        for _ in range(corrector_steps):                      # Langevin corrector [F28]
+        for _ in range(corrector_steps):                        # Langevin corrector [F28]
             score, z = score_fn(x, s_b[i]), _randn_like(x, generator)
             ratio = _sum_flat(z ** 2).sqrt().mean() / _sum_flat(score ** 2).sqrt().mean()
             delta = 2 * alpha * (snr * ratio) ** 2
             x = x + delta * score + (2 * delta).sqrt() * z
-        score, last = score_fn(x, s_b[i]), i == len(grid) - 2
-        if predictor == "euler_maruyama":                     # F24
+        score = score_fn(x, s_b[i])
+        if predictor == "euler_maruyama":                       # F24
             x, noise = x - (a * x - g2 * score) * ds, math.sqrt(g2 * ds)
-        else:                                                 # F28, reverse diffusion
-            x, noise = (x + G2 * score) / A, math.sqrt(max(G2, 0.0))
-        if not last:
+        else:                                                   # F28, reverse diffusion
+            x, noise = (x + G2 * score) / A, math.sqrt(G2)
+        if i < len(grid) - 2:
             x = x + noise * _randn_like(x, generator)
-            x = _replace_known_sde(x, known, mask, sde, s_next, generator)
+            x = _replace_known(x, known, mask, m_next, std_next, generator)
         elif mask is not None:
             x = torch.where(mask, known, x)
         if callback is not None:
@@ -1057,22 +901,19 @@ def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0
 
 def _ode_step(f, x, s, ds, method):
     """One step of size ds (either sign) of dx/ds = f(x, s): Euler, Heun or classic RK4."""
-    if method == "euler":
-        return x + ds * f(x, s)
-    if method == "heun":
-        k1 = f(x, s)
-        return x + ds / 2 * (k1 + f(x + ds * k1, s + ds))
     k1 = f(x, s)
+    if method == "euler":
+        return x + ds * k1
+    if method == "heun":
+        return x + ds / 2 * (k1 + f(x + ds * k1, s + ds))
     k2 = f(x + ds / 2 * k1, s + ds / 2)
     k3 = f(x + ds / 2 * k2, s + ds / 2)
-    k4 = f(x + ds * k3, s + ds)
-    return x + ds / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x + ds / 6 * (k1 + 2 * k2 + 2 * k3 + f(x + ds * k3, s + ds))
 
 
 ODE_METHODS = ("euler", "heun", "rk4", "rk45")
 _STAGES = {"euler": (0.0,), "heun": (0.0, 1.0), "rk4": (0.0, 0.5, 0.5, 1.0)}
-# Dormand & Prince (1980) 5(4): nodes c_2..c_7, rows a_2..a_7 (the last row is the 5th-order
-# solution, so k_7 = f(x_new) starts the next step: first same as last), error weights b - b*.
+# Dormand-Prince 5(4): c_2..c_7, a_2..a_7 (a_7 = b: k_7 = f(x_new) is reused), b - b*.
 _DOPRI_C = (1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 _DOPRI_A = ((1 / 5,), (3 / 40, 9 / 40), (44 / 45, -56 / 15, 32 / 9),
             (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
@@ -1082,55 +923,43 @@ _DOPRI_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, 
 
 
 def _rk45(f, x, s0, s1, rtol, atol, max_steps):
-    """Integrate dx/ds = f(x, s) from s0 to s1 by Dormand-Prince 5(4); returns (x, nfe). [F26]
-
-    Error per attempt: e = ds sum_j (b_j - b*_j) k_j, measured as the max over the batch of the
-    per-example RMS of e / (atol + rtol max(|x|, |x_new|)), so no example is integrated more
-    loosely than asked; accepted when <= 1. Next step h * min(10, max(0.2, 0.9 err^(-1/5)))
-    (no growth after a rejection); the first h from Hairer, Norsett & Wanner's rule (II.4).
-    One host synchronization per attempt (the accept test) is inherent to adaptivity.
-    """
+    """dx/ds = f(x, s) from s0 to s1 by Dormand-Prince 5(4); returns (x, nfe). [F26, F27]
+    The error is the max over the batch of per-example RMS(e / (atol + rtol max(|x|, |x_new|))),
+    so no example is integrated more loosely; h *= min(10, max(0.2, 0.9 err^(-1/5))), no growth
+    after a rejection; first h as Hairer et al. II.4. One host sync per attempt (adaptivity)."""
     def norm(v, y, y_new):
         scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
         return (v / scale).flatten(1).square().mean(1).sqrt().max().item()
-
-    sign, span = (1.0 if s1 > s0 else -1.0), abs(s1 - s0)
-    k1 = f(x, s0)
+    sign, k1 = (1.0 if s1 > s0 else -1.0), f(x, s0)
     d0, d1 = norm(x, x, x), norm(k1, x, x)
     h0 = 1e-6 if min(d0, d1) < 1e-5 else 0.01 * d0 / d1
     d2 = norm(f(x + sign * h0 * k1, s0 + sign * h0) - k1, x, x) / h0
-    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2
-    h, s, nfe, attempts, rejected = min(100 * h0, h1, span), s0, 2, 0, False
+    h = min(100 * h0, max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2)
+    s, nfe, attempts, rejected = s0, 2, 0, False
     while sign * (s1 - s) > 0:
         if attempts >= max_steps:
             raise RuntimeError(f"rk45 reached max_steps = {max_steps} at s = {s:.6g} before "
-                               f"s = {s1} (rtol = {rtol}, atol = {atol}): raise max_steps or "
-                               f"the tolerances")
+                               f"s = {s1} (rtol = {rtol}, atol = {atol})")
         attempts, last = attempts + 1, h >= abs(s1 - s)
-        ds = s1 - s if last else sign * h
-        ks = [k1]
+        ds, ks = (s1 - s if last else sign * h), [k1]
         for c, row in zip(_DOPRI_C, _DOPRI_A):
             y = x + ds * sum(a * k for a, k in zip(row, ks) if a)
             ks.append(f(y, s1 if last and c == 1 else s + c * ds))
-        nfe += 6
-        err = norm(ds * sum(e * k for e, k in zip(_DOPRI_E, ks) if e), x, y)
+        nfe, err = nfe + 6, norm(ds * sum(e * k for e, k in zip(_DOPRI_E, ks) if e), x, y)
         if err <= 1:
             s, x, k1 = (s1 if last else s + ds), y, ks[-1]
-            factor = 10.0 if err == 0 else min(10.0, 0.9 * err ** -0.2)
-            h *= min(factor, 1.0) if rejected else factor
+            h *= min(10.0 if err == 0 else 0.9 * err ** -0.2, 1.0 if rejected else 10.0)
             rejected = False
-        else:
-            h, rejected = h * max(0.2, 0.9 * err ** -0.2 if err == err else 0.2), True
+        else:                                        # a NaN error also shrinks h
+            h, rejected = h * max(0.2, 0.9 * err ** -0.2), True
     return x, nfe
 
 
-def _solve_ode(f, x, grid, method, rtol=1e-5, atol=1e-5, max_steps=10_000, stats=None,
-               callback=None):
-    """Integrate dx/ds = f along grid (either direction): fixed steps, or rk45 between its ends."""
-    _check_choice("method", method, set(ODE_METHODS))
+def _solve_ode(f, x, grid, method, rtol, atol, max_steps, stats, callback=None):
+    """dx/ds = f along grid (either direction): fixed steps, or rk45 between its ends."""
     if method == "rk45":
-        _check_positive("rtol", rtol)
-        _check_positive("atol", atol)
+        _check_real("rtol", rtol)
+        _check_real("atol", atol)
         _check_count("max_steps", max_steps, 1)
         x, nfe = _rk45(f, x, grid[0], grid[-1], rtol, atol, max_steps)
     else:
@@ -1144,19 +973,15 @@ def _solve_ode(f, x, grid, method, rtol=1e-5, atol=1e-5, max_steps=10_000, stats
     return x
 
 
-def _flow(score_fn, sde, x, grid=(), method="rk45"):
-    """The probability-flow drift a(s) x - 1/2 g(s)^2 score(x, s) as f(x, s float). [F26]
-
-    Coefficients and time tensors for every stage of the fixed grid are made before the loop
-    (floats keyed by s); other times (rk45) are made on first use.
-    """
-    stages = _STAGES.get(method, ())
-    times = {s + c * (s_next - s) for s, s_next in zip(grid, grid[1:]) for c in stages}
-    cache = {s: (a, g2, _full(x, s)) for s, (a, g2) in _coefs(sde, times).items()} if times else {}
+def _flow(score_fn, sde, x, grid, method):
+    """The probability flow a(s) x - 1/2 g(s)^2 score(x, s) as f(x, s float) [F26], with floats
+    and time tensors for every stage of a fixed grid made before the loop (others on first use)."""
+    times = {s + c * (b - s) for s, b in zip(grid, grid[1:]) for c in _STAGES.get(method, ())}
+    cache = {s: (a, g2, _full(x, s)) for s, (a, g2, _, _) in _coefs(sde, times).items()}
 
     def f(y, s):
         if s not in cache:
-            (a, g2), = _coefs(sde, [s]).values()
+            (a, g2, _, _), = _coefs(sde, [s]).values()
             cache[s] = a, g2, _full(x, s)
         a, g2, s_b = cache[s]
         return a * y - 0.5 * g2 * score_fn(y, s_b)
@@ -1164,25 +989,21 @@ def _flow(score_fn, sde, x, grid=(), method="rk45"):
 
 
 def _ode_grid(sde, steps, eps_s, spacing, method):
-    """The solvers' grid: rk45 needs only its ends; Euler defaults to uniform (measured: the
-    quadratic grid raises Euler's W2 on the 16-d Gaussian, 0.20 against 0.13 at 10 NFE)."""
-    if method == "rk45" and isinstance(steps, int):
-        steps = 1
-    return s_grid(sde, steps, eps_s, "uniform" if spacing is None and method == "euler" else spacing)
+    """Checks, and the solvers' grid: rk45 needs only its ends; Euler defaults to uniform
+    (measured: the quadratic grid raises its W2 on the 16-d Gaussian, 0.20 against 0.13 at 10)."""
+    _check_choice("method", method, set(ODE_METHODS))
+    steps = 1 if method == "rk45" and isinstance(steps, int) else steps
+    spacing = "uniform" if spacing is None and method == "euler" else spacing
+    return s_grid(sde, steps, eps_s, spacing)
 
 
 @torch.no_grad()
 def ode_sample(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-3, spacing=None,
                rtol=1e-5, atol=1e-5, max_steps=10_000, stats=None, callback=None):
-    """Integrate the probability-flow ODE dx/ds = f - 1/2 g^2 score from s = 1 to eps_s. [F26]
-
-    ``method``: 'euler' (1 score evaluation per step), 'heun' (2), 'rk4' (4) on the grid of
-    ``steps`` and ``spacing`` (see s_grid: by default the SDE's, uniform for Euler), or 'rk45',
-    adaptive
-    Dormand-Prince with ``rtol``, ``atol`` and at most ``max_steps`` attempts (RuntimeError
-    beyond), between the grid's ends. A dict ``stats`` receives 'nfe', the score evaluations used.
-    Deterministic: the same x gives the same sample, and ode_encode inverts it.
-    """
+    """The probability-flow ODE dx/ds = f - 1/2 g^2 score from s = 1 to eps_s. [F26]
+    ``method`` 'euler', 'heun', 'rk4' (1, 2, 4 evaluations per step) on the grid ``steps``,
+    ``spacing`` (s_grid; by default the SDE's, uniform for Euler), or 'rk45' between the grid's
+    ends (``rtol``, ``atol``, RuntimeError after ``max_steps``); ``stats`` receives 'nfe'."""
     _check_batch(x, "x")
     grid = _ode_grid(sde, steps, eps_s, spacing, method)
     return _solve_ode(_flow(score_fn, sde, x, grid, method), x, grid, method, rtol, atol,
@@ -1192,76 +1013,12 @@ def ode_sample(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-3, spacing
 @torch.no_grad()
 def ode_encode(score_fn, sde, x0, *, steps=100, method="rk4", eps_s=1e-3, spacing=None,
                rtol=1e-5, atol=1e-5, max_steps=10_000, stats=None):
-    """Run the probability-flow ODE forward, data -> latent, from s = eps_s to 1. [F26]
-
-    The grid of ode_sample traversed backwards; the same methods and ``stats``.
-    """
+    """The probability-flow ODE forward, data -> latent, from s = eps_s to 1: ode_sample's grid
+    backwards, the same methods. [F26]"""
     _check_batch(x0, "x0")
     grid = _ode_grid(sde, steps, eps_s, spacing, method)[::-1]
     return _solve_ode(_flow(score_fn, sde, x0, grid, method), x0, grid, method, rtol, atol,
                       max_steps, stats)
-
-
-def _dpm_solver_2m(x0_fn, x, alphas, sigmas, callback):
-    """DPM-Solver++(2M) on points i with marginal x_i = alpha_i x0 + sigma_i eps. [F32]"""
-    lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alphas, sigmas)]
-    x0_prev = h_prev = None
-    for i in range(len(alphas) - 1):
-        x0 = x0_fn(x, i)
-        if sigmas[i + 1] == 0:                   # a step to sigma = 0 lands on x0 (h -> inf)
-            x, h = x0, math.inf
-        else:
-            h = lam[i + 1] - lam[i]
-            D = x0 if x0_prev is None else x0 + h / (2 * h_prev) * (x0 - x0_prev)
-            x = sigmas[i + 1] / sigmas[i] * x - alphas[i + 1] * math.expm1(-h) * D
-        x0_prev, h_prev = x0, h
-        if callback is not None:
-            callback(i, x)
-    return x
-
-
-@torch.no_grad()
-def dpm_solver_sample(eps_model, sched, x, *, steps=10, clip_x0=None, callback=None):
-    """DPM-Solver++(2M) for an eps model: x_i = (sigma_i / sigma_{i-1}) x_{i-1}
-    - alpha_i (e^{-h_i} - 1) D_i, D from the last two x0_hat. [F32, F21]
-
-    alpha = sqrt(alpha_bar_t), sigma = sqrt(1 - alpha_bar_t), h_i the step in lambda =
-    log(alpha / sigma), x0_hat = (x_t - sigma eps) / alpha (clipped with ``clip_x0``);
-    D_i = x0_hat_{i-1} at the first step, else (1 + 1 / (2 r)) x0_hat_{i-1} - 1 / (2 r)
-    x0_hat_{i-2}, r = h_{i-1} / h_i (Lu et al. 2022, data prediction, second-order multistep).
-    ``steps``: S points uniform in lambda from t = T to t = 1 on DiscreteVPSDE(sched), rounded to
-    integer steps (repeats dropped), or an explicit grid as for ddim_sample; a last step to t = 0
-    (sigma = 0) returns x0_hat of the last point, so S is also the number of eps evaluations.
-    Deterministic.
-    """
-    _check_batch(x, "x")
-    _check_clip(clip_x0)
-    if isinstance(steps, int) and not isinstance(steps, bool) and 2 <= steps <= sched.T:
-        s = s_grid(DiscreteVPSDE(sched), steps - 1, 1 / sched.T, "logsnr")
-        steps = list(dict.fromkeys(max(1, round(u * sched.T)) for u in s))
-    grid = _time_grid(sched, steps)
-    ab = sched._alpha_bar[grid + [0]].tolist()
-    t_b = _long_steps(x, grid)
-    return _dpm_solver_2m(lambda y, i: _x0_hat(y, eps_model(y, t_b[i]), ab[i], clip_x0), x,
-                          [math.sqrt(a) for a in ab], [math.sqrt(1 - a) for a in ab], callback)
-
-
-@torch.no_grad()
-def dpm_solver_sde_sample(score_fn, sde, x, *, steps=10, eps_s=1e-3, spacing="logsnr",
-                          callback=None):
-    """DPM-Solver++(2M) for a score on a linear SDE, from s = 1 to eps_s. [F32, F21, F26]
-
-    The update of dpm_solver_sample with alpha = m(s), sigma = std(s) of the marginal (F23) and
-    the data prediction of Tweedie, x0_hat = (x + std^2 score(x, s)) / m (F21); the grid is
-    uniform in lambda = log(m / std) by default (``spacing``, see s_grid; or an explicit grid).
-    ``steps`` score evaluations; deterministic, an exponential integrator of the flow F26.
-    """
-    _check_batch(x, "x")
-    grid = s_grid(sde, steps, eps_s, spacing)
-    m, std = (c.tolist() for c in sde.marginal_coefs(torch.tensor(grid, dtype=torch.float64)))
-    s_b = [_full(x, s) for s in grid]
-    return _dpm_solver_2m(lambda y, i: (y + std[i] ** 2 * score_fn(y, s_b[i])) / m[i], x, m, std,
-                          callback)
 
 
 # --- likelihood [F27] ----------------------------------------------------------------------------
@@ -1287,27 +1044,18 @@ def _divergence(f, x, probes):
 def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5, spacing=None,
                    rtol=1e-5, atol=1e-5, max_steps=10_000, divergence="exact", n_probes=1,
                    probe="rademacher", dequantize=False, generator=None):
-    """log p_0(x) = log p_1(x_1) + int_0^1 div_x f~(x_s, s) ds along the probability flow. [F27]
-
-    f~ is the F26 drift; the ODE runs from s = eps_s to 1 (the grid of ode_sample backwards, or
-    'rk45' adaptively: see ode_sample) with the log-density change as an extra coordinate.
-    ``divergence='exact'`` costs one backward pass per dimension (small d); 'hutchinson' uses
-    v^T (grad f~) v with ``n_probes`` fixed probes (``probe`` 'rademacher' or 'gaussian'), an
-    unbiased estimate. Returns a dict: (B,) tensors 'nats' = log p(x) and 'bpd' = -log p /
-    (d ln 2), and 'nfe', the number of score evaluations (each with its divergence).
-
-    8-bit images (``dequantize=True``): x in [-1, 1] on the grid 2 k / 255 - 1 gets uniform noise
-    over its bin (width 2 / 255), y = x + (2 / 255)(u - 1/2); 'nats' is then log p(y), and 'bpd' is
-    bits per 8-bit value, -(log p(y) + d log(2 / 255)) / (d ln 2): the log-Jacobian of the scaling
-    from 0..255 to [-1, 1] (and the bin volume) makes it comparable with published numbers.
-    """
+    """log p_0(x) = log p_1(x_1) + int_0^1 div_x f~(x_s, s) ds along the flow f~ (F26). [F27]
+    Integrated from eps_s to 1 as ode_encode, the log-density an extra coordinate; divergence
+    'exact' or 'hutchinson' (n_probes fixed probes, unbiased). Returns (B,) 'nats', 'bpd' = -nats
+    / (d ln 2), and 'nfe'. ``dequantize`` (8-bit x = 2 k / 255 - 1): y = x + (2 / 255)(u - 1/2),
+    'nats' = log p(y), 'bpd' = -(log p(y) + d log(2 / 255)) / (d ln 2), as in the papers."""
     _check_batch(x, "x")
     _check_choice("divergence", divergence, {"exact", "hutchinson"})
     _check_count("n_probes", n_probes, 1)
     shape, d = x.shape, x[0].numel()
     if dequantize:
-        u = torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = x + 2 / 255 * (u - 0.5)
+        x = x + 2 / 255 * (torch.rand(shape, generator=generator, device=x.device,
+                                      dtype=x.dtype) - 0.5)
     probes = None
     if divergence == "hutchinson":
         probes = [_probe(x, probe, generator) for _ in range(n_probes)]
@@ -1330,16 +1078,11 @@ def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5, spa
 
 def guided_score(score_fn, log_likelihood_fn, w):
     """grad log p_s(x) + w grad_x log p_s(y | x), by autograd of the log-likelihood. [F30]
-
-    Bayes' rule for scores: with w = 1 this is grad log p_s(x | y) (p(y) drops out); w > 1
-    sharpens the conditional (classifier guidance). log_likelihood_fn(x, s) returns log p_s(y | x)
-    per example (B,) for the wanted y, e.g. a noise-conditional classifier's log-softmax at y.
-    Returns a score function (x, s) usable in every sampler. Where x requires grad with grad
-    enabled (ode_likelihood's divergence), the gradient keeps its graph in x, so the divergence
-    includes w tr(Hessian of log p(y | x)).
-    """
+    w = 1 gives grad log p_s(x | y) (p(y) drops out), w > 1 sharpens it; log_likelihood_fn(x, s)
+    -> (B,). Where x requires grad (ode_likelihood's divergence) the graph is kept, so the
+    divergence includes w tr(Hessian of log p(y | x))."""
     def guided(x, s):
-        create_graph = torch.is_grad_enabled() and x.requires_grad   # keep d/dx for divergences
+        create_graph = torch.is_grad_enabled() and x.requires_grad
         with torch.enable_grad():
             x_ = x if create_graph else x.detach().requires_grad_(True)
             grad = torch.autograd.grad(log_likelihood_fn(x_, s).sum(), x_,
@@ -1349,23 +1092,15 @@ def guided_score(score_fn, log_likelihood_fn, w):
 
 
 def classifier_free(cond_fn, uncond_fn, w):
-    """Classifier-free guidance: (1 + w) cond(x, s) - w uncond(x, s). [F30]
-
-    For eps-models eps_tilde = (1 + w) eps(x, y) - w eps(x, null); the same line combines scores.
-    It is F30 with the classifier's gradient grad log p(y | x) = score(x | y) - score(x) read off
-    one network trained with label dropout: w = 0 is the plain conditional model.
-    """
+    """Classifier-free guidance: (1 + w) cond(x, s) - w uncond(x, s), for eps or scores. [F30]
+    F30 with grad log p(y | x) = score(x | y) - score(x); w = 0 is the conditional model."""
     return lambda x, s: (1 + w) * cond_fn(x, s) - w * uncond_fn(x, s)
 
 
 def energy_score(energy_fn):
     """Score of p(x) = exp(-E(x)) / Z: s(x, ...) = -grad_x E(x, ...); Z drops out. [F14]
-
-    energy_fn(x, *cond) returns one energy per example (B,). The returned score takes the same
-    arguments, so it plugs into every loss and sampler. While gradients are enabled (training) the
-    gradient is taken with create_graph=True, so losses differentiate through it; inside a sampler
-    (no_grad) it is a plain tensor.
-    """
+    energy_fn(x, *cond) -> (B,). With gradients enabled it keeps the graph (losses differentiate
+    through it); in a no_grad sampler it is a plain tensor."""
     def score(x, *cond):
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
@@ -1376,11 +1111,8 @@ def energy_score(energy_fn):
 
 
 def colour_basis(dtype=torch.float64, device=None):
-    """An orthogonal 3x3 matrix M whose first row (1, 1, 1) / sqrt(3) is the grey axis. [F31]
-
-    Colorization is inpainting in y = M x (per pixel, over the channel dimension): the first
-    channel, sqrt(3) x grey, is known; the other two (orthonormal colour differences) are filled in.
-    """
+    """An orthogonal 3x3 M whose first row (1, 1, 1) / sqrt(3) is the grey axis. [F31]
+    Colorization is inpainting in y = M x over the channels: the grey channel is known."""
     return torch.tensor([[1 / math.sqrt(3)] * 3,
                          [1 / math.sqrt(2), -1 / math.sqrt(2), 0.0],
                          [1 / math.sqrt(6), 1 / math.sqrt(6), -2 / math.sqrt(6)]],
@@ -1398,13 +1130,9 @@ def from_colour_basis(y):
 
 
 def in_colour_basis(model_fn):
-    """The model seen in the colour basis: y -> M model(M^T y, ...). [F31]
-
-    An orthogonal change of variables maps scores (and eps predictions) by the same M, so any
-    sampler run in y space with this model and ``colorization_known`` colorizes a grey image:
+    """The model seen in the colour basis: y -> M model(M^T y, ...); scores and eps map by M.
     ``from_colour_basis(ddpm_sample(in_colour_basis(eps_model), sched, to_colour_basis(x_T),
-    known=known, mask=mask))``.
-    """
+    known=known, mask=mask))`` colorizes, (known, mask) from ``colorization_known``. [F31]"""
     return lambda y, *args: to_colour_basis(model_fn(from_colour_basis(y), *args))
 
 
