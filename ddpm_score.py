@@ -1808,10 +1808,6 @@ def check_out(config):
         raise ValueError(f"out: cannot write to {out} ({one_line(e)})")
 
 
-RUN_OUTPUTS = ("ckpt.pt", "config.json", "loss.csv", "samples*.p*", "trajectory_*.png",
-               "inpaint_*.p*", "classifier")  # what --overwrite deletes, and nothing else
-
-
 def resolve_config(config, data):
     """The config as the run stores it: the data path made absolute, None (auto) fields set for
     points or images, levels detected, and for ncsn and ve sigma_max = 0 set to the largest
@@ -1869,8 +1865,9 @@ def train(config, stop=None):
     if (config.conditional or config.classifier) and data.y is None:
         raise ValueError(f"data: {config.data} has no labels y (save a .pt dict {{'x', 'y'}})")
     k = int(data.y.max()) + 1 if config.conditional or config.classifier else None
-    for path in (p for pattern in RUN_OUTPUTS for p in out.glob(pattern)) if (
-            rank == 0 and config.overwrite) else ():
+    outputs = ("ckpt.pt", "config.json", "loss.csv", "samples*.p*", "trajectory_*.png",
+               "inpaint_*.p*", "classifier")  # the run's own outputs: --overwrite deletes them
+    for path in (p for o in outputs for p in out.glob(o)) if rank == 0 and config.overwrite else ():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     if rank == 0 and config.data not in DATASETS:
         print(f"data: {len(data.x)} training and {len(data.x_test)} held-out examples of shape "
@@ -2108,10 +2105,6 @@ def load_run(run_dir, device="cpu", use_ema=True):
     return Model(config, net.eval(), METHODS[config.method].process(config), shape, k)
 
 
-PROCESS_FIELDS = {"ddpm": ("schedule", "T"), "ncsn": ("sigma_min", "sigma_max", "n_sigmas"),
-                  "ve": ("sigma_min", "sigma_max")}  # the fields that define each noise process
-
-
 def load_classifier(run_dir, m, device="cpu"):
     """The classifier of run m, RUN/classifier (`train --classifier --out RUN/classifier`);
     ValueError if there is none or it was trained on other data or another noise process."""
@@ -2120,7 +2113,9 @@ def load_classifier(run_dir, m, device="cpu"):
         raise ValueError(f"guide: {run_dir} has no classifier; train one with "
                          f"`python ddpm_score.py train --classifier --out {path}`")
     clf = load_run(path, device)
-    for key in ("data", "method", *PROCESS_FIELDS.get(m.config.method, ())):
+    process_fields = {"ddpm": ("schedule", "T"), "ncsn": ("sigma_min", "sigma_max", "n_sigmas"),
+                      "ve": ("sigma_min", "sigma_max")}.get(m.config.method, ())
+    for key in ("data", "method", *process_fields):
         if getattr(clf.config, key) != getattr(m.config, key):
             raise ValueError(f"classifier: {path} was trained with {key} = "
                              f"{getattr(clf.config, key)!r}, the run with {key} = "
@@ -2218,14 +2213,6 @@ def number(kind, **bounds):
     return parse
 
 
-def data_name(value):
-    """argparse type for --data: a built-in name or a .pt/.npy path."""
-    if value in DATASETS or value.endswith((".pt", ".npy")):
-        return value
-    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from "
-                                     f'{", ".join(DATASETS)}, or a .pt/.npy file)')
-
-
 RUN_FLAGS = [  # (subcommands, flag, argparse keywords) of sample and nll
     ("sample nll", "--run", dict(required=True, help="run folder written by train")),
     ("sample nll", "--seed", dict(type=number(int, lo=0), default=0, help="(%(default)s)")),
@@ -2247,7 +2234,7 @@ RUN_FLAGS = [  # (subcommands, flag, argparse keywords) of sample and nll
     ("sample", "--completions", dict(type=number(int, lo=1), default=4,
                                      help="completions per image (%(default)s)")),
     ("nll", "--n", dict(type=number(int, lo=1), default=256, help="examples (%(default)s)")),
-    ("nll", "--data", dict(type=data_name, help="score this .pt/.npy file, not held-out data")),
+    ("nll", "--data", dict(help="score this .pt/.npy file, not the held-out data")),
     ("nll", "--levels", dict(type=number(int, lo=0), help="grey levels (0: continuous; "
                              "default: the run's)")),
     ("nll", "--steps", dict(type=number(int, lo=0), default=100,
@@ -2280,8 +2267,7 @@ def make_parser(defaults=TrainConfig()):
         elif meta["choices"]:
             kw["choices"] = meta["choices"]
         else:
-            kw["type"] = data_name if f.name == "data" else str if f.type is str else number(
-                f.type, **meta)
+            kw["type"] = str if f.type is str else number(f.type, **meta)
         subs["train"].add_argument("--" + f.name.replace("_", "-"), **kw)
     for names, flag, kw in RUN_FLAGS:
         for name in names.split():

@@ -355,14 +355,16 @@ def test_an_unusable_out_fails_before_training_starts(tmp_path, capsys):
     assert "cannot write" in err and "out:" in err
 
 
-@pytest.mark.parametrize("flag, value, listed", [("--method", "ddim", "ddpm"),
-                                                 ("--data", "mnist", "moons"),
-                                                 ("--schedule", "quadratic", "cosine")])
-def test_unknown_names_exit_2_listing_the_choices(capsys, flag, value, listed):
-    err = one_line_error(capsys, ["train", flag, value])
-    assert "invalid choice" in err and listed in err
+@pytest.mark.parametrize("flag, value, says", [("--method", "ddim", "invalid choice: 'ddim'"),
+                                               ("--data", "mnist", "neither one of"),
+                                               ("--schedule", "quadratic", "invalid choice")])
+def test_unknown_names_exit_2_listing_the_choices(capsys, tmp_path, flag, value, says):
+    err = one_line_error(capsys, ["train", flag, value, "--out", str(tmp_path / "never")])
+    assert says in err and ("moons" in err if flag == "--data" else "cosine" in err or "ddpm" in err)
+    listed = {"--method": "ddpm", "--data": "moons", "--schedule": "cosine"}[flag]
     with pytest.raises(ValueError, match=listed):
         ds.check_config(ds.TrainConfig(**{flag[2:]: value}))
+    assert not (tmp_path / "never").exists()
 
 
 def write_npy(path, header, payload):
