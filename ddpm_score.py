@@ -2005,7 +2005,8 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
                  device="cpu", known=None, mask=None, frames=None, batch=2000):
     """n samples from run m with `sampler` ('' = the run's, else the method's first) and `steps`
     (0 = its default), in batches of `batch`: labels y (n,) or None, guidance w (guided_model),
-    inpainting with known and mask (n, ...) [F31]; on images x0_hat is clipped to [-1, 1].
+    inpainting with known and mask (n, ...) [F31]; on images x0_hat (where the sampler has one)
+    and the samples are clipped to the data range [-1, 1].
     Prints a progress line; the list `frames` receives (steps done, x) for at most FRAMES evenly
     spaced states of the first batch and its start, so memory does not grow with the steps."""
     method = METHODS[m.config.method]
@@ -2040,7 +2041,7 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
         model = guided_model(m, None if y is None else y[part].to(device), w, classifier)
         out.append(s.fn(model, m.process, x, steps=steps, generator=g, callback=callback,
                         **options).float().cpu())
-    return torch.cat(out)
+    return torch.cat(out).clamp(-1, 1) if len(m.shape) == 3 else torch.cat(out)
 
 
 def final_samples(m, data, device):
@@ -2298,10 +2299,13 @@ def train_command(args, argv):
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-    signal.signal(signal.SIGINT, on_sigint)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     try:
         result = train(config, stop)
     finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
         if dist.is_initialized():
             dist.destroy_process_group()
     if result.interrupted:

@@ -347,6 +347,14 @@ def test_bad_combinations_exit_2_before_any_work(capsys, tmp_path, argv, says):
     assert says in err and not (tmp_path / "never").exists(), err
 
 
+def test_a_schedule_that_ends_far_from_the_prior_is_refused(tmp_path, capsys, monkeypatch):
+    """F5: with the unscaled linear betas (1e-4..0.02 for every T) T = 100 ends at
+    sqrt(alpha_bar_T) = 0.60, while sampling starts from N(0, I): one line, exit 2."""
+    monkeypatch.setitem(ds.BETAS, "linear", lambda T: torch.linspace(1e-4, 0.02, T, dtype=F64))
+    err = one_line_error(capsys, ["train", "--T", "100", "--out", str(tmp_path / "never")])
+    assert "sqrt(alpha_bar_T) = 0.60" in err and not (tmp_path / "never").exists()
+
+
 def test_an_unusable_out_fails_before_training_starts(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     err = one_line_error(capsys, ["train", "--out", str(tmp_path / "file")])
@@ -783,12 +791,12 @@ def test_your_own_images_with_labels_end_to_end(tmp_path, capsys):
 # --- the README, verbatim ------------------------------------------------------------------------
 
 
-def readme_commands():
-    """The `python ...` lines of the README's sh blocks, in order (make and torchrun lines are
-    covered by the Makefile and the DDP test)."""
+def readme_commands(start=("python ",)):
+    """The lines of the README's sh blocks that start with `start`, in order (make and torchrun
+    lines are covered by the Makefile and the DDP test)."""
     blocks = re.findall(r"```sh\n(.*?)```", (HERE / "README.md").read_text(), re.S)
     lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
-    return [line for line in lines if line.startswith("python ")]
+    return [line for line in lines if line.startswith(start)]
 
 
 SMALL = {"train": ["--steps", "3", "--n-train", "200", "--n-samples", "16", "--sample-steps", "3",
@@ -811,6 +819,12 @@ def readme_runs(tmp_path_factory):
         done.append((line, subprocess.run(argv, cwd=root, env=env, capture_output=True,
                                           text=True, timeout=120)))
     return root, done
+
+
+def test_every_example_of_the_help_is_a_readme_command():
+    examples = [line.split("  #")[0].strip() for line in ds.main.__doc__.splitlines()]
+    readme = readme_commands(("python ", "torchrun "))
+    assert all(line in readme for line in examples if line.startswith(("python", "torchrun")))
 
 
 def test_every_readme_command_runs_verbatim_without_warnings(readme_runs):
