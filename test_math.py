@@ -58,8 +58,8 @@ def assert_close64(actual, expected, rtol=RTOL, atol=ATOL):
 
 
 def col(values, x):
-    """Per-example numbers (length B) as a float64 (B, 1, ..., 1) column that broadcasts on x."""
-    return torch.as_tensor(values, dtype=F64).reshape(-1, *([1] * (x.ndim - 1)))
+    """Per-example numbers (length B, or one) as a (B, 1, ..., 1) column in x's dtype."""
+    return torch.as_tensor(values, dtype=x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
 def flat_mean(x):
@@ -885,7 +885,7 @@ def fisher(A, b, P, mu, cov):
     return (torch.trace(M @ cov @ M.T) + (M @ mu + c).square().sum()).item()
 
 
-def test_F18_dsm_is_the_noised_fisher_divergence_plus_a_constant():
+def test_F15_F18_dsm_is_the_noised_fisher_divergence_plus_a_constant():
     """[F18, F15] Gaussian data N(mu, Sigma), d = 3, linear s(x) = A x + b, one sigma: dsm_loss
     = sigma^2 / d E||s - grad log p_sigma||^2 + const, p_sigma = N(mu, Sigma + sigma^2 I); the
     constant is the loss of the true score,
@@ -913,7 +913,7 @@ def test_F18_dsm_is_the_noised_fisher_divergence_plus_a_constant():
         assert abs(diff.mean().item() - expected) < N_SE * se
 
 
-def test_F16_implicit_score_matching_is_the_fisher_divergence_minus_a_constant():
+def test_F15_F16_implicit_score_matching_is_the_fisher_divergence_minus_a_constant():
     """[F16, F15] Gaussian data, linear s(x) = A x + b: score_matching_loss = (1/2 E||s - s*||^2
     - 1/2 E||s*||^2) / d with E||s*||^2 = tr(Sigma^-1); per example it is (1/2||s||^2 + tr A)/d."""
     d, N = 3, 20000
@@ -1154,7 +1154,7 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
-def test_bad_input_raises_value_error_naming_the_argument(case):
+def test_F1_to_F25_bad_input_raises_value_error_naming_the_argument(case):
     """[F1-F25 inputs] each public function of the math core rejects bad input with ValueError
     whose message names the offending argument."""
     fn, match = BAD_INPUT[case]
@@ -1172,13 +1172,13 @@ def test_bad_input_raises_value_error_naming_the_argument(case):
 # and (b) the target, within a measured and stated discretization bound. The mixture checks are
 # statistical, each at 5 Monte Carlo standard errors (two-sided p ~ 6e-7 per check).
 
-F64 = torch.float64
 MU = torch.tensor([1.0, -0.5, 0.25], dtype=F64)
 SIGMA = torch.tensor([[1.0, 0.5, 0.2], [0.5, 0.8, -0.2], [0.2, -0.2, 0.5]], dtype=F64)
 # eigenvalues of SIGMA: 0.158, 0.731, 1.411
 MIX_W = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=F64)
 MIX_MU = torch.tensor([[-1.5, -1.5], [1.5, -1.5], [-1.5, 1.5], [1.5, 1.5]], dtype=F64)
 MIX_STD = torch.tensor([0.3, 0.2, 0.15, 0.1], dtype=F64)
+MIX = (MIX_W, MIX_MU, MIX_STD)
 VP, VE = dict(beta_min=0.1, beta_max=20.0), dict(sigma_min=0.01, sigma_max=50.0)
 SDES = {"vp": lambda: ds.VPSDE(**VP), "subvp": lambda: ds.SubVPSDE(**VP),
         "ve": lambda: ds.VESDE(**VE)}
@@ -1189,17 +1189,13 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def _col(v, x):
-    """A float or (B,) tensor as a (B, 1, ..., 1) column in x's dtype."""
-    return torch.as_tensor(v, dtype=x.dtype).reshape(-1, *[1] * (x.ndim - 1))
-
-
 # Exact scores, schedules and SDE marginals --------------------------------------------------------
 
 def ref_gauss_score(x, m, v, mu=MU, cov=SIGMA):
-    """grad log N(x; m mu, m^2 cov + v I): N(mu, cov) pushed through x = m x0 + sqrt(v) eps."""
+    """grad log N(x; m mu, m^2 cov + v I) over the last dimension of x: N(mu, cov) pushed through
+    x = m x0 + sqrt(v) eps; m and v numbers or per-example (B,)."""
     lam, Q = torch.linalg.eigh(cov.to(x.dtype))
-    m, v = _col(m, x), _col(v, x)
+    m, v = col(m, x), col(v, x)
     y = (x - m * mu.to(x.dtype)) @ Q
     return -(y / (m ** 2 * lam + v)) @ Q.T
 
@@ -1210,32 +1206,30 @@ def ref_gauss_affine(m, v, mu=MU, cov=SIGMA):
     return -C_inv, C_inv @ (m * mu)
 
 
-def ref_mix_score(x, m, v):
-    """grad log sum_k w_k N(x; m mu_k, (m^2 std_k^2 + v) I) = -sum_k r_k (x - m mu_k) / var_k,
-    r_k the responsibilities. Laid out (K, B), which is much faster than (B, K, 2) for K = 4."""
-    m, v = _col(m, x).reshape(1, -1), _col(v, x).reshape(1, -1)              # (1, B)
+def ref_mix_terms(x, m, v, mix=MIX):
+    """(K, B) log(w_k N(x; m mu_k, var_k I)), var_k = m^2 std_k^2 + v, and var (K, B), for the 2-D
+    mixture (w, mu, std) noised through x = m x0 + sqrt(v) eps. Laid out (K, B): fast for K = 4."""
+    w, mu, std = (c.to(x.dtype) for c in mix)
+    m, v = col(m, x).reshape(1, -1), col(v, x).reshape(1, -1)              # (1, B)
     if (m == m[0, 0]).all() and (v == v[0, 0]).all():   # samplers share one time per batch
         m, v = m[:, :1], v[:, :1]
-    mu, w = MIX_MU.to(x.dtype), MIX_W.to(x.dtype)
-    var = m ** 2 * MIX_STD.to(x.dtype)[:, None] ** 2 + v                       # (K, B)
-    dx, dy = x[:, 0] - m * mu[:, :1], x[:, 1] - m * mu[:, 1:]                  # (K, B) each
-    r = torch.softmax(w.log()[:, None] - (dx ** 2 + dy ** 2) / (2 * var)
-                      - torch.log(2 * math.pi * var), 0)
-    return -torch.stack([(r * dx / var).sum(0), (r * dy / var).sum(0)], 1)
+    var = m ** 2 * std[:, None] ** 2 + v                                       # (K, B)
+    d2 = (x[:, 0] - m * mu[:, :1]) ** 2 + (x[:, 1] - m * mu[:, 1:]) ** 2
+    return w.log()[:, None] - d2 / (2 * var) - torch.log(2 * math.pi * var), var
+
+
+def ref_mix_score(x, m, v, mix=MIX):
+    """grad log sum_k w_k N_k = -sum_k r_k (x - m mu_k) / var_k, r_k the responsibilities."""
+    logp, var = ref_mix_terms(x, m, v, mix)
+    r, mu = torch.softmax(logp, 0) / var, mix[1].to(x.dtype)
+    m = col(m, x).reshape(1, -1)
+    return -torch.stack([(r * (x[:, i] - m * mu[:, i:i + 1])).sum(0) for i in range(2)], 1)
 
 
 def ref_mix_sample(n, generator):
     """n points of the mixture."""
     k = torch.multinomial(MIX_W, n, replacement=True, generator=generator)
     return MIX_MU[k] + MIX_STD[k, None] * torch.randn(n, 2, generator=generator, dtype=F64)
-
-
-def ref_alpha_bar_table(betas):
-    """alpha_bar_t = prod_{i<=t} (1 - beta_i) by a product loop, index 0 = 1. [F2]"""
-    ab = [1.0]
-    for b in betas.tolist():
-        ab.append(ab[-1] * (1 - b))
-    return torch.tensor(ab, dtype=F64)
 
 
 def ref_eps_model(score, alpha_bar, calls=None):
@@ -1245,7 +1239,7 @@ def ref_eps_model(score, alpha_bar, calls=None):
     def eps_model(x, t):
         assert t.dtype == torch.long and t.shape == x.shape[:1]
         ab = alpha_bar[t].to(x.dtype)
-        eps = -_col((1 - ab).sqrt(), x) * score(x, ab.sqrt(), 1 - ab)
+        eps = -col((1 - ab).sqrt(), x) * score(x, ab.sqrt(), 1 - ab)
         if calls is not None:
             calls.append((x.clone(), t.clone(), eps.clone()))
         return eps
@@ -1303,38 +1297,33 @@ def ref_flow_loglik(name, x, eps_s, mu=MU, cov=SIGMA):
 
 # Exact output laws of samplers on Gaussian data ------------------------------------------------
 
-def ref_affine_law(run, d, start_std=1.0):
-    """Exact law N(mean, cov) of run(x), x ~ N(0, start_std^2 I) of shape (B, d), for a sampler that
-    is affine in x and in its noise draws (any sampler on Gaussian data, without corrector).
+def ref_affine_law(run, shape, start_std=1.0):
+    """Exact law N(mean, cov) (flattened) of run(x), x ~ N(0, start_std^2 I) of shape (B, *shape)
+    (an int shape is (d,)), for a sampler affine in x and in its noise draws (any sampler on
+    Gaussian data, without corrector). torch.randn (the module's noise source) is replaced: a
+    counting run finds the K draws; one run on rows [0, start_std e_1.., noise rows], draw k being
+    e_j in row 1 + d + k d + j and 0 elsewhere: row r - row 0 is a column of the linear map, row 0
+    the mean. No Monte Carlo; the number of draws must not depend on the batch."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    d, draws = math.prod(shape), []
 
-    torch.randn (the module's documented noise source) is replaced: counting runs find the K draws
-    (and that no other noise enters); then one run with rows [0, start_std e_1.., noise rows]
-    where draw k is e_j in row (k, j) and 0 elsewhere: row r - row 0 is a column of the linear
-    map, row 0 the mean. No Monte Carlo at all."""
-    def shape_of(size):
-        return tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
-
-    draws = []
-
-    def counting_randn(*size, dtype=None, device=None, generator=None, **kw):
-        draws.append(shape_of(size))
-        return torch.zeros(shape_of(size), dtype=dtype or F64)
-
-    with mock.patch.object(torch, "randn", counting_randn):
-        once, twice = run(torch.ones(1, d, dtype=F64)), run(torch.ones(1, d, dtype=F64))
-    assert torch.equal(once, twice), "the sampler draws noise other than through torch.randn"
-    K = len(draws) // 2
-    x = torch.zeros(1 + d + K * d, d, dtype=F64)
-    x[1:1 + d] = start_std * torch.eye(d, dtype=F64)
-    k_next = iter(range(K))
-
-    def basis_randn(*size, dtype=None, device=None, generator=None, **kw):
-        z, k = torch.zeros(shape_of(size), dtype=dtype or F64), next(k_next)
-        z[1 + d + k * d:1 + d + (k + 1) * d] = torch.eye(d, dtype=z.dtype)
+    def basis_randn(*size, generator=None, device=None, dtype=None, **kw):
+        size = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
+        z, k = torch.zeros(size, dtype=dtype or F64), len(draws)
+        draws.append(k)
+        if z.shape[0] > 1:
+            z.reshape(z.shape[0], d)[1 + d + k * d:1 + d + (k + 1) * d] = torch.eye(d, dtype=F64)
         return z
 
     with mock.patch.object(torch, "randn", basis_randn):
-        out = run(x)
+        once = run(torch.ones(1, *shape, dtype=F64))
+        K, draws[:] = len(draws), []
+        assert torch.equal(once, run(torch.ones(1, *shape, dtype=F64))), "noise not via randn"
+        draws[:] = []
+        x = torch.zeros(1 + d + K * d, *shape, dtype=F64)
+        x.reshape(len(x), d)[1:1 + d] = start_std * torch.eye(d, dtype=F64)
+        out = run(x).reshape(len(x), d)
+    assert len(draws) == K, "the number of noise draws depends on the batch"
     cols = out[1:] - out[0]
     return out[0], cols.T @ cols
 
@@ -1472,7 +1461,7 @@ def ref_mixture_component_laws(steps_of, start_std=1.0):
 
 def _linear_sched(T=1000):
     betas = torch.linspace(1e-4, 0.02, T, dtype=F64)   # F1 linear schedule, Ho et al. defaults
-    return ds.Schedule.from_betas(betas), ref_alpha_bar_table(betas)
+    return ds.Schedule.from_betas(betas), torch.tensor(ref_alpha_bar(betas.tolist()), dtype=F64)
 
 
 def _visited(calls):
@@ -1494,7 +1483,7 @@ def _gauss_points(n, seed):
     return MU + z @ torch.linalg.cholesky(SIGMA).T
 
 
-def test_ref_scores_are_gradients_of_log_densities():
+def test_F14_F21_ref_scores_are_gradients_of_log_densities():
     """The references themselves: autograd of the log-density (logsumexp for the mixture). [F14]"""
     x = torch.randn(64, 2, generator=_gen(0), dtype=F64).mul(2).requires_grad_(True)
     m, v = 0.7, 0.4
@@ -1514,7 +1503,7 @@ def test_ref_scores_are_gradients_of_log_densities():
 
 # Langevin dynamics and NCSN [F17, F20] ------------------------------------------------------------
 
-def test_langevin_exact_law_has_the_discretization_bias():
+def test_F17_langevin_exact_law_has_the_discretization_bias():
     """Unadjusted Langevin with the exact score of N(MU, SIGMA): the module's exact law after n
     steps is the update propagated here, and it converges to the chain's stationary law
     N(MU, (SIGMA^-1 - eps/4 SIGMA^-2)^-1) -- per eigenvalue c^2: c^2 / (1 - eps / (4 c^2)) --
@@ -1533,7 +1522,7 @@ def test_langevin_exact_law_has_the_discretization_bias():
     assert (law[1] - SIGMA).abs().max() > 0.02
 
 
-def test_langevin_samples_match_the_biased_stationary_variance():
+def test_F17_langevin_samples_match_the_biased_stationary_variance():
     """Statistically, on 1-D N(0, c^2) with c = 0.5 and eps = 0.2: the sample variance of 20,000
     chains matches c^2 / (1 - eps / (4 c^2)) = 0.3125 within 5 SE (SE = var sqrt(2 / N)), and is
     more than 5 SE away from c^2 = 0.25: the test sees the bias it accounts for. [F17]"""
@@ -1547,7 +1536,7 @@ def test_langevin_samples_match_the_biased_stationary_variance():
     assert abs(x.mean().item()) < 5 * math.sqrt(stationary / N)
 
 
-def test_annealed_langevin_exact_law():
+def test_F20_F21_annealed_langevin_exact_law():
     """Annealed Langevin with the exact noised scores of N(MU, SIGMA), sigmas geometric 3 -> 0.01
     (L = 10), eps = 2e-5, 100 steps each, Tweedie denoising: the module's exact law is the update
     propagated here, and near the target (W2 measured 0.060: the steps alpha_i = eps sigma_i^2 /
@@ -1577,7 +1566,7 @@ def test_F20_annealed_langevin_noise_levels_stay_float32_for_bfloat16_data():
         assert (sigma == torch.tensor(level, dtype=torch.float32)).all()
 
 
-def test_annealed_langevin_on_the_mixture():
+def test_F20_annealed_langevin_on_the_mixture():
     """Annealed Langevin with sigma_1 = 3 (about the largest distance between modes, so the first
     level mixes them), sigma_L = 0.01, eps = 2e-5, 100 steps each, 5,000 points: mode weights, and
     each mode's law as the same schedule gives that component alone. Annealed Langevin has its own
@@ -1597,7 +1586,7 @@ def test_annealed_langevin_on_the_mixture():
 @settings(deadline=None)
 @given(name=st.sampled_from(["vp", "subvp", "ve"]), lo=st.floats(0.01, 2.0),
        ratio=st.floats(1.5, 5000.0), s=st.floats(0.02, 0.98))
-def test_sde_drift_diffusion_marginal_agree(name, lo, ratio, s):
+def test_F22_F23_sde_drift_diffusion_marginal_agree(name, lo, ratio, s):
     """drift = a(s) x and diffusion g(s) as in F22, marginal as in F23 (float64, 1e-12), and the
     module's marginal obeys dm/ds = a m, dv/ds = 2 a v + g^2 with the module's drift and diffusion
     (central differences, h = 1e-5, to 1e-6 of the size of the terms). [F22, F23]"""
@@ -1664,7 +1653,7 @@ def test_F3_F22_F23_discrete_vp_sde_is_the_schedule_in_continuous_time(betas, se
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_sde_prior(name):
+def test_F5_F22_sde_prior(name):
     """prior_logp is log N(z; 0, prior_std^2 I) summed per example (torch.distributions), for
     points and images; prior_sample has that std (5 SE, SE = std / sqrt(2 n)), shape and dtype,
     and is reproducible. [F22, F5]"""
@@ -1685,7 +1674,7 @@ def test_sde_prior(name):
     lambda: ds.SubVPSDE(beta_min=-0.1), lambda: ds.SubVPSDE(beta_max=float("inf")),
     lambda: ds.VESDE(sigma_min=0.0), lambda: ds.VESDE(sigma_min=-0.01),
     lambda: ds.VESDE(sigma_min=1.0, sigma_max=0.5), lambda: ds.VESDE(sigma_max=float("nan"))])
-def test_sde_invalid_parameters_raise(make):
+def test_F22_sde_invalid_parameters_raise(make):
     """beta(s) must be > 0 and finite; VE needs 0 < sigma_min < sigma_max for a real g(s). [F22]"""
     with pytest.raises(ValueError):
         make()
@@ -1695,7 +1684,7 @@ def test_sde_invalid_parameters_raise(make):
 
 @pytest.mark.parametrize("steps", [None, 100, [1000, 900, 500, 200, 50, 10, 3]])
 @pytest.mark.parametrize("sigma2", ["beta", "beta_tilde"])
-def test_ddpm_exact_output_law(sigma2, steps):
+def test_F6_F7_F9_ddpm_exact_output_law(sigma2, steps):
     """The full chain (T..1, every step) and respaced chains with the exact eps of N(MU, SIGMA):
     the module's exact output law is the F9 update propagated here (to 1e-9), and near the target:
     W2 measured, full chain 9.8e-4 (beta), 7.4e-3 (beta_tilde: too small a variance for non-point
@@ -1703,9 +1692,8 @@ def test_ddpm_exact_output_law(sigma2, steps):
     sched, ab = _linear_sched()
     sample = lambda eps_model, x: ds.ddpm_sample(eps_model, sched, x, steps=steps, sigma2=sigma2)
     grid = _grid_of(sample, ab)
-    if steps == 100:   # evenly spaced from T down: starts at T, strictly descending, ends >= 1
-        assert len(grid) == 100 and grid[0] == 1000 and grid[-1] >= 1
-        assert all(a > b for a, b in zip(grid, grid[1:]))
+    if steps == 100:   # evenly spaced from T down to 1, computed here
+        assert grid == [round(1000 - 999 * i / 99) for i in range(100)]
     else:
         assert grid == (list(range(1000, 0, -1)) if steps is None else steps)
     law = ref_affine_law(lambda x: sample(ref_eps_model(ref_gauss_score, ab), x), 3)
@@ -1718,7 +1706,7 @@ def test_ddpm_exact_output_law(sigma2, steps):
 
 
 @pytest.mark.parametrize("sigma2", ["beta", "beta_tilde"])
-def test_ddpm_full_chain_on_the_mixture(sigma2):
+def test_F6_F9_ddpm_full_chain_on_the_mixture(sigma2):
     """Ancestral sampling, T = 1000, exact eps of the mixture: weights, no stray samples, and each
     mode's mean and variance as the same chain gives that component alone. [F6, F9, F21]"""
     sched, ab = _linear_sched()
@@ -1732,7 +1720,7 @@ def test_ddpm_full_chain_on_the_mixture(sigma2):
 # DDIM [F29] ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("eta,steps", [(0.0, 50), (0.0, 1000), (1.0, 50), (0.5, 20)])
-def test_ddim_exact_output_law(eta, steps):
+def test_F29_ddim_exact_output_law(eta, steps):
     """DDIM with the exact eps of N(MU, SIGMA): the module's exact output law is the F29 update
     propagated here (to 1e-9), and near the target: W2 measured, eta 0: 0.059 (50 steps), 0.0067
     (1000 steps: the floor set by sqrt(alpha_bar_T) = 0.0064, x_T ~ N(0, I) instead of
@@ -1740,8 +1728,7 @@ def test_ddim_exact_output_law(eta, steps):
     sched, ab = _linear_sched()
     sample = lambda eps_model, x: ds.ddim_sample(eps_model, sched, x, steps=steps, eta=eta)
     grid = _grid_of(sample, ab)
-    assert len(grid) == steps and grid[0] == 1000 and grid[-1] >= 1
-    assert all(a > b for a, b in zip(grid, grid[1:]))
+    assert grid == [round(1000 - 999 * i / (steps - 1)) for i in range(steps)]   # computed here
     law = ref_affine_law(lambda x: sample(ref_eps_model(ref_gauss_score, ab), x), 3)
     ref_assert_same_law(law, ref_propagate(ref_ddim_steps(grid, ab, eta),
                                            torch.zeros(3, dtype=F64), torch.eye(3, dtype=F64)))
@@ -1750,7 +1737,7 @@ def test_ddim_exact_output_law(eta, steps):
         assert ref_w2(*law, MU, SIGMA) < bound[eta, steps]
 
 
-def test_ddim_eta1_full_grid_is_ancestral_ddpm():
+def test_F29_F7_ddim_eta1_full_grid_is_ancestral_ddpm():
     """DDIM with eta = 1 and S = T has sigma_t^2 = beta_tilde_t: its exact output law is that of
     ancestral sampling with sigma2 = 'beta_tilde' (at t = 1 both add no noise; measured difference
     3e-14), and differs from the sigma2 = 'beta' chain's (W2 0.017 apart here). [F29, F7]"""
@@ -1765,7 +1752,7 @@ def test_ddim_eta1_full_grid_is_ancestral_ddpm():
 
 @pytest.mark.parametrize("steps", [1, 7, 50, 1000, [1000, 999, 500, 2, 1]])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_grid_starts_at_T_and_ends_at_x0(steps, eta):
+def test_F29_ddim_grid_starts_at_T_and_ends_at_x0(steps, eta):
     """The eps model sees t = T first, then a strictly descending grid (every step T..1 when
     S = T), and the last update lands on x_0: the result is x0_hat of the last call. [F29]"""
     sched, ab = _linear_sched()
@@ -1789,7 +1776,7 @@ def test_ddim_grid_starts_at_T_and_ends_at_x0(steps, eta):
 
 def test_F7_F29_clip_x0_clips_x0_hat_in_ddpm_and_ddim():
     """[F7, F29, F21] clip_x0 = (lo, hi): DDIM (eta = 0) step by step from the recorded calls is
-    sqrt(ab') clip(x0_hat) + sqrt(1 - ab') eps_c, eps_c = (x - sqrt(ab) clip(x0_hat)) / sqrt(1 - ab):
+    sqrt(ab') clip(x0_hat) + sqrt(1 - ab') eps_c, eps_c = (x - sqrt(ab) clip(x0_hat)) / sqrt(1-ab):
     DDIM with eta = 1 and S = T equals ancestral DDPM (beta_tilde) with the same clipping (F7 with
     the clipped x0_hat) on the same noise; both end inside [lo, hi]; a range wide enough to clip
     nothing gives the unclipped sample; clipping is off by default; a bad range raises."""
@@ -1822,7 +1809,7 @@ def test_F7_F29_clip_x0_clips_x0_hat_in_ddpm_and_ddim():
             ds.ddpm_sample(em, sched, x, clip_x0=bad)
 
 
-def test_ddim_eta0_is_deterministic_and_eta_is_checked():
+def test_F29_ddim_eta0_is_deterministic_and_eta_is_checked():
     """eta = 0 draws no noise: different generators give identical samples. eta outside [0, 1]
     raises ValueError (for eta <= 1, 1 - alpha_bar_prev - sigma^2 >= 0 always holds). [F29]"""
     sched, ab = _linear_sched()
@@ -1838,7 +1825,7 @@ def test_ddim_eta0_is_deterministic_and_eta_is_checked():
             ds.ddim_sample(eps_model, sched, x, steps=20, eta=eta)
 
 
-def test_ddim_eta0_is_euler_for_the_probability_flow_ode():
+def test_F29_F26_ddim_eta0_is_euler_for_the_probability_flow_ode():
     """DDIM (eta = 0) is a first-order discretization of the probability-flow ODE of the VP SDE
     with beta(s) = T beta_{sT} (F26): its exact output law approaches the ODE's (rk4, 200 steps),
     the W2 gap halving as S doubles. Measured gaps: 0.118, 0.059, 0.030, 0.015 (S = 25..200).
@@ -1854,7 +1841,7 @@ def test_ddim_eta0_is_euler_for_the_probability_flow_ode():
         assert 2.2 > g / g_half > 1.8
 
 
-def test_ddim_eta0_converges_on_the_mixture():
+def test_F29_F26_ddim_eta0_converges_on_the_mixture():
     """On the mixture (a nonlinear score) DDIM from the same x_T converges to its S = T = 1000
     limit at first order, and that limit is the VP probability-flow ODE's (rk4) map. The median
     distance is used: a few points near a boundary between modes switch mode. Measured medians:
@@ -1878,7 +1865,7 @@ def test_ddim_eta0_converges_on_the_mixture():
     lambda em, sched, x, g: ds.ddim_sample(em, sched, x, steps=50, generator=g),
     lambda em, sched, x, g: ds.ddim_sample(em, sched, x, steps=50, eta=1.0, generator=g)],
     ids=["ddpm100-beta", "ddpm100-beta_tilde", "ddim50-eta0", "ddim50-eta1"])
-def test_few_step_samplers_keep_the_mode_weights(run):
+def test_F6_F29_few_step_samplers_keep_the_mode_weights(run):
     """Respaced DDPM (100 steps) and DDIM (50 steps) on the mixture: mode weights, and at most
     0.1% stray samples -- coarse steps leave a few points between modes (measured, DDIM 50 steps,
     4 seeds: 0 or 1 in 10,000 beyond 6 std, up to 9 std). Their within-mode law is biased for
@@ -1891,7 +1878,7 @@ def test_few_step_samplers_keep_the_mode_weights(run):
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_chain_samplers_finite_with_default_schedules(schedule):
+def test_F6_F29_chain_samplers_finite_with_default_schedules(schedule):
     """T = 1000 default linear and cosine schedules (cosine's last beta clipped at 0.999: the first
     reverse step divides by sqrt(alpha_T) = 0.03), float32 data N(0, I) and its exact eps,
     eps(x_t, t) = sqrt(1 - alpha_bar_t) x_t (the marginal stays N(0, I)): every output is finite,
@@ -1899,8 +1886,9 @@ def test_chain_samplers_finite_with_default_schedules(schedule):
     reverse kernel, no noise at the last step), 0.991 / 0.995 for beta_tilde, 0.93 / 0.95 for
     DDIM with 50 steps -- within 5 SE (SE = var sqrt(2 / n), n = 8,000 values). [F6, F29]"""
     betas = ds.linear_betas() if schedule == "linear" else ds.cosine_betas()
-    sched, ab, g = ds.Schedule.from_betas(betas), ref_alpha_bar_table(betas), _gen(40)
-    eps_model = lambda x, t: _col((1 - ab[t]).sqrt(), x) * x
+    sched, g = ds.Schedule.from_betas(betas), _gen(40)
+    ab = torch.tensor(ref_alpha_bar(betas.tolist()), dtype=F64)
+    eps_model = lambda x, t: col((1 - ab[t]).sqrt(), x) * x
     zero, one = torch.zeros(1, dtype=F64), torch.eye(1, dtype=F64)
     full = list(range(1000, 0, -1))
     grid = lambda sample: _grid_of(sample, ab, d=1)
@@ -1926,15 +1914,16 @@ def test_chain_samplers_finite_with_default_schedules(schedule):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16],
                          ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_chain_samplers_finite_in_half_precision(schedule, dtype):
+def test_F6_F9_F29_chain_samplers_finite_in_half_precision(schedule, dtype):
     """PITFALLS #11: in float16 / bfloat16, alpha_bar_t rounds to 1 for the first steps, so a
     coefficient 1 / sqrt(1 - alpha_bar_t) formed after the cast divides by zero. Schedules are
     float64 and cast at use: with the exact eps of N(0, I) data every sampler's output is
     finite. (Only finiteness: 1000 steps of 8-bit-mantissa arithmetic do move the variance.)
     [F6, F9, F29]"""
     betas = ds.linear_betas() if schedule == "linear" else ds.cosine_betas()
-    sched, ab, g = ds.Schedule.from_betas(betas), ref_alpha_bar_table(betas), _gen(41)
-    eps_model = lambda x, t: _col((1 - ab[t]).sqrt(), x) * x
+    sched, g = ds.Schedule.from_betas(betas), _gen(41)
+    ab = torch.tensor(ref_alpha_bar(betas.tolist()), dtype=F64)
+    eps_model = lambda x, t: col((1 - ab[t]).sqrt(), x) * x
     x = torch.randn(256, 4, generator=g).to(dtype)
     for out in [ds.ddpm_sample(eps_model, sched, x, generator=g),
                 ds.ddpm_sample(eps_model, sched, x, sigma2="beta_tilde", generator=g),
@@ -1947,7 +1936,7 @@ def test_chain_samplers_finite_in_half_precision(schedule, dtype):
 # Reverse SDE, predictor-corrector [F24, F28] ----------------------------------------------------
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_reverse_sde_exact_law(name):
+def test_F24_reverse_sde_exact_law(name):
     """Euler-Maruyama on the reverse SDE, 1000 steps, exact score of N(MU, SIGMA), no corrector,
     started from the prior: the module's exact law is the update propagated here, and near
     p_{eps_s} (W2 measured: VP 1.1e-3, sub-VP 1.4e-3, VE 3.4e-4). [F24]"""
@@ -2005,7 +1994,7 @@ def test_F28_F24_pc_corrector_and_predictor_steps_by_hand(predictor):
 
 @pytest.mark.parametrize("corrector_steps", [0, 1])
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_reverse_sde_on_the_mixture(name, corrector_steps):
+def test_F24_F28_reverse_sde_on_the_mixture(name, corrector_steps):
     """Predictor-corrector sampling, 1000 steps, exact score of the mixture, from the prior: mode
     weights and no stray samples; without corrector, each mode has the law the same EM chain gives
     that component alone; with one Langevin corrector step (snr 0.16; not affine, 5,000 points),
@@ -2028,7 +2017,7 @@ def test_reverse_sde_on_the_mixture(name, corrector_steps):
 
 @pytest.mark.parametrize("method,order", [("euler", 1), ("heun", 2), ("rk4", 4)])
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_ode_sample_exact_law_and_order(name, method, order):
+def test_F26_ode_sample_exact_law_and_order(name, method, order):
     """The probability-flow ODE with the exact score of N(MU, SIGMA), started from the exact p_1
     so that the exact flow lands on p_{eps_s}: the W2 error of the exact output law shrinks by
     2^order from 50 to 100 steps (measured ratios: Euler 1.95-2.03, Heun 3.9-4.1, RK4 on VE 17;
@@ -2052,7 +2041,7 @@ def test_ode_sample_exact_law_and_order(name, method, order):
 
 @pytest.mark.parametrize("name,method", [("vp", "heun"), ("vp", "rk4"), ("subvp", "rk4"),
                                          ("ve", "rk4")])
-def test_ode_sample_on_the_mixture(name, method):
+def test_F26_ode_sample_on_the_mixture(name, method):
     """The probability-flow ODE, 100 steps, exact score of the mixture, from the prior: mode
     weights, no stray samples, and each mode's mean and variance those of p_{eps_s}. (Euler with
     100 steps is too coarse for the 0.1-wide mode: its variance comes out 26% low on VP.) [F26]"""
@@ -2064,7 +2053,7 @@ def test_ode_sample_on_the_mixture(name, method):
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_ode_encode_then_sample_is_the_identity(name):
+def test_F26_ode_encode_then_sample_is_the_identity(name):
     """ode_encode then ode_sample (rk4, 100 steps each) gives back 2,000 mixture samples: measured
     round-trip error, median 3e-8 .. 3e-7, max 9e-4 .. 2.6e-3 (the max from points between modes,
     where the flow is steep). [F26]"""
@@ -2077,7 +2066,7 @@ def test_ode_encode_then_sample_is_the_identity(name):
 # Likelihood [F27] ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_ode_likelihood_exact_trace(name):
+def test_F27_ode_likelihood_exact_trace(name):
     """F27 with the exact score of N(MU, SIGMA) and the exact divergence (rk4, 100 steps): 'nats'
     equals the closed form ref_flow_loglik, the rk4 error falling at 4th order (per dimension at
     50 / 100 / 200 steps, measured: VP 1.1e-6 / 6.9e-8 / 4.4e-9, VE 6.6e-5 / 4.4e-6 / 2.8e-7);
@@ -2095,7 +2084,7 @@ def test_ode_likelihood_exact_trace(name):
 
 
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
-def test_ode_likelihood_hutchinson_is_unbiased(probe):
+def test_F27_ode_likelihood_hutchinson_is_unbiased(probe):
     """Hutchinson's v^T J v with one probe per example, on 4 points repeated 500 times: the mean
     of each point's 500 estimates is within 5 SE (SE = sample std / sqrt(500); measured std of
     one estimate 1.07 Rademacher, 1.4 Gaussian) of the exact-trace result and of the closed form
@@ -2324,7 +2313,7 @@ def test_F28_reverse_diffusion_on_the_discretized_vp_is_ancestral_ddpm():
 
     def score_fn(x, s):
         t = (s.double() * T).round().long()
-        return -em(x, t) / _col((1 - ab[t]).sqrt(), x)
+        return -em(x, t) / col((1 - ab[t]).sqrt(), x)
 
     x = torch.randn(256, 2, generator=_gen(40), dtype=F64)
     a, b = [], []
@@ -2378,12 +2367,12 @@ def test_F6_F24_F26_F29_F32_sampler_steps_never_synchronize_with_the_host():
 def _all_samplers():
     """Every sampler as run(x, generator), with the exact score of N(0, I) data, few steps."""
     sched, ab = _linear_sched(50)
-    eps_model = lambda x, t: _col((1 - ab[t]).sqrt(), x) * x
+    eps_model = lambda x, t: col((1 - ab[t]).sqrt(), x) * x
 
     def sde_score(name):                     # data N(0, I): p_s = N(0, (m^2 + v) I)
         def score_fn(x, s):
             m, v, _, _ = ref_sde_coefs(name, s)
-            return -x / _col(m ** 2 + v, x)
+            return -x / col(m ** 2 + v, x)
         return score_fn
 
     vp, ve = ds.VPSDE(**VP), ds.VESDE(**VE)
@@ -2395,7 +2384,7 @@ def _all_samplers():
         "langevin": lambda x, g: ds.langevin(lambda y: -y, x, step_size=0.1, n_steps=20,
                                              generator=g),
         "annealed": lambda x, g: ds.annealed_langevin(
-            lambda y, sigma: -y / _col(1 + sigma ** 2, y), x, [1.0, 0.3, 0.1], n_steps_each=10,
+            lambda y, sigma: -y / col(1 + sigma ** 2, y), x, [1.0, 0.3, 0.1], n_steps_each=10,
             generator=g),
         "pc vp": lambda x, g: ds.reverse_sde_sample(sde_score("vp"), vp, x, steps=20,
                                                     corrector_steps=1, generator=g),
@@ -2409,7 +2398,7 @@ def _all_samplers():
 
 
 @pytest.mark.parametrize("name", list(_all_samplers()))
-def test_samplers_are_reproducible_and_shape_agnostic(name):
+def test_F6_to_F32_samplers_are_reproducible_and_shape_agnostic(name):
     """The same generator seed gives bit-identical output and another seed another output;
     image-shaped input (B, 1, 4, 4) keeps its shape and gives the same numbers as the same data
     flattened to (B, 16): one broadcasting rule for points and images (ode_likelihood: (B,)).
@@ -2425,7 +2414,7 @@ def test_samplers_are_reproducible_and_shape_agnostic(name):
         assert not torch.equal(run(x, _gen(52)), a)
 
 
-def test_sampler_arguments_are_checked():
+def test_F6_F26_F27_F29_sampler_arguments_are_checked():
     """Unknown names, impossible step grids, counts and times raise ValueError naming the argument.
     [F6, F26, F27, F29]"""
     sched, ab = _linear_sched(50)
@@ -2465,39 +2454,19 @@ G_MIX_MU = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=F64)
 G_MIX_C = torch.tensor([0.3, 0.25, 0.25], dtype=F64)   # isotropic std of each component
 G_Y = 2               # the class we condition on: the lightest component, weight 0.2
 G_N = 10_000          # samples per guided-sampling run
-G_BETAS = torch.linspace(1e-4, 0.02, 1000, dtype=F64)   # Ho et al.'s linear schedule, T = 1000
-G_AB = torch.cat([torch.ones(1, dtype=F64), torch.cumprod(1 - G_BETAS, 0)])  # alpha_bar_0..T
-G_SCHED = ds.Schedule.from_betas(G_BETAS)
+G_SCHED, G_AB = _linear_sched()                      # Ho et al.'s linear schedule, T = 1000
 G_GRID = list(range(1000, 0, -5))   # a respaced 200-step grid 1000, 995, ..., 5
-G_VP = dict(beta_min=0.1, beta_max=20.0)
-G_SEEDS = st.integers(0, 2 ** 31 - 1)
+G_MIX = (G_MIX_W, G_MIX_MU, G_MIX_C)
 
 
 def ref_g_vp(s):
-    """VP marginal x_s = m x0 + sqrt(v) z: m = exp(-B/2), v = 1 - exp(-B),
-    B = int_0^s beta = beta_min s + (beta_max - beta_min) s^2 / 2. [F23]"""
-    B = G_VP["beta_min"] * s + (G_VP["beta_max"] - G_VP["beta_min"]) * s ** 2 / 2
-    return torch.exp(-B / 2), -torch.expm1(-B)
+    """VP marginal x_s = m x0 + sqrt(v) z as (m, v) (F23, via ref_sde_coefs)."""
+    return ref_sde_coefs("vp", s)[:2]
 
 
 def ref_g_ddpm(t):
     """DDPM marginal x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps as (m, v). [F3]"""
     return G_AB[t].sqrt(), 1 - G_AB[t]
-
-
-def ref_g_mixture_terms(x, m, v):
-    """(K, B) log(w_k N(x; m mu_k, var_k I)) with var_k = m^2 c_k^2 + v: component k noised, and
-    var (K, B). Laid out (K, B) with the two coordinates written out: fast for B = 10^4."""
-    var = m ** 2 * G_MIX_C[:, None] ** 2 + v
-    d2 = (x[:, 0] - m * G_MIX_MU[:, :1]) ** 2 + (x[:, 1] - m * G_MIX_MU[:, 1:]) ** 2
-    return G_MIX_W.log()[:, None] - d2 / (2 * var) - torch.log(2 * math.pi * var), var
-
-
-def ref_g_mixture_score(x, m, v):
-    """grad log sum_k w_k N_k = -sum_k r_k (x - m mu_k) / var_k, r_k the responsibilities."""
-    logp, var = ref_g_mixture_terms(x, m, v)
-    r = torch.softmax(logp, 0) / var
-    return -torch.stack([(r * (x[:, i] - m * G_MIX_MU[:, i:i + 1])).sum(0) for i in range(2)], 1)
 
 
 def ref_g_component_score(x, m, v, y):
@@ -2508,14 +2477,14 @@ def ref_g_component_score(x, m, v, y):
 
 def ref_g_log_posterior(x, m, v, y):
     """log p_s(y | x) = log w_y N_y(x) - log sum_k w_k N_k(x), per example (B,). [F30]"""
-    logp, _ = ref_g_mixture_terms(x, m, v)
+    logp, _ = ref_mix_terms(x, m, v, G_MIX)
     return logp[y] - torch.logsumexp(logp, 0)
 
 
 def ref_g_mixture_fns(coefs, y):
     """(unconditional score, log p(y | x), conditional score) as functions of (x, time), the
     time mapped to (m, v) by ``coefs`` (ref_g_vp for s, ref_g_ddpm for t)."""
-    return (lambda x, s: ref_g_mixture_score(x, *coefs(s)),
+    return (lambda x, s: ref_mix_score(x, *coefs(s), G_MIX),
             lambda x, s: ref_g_log_posterior(x, *coefs(s), y),
             lambda x, s: ref_g_component_score(x, *coefs(s), y))
 
@@ -2535,7 +2504,7 @@ def ref_g_p_nearest_y():
 
 
 @settings(deadline=None)
-@given(seed=G_SEEDS, y=st.integers(0, 2), w=st.floats(-2.0, 8.0))
+@given(seed=seeds, y=st.integers(0, 2), w=st.floats(-2.0, 8.0))
 def test_F30_guided_score_is_bayes_rule_for_scores(seed, y, w):
     """[F30] with the exact noised mixture score and log p_s(y | x) written here, guided_score at
     w = 1 is the score of component y's noised density, at random points and noise levels;
@@ -2554,13 +2523,13 @@ def test_F30_guided_score_is_bayes_rule_for_scores(seed, y, w):
                    atol=RTOL * scale)
 
     def log_lik_over_p_y(x, s):   # log N_y(x) - log p(x): no w_y, i.e. log p(y | x) - log p(y)
-        logp, _ = ref_g_mixture_terms(x, *ref_g_vp(s))
+        logp, _ = ref_mix_terms(x, *ref_g_vp(s), G_MIX)
         return logp[y] - G_MIX_W[y].log() - torch.logsumexp(logp, 0)
     assert_close64(ds.guided_score(score, log_lik_over_p_y, 1)(x, s), cond_s, atol=atol)
 
 
 @settings(deadline=None)
-@given(seed=G_SEEDS, y=st.integers(0, 2), w=st.floats(-2.0, 8.0))
+@given(seed=seeds, y=st.integers(0, 2), w=st.floats(-2.0, 8.0))
 def test_F30_classifier_free_guidance_is_f30_with_weight_1_plus_w(seed, y, w):
     """[F30] classifier_free(cond, uncond, w) is the conditional score at w = 0 (bitwise), is
     (1 + w) cond - w uncond, and, with exact scores, equals uncond + (1 + w) grad log p_s(y | x),
@@ -2593,8 +2562,8 @@ def ref_g_guided_samples(sampler, w):
         return ds.ddpm_sample(eps, G_SCHED, x, steps=G_GRID, generator=g)
     guided = ds.guided_score(*ref_g_mixture_fns(ref_g_vp, G_Y)[:2], w)
     if sampler == "reverse_sde":
-        return ds.reverse_sde_sample(guided, ds.VPSDE(**G_VP), x, steps=500, generator=g)
-    return ds.ode_sample(guided, ds.VPSDE(**G_VP), x, steps=50, method="rk4")
+        return ds.reverse_sde_sample(guided, ds.VPSDE(**VP), x, steps=500, generator=g)
+    return ds.ode_sample(guided, ds.VPSDE(**VP), x, steps=50, method="rk4")
 
 
 @pytest.mark.parametrize("sampler", ["reverse_sde", "ode", "ddpm"])
@@ -2644,12 +2613,6 @@ G_SIGMA3 = torch.tensor([[0.5, 0.3, 0.1], [0.3, 0.4, 0.2], [0.1, 0.2, 0.3]], dty
 G_GREY = torch.tensor([0.4, -0.5], dtype=F64)   # the grey of the two pixels of a (3, 1, 2) image
 
 
-def ref_g_gauss_score(x, m, v, mu, cov):
-    """grad log N(x; m mu, m^2 cov + v I) over the last dimension: -(x - m mu) C^{-1}."""
-    C = m ** 2 * cov + v * torch.eye(len(mu), dtype=F64)
-    return -torch.linalg.solve(C, (x - m * mu).reshape(-1, len(mu)).T).T.reshape(x.shape)
-
-
 def ref_g_condition(mu, cov, Q, xk):
     """N(mu, cov) conditioned on Q^T x = xk (Q orthonormal columns), by the Schur complement:
     mean mu + cov Q (Q^T cov Q)^{-1} (xk - Q^T mu), cov - cov Q (Q^T cov Q)^{-1} Q^T cov.
@@ -2666,72 +2629,29 @@ def ref_g_replace(mean, cov, Q, xk, scale, var):
 
 
 def ref_g_ddpm_inpaint_law(mu, cov, Q, xk, grid):
-    """Exact law of ancestral DDPM (F9, sigma^2 = beta') on a grid T = tau_S > ... > tau_1 with
-    the exact eps of N(mu, cov) and the F31 replacement after every step (and at the start).
-    beta' = 1 - ab[tau_i] / ab[tau_{i-1}] (tau_0 = 0); with eps = -sqrt(1 - ab) score,
-    x' = (x + beta' score(x)) / sqrt(1 - beta') + sqrt(beta') z,
-    score(x) = -C^{-1} (x - sqrt(ab) mu), C = ab cov + (1 - ab) I; no noise at the last step;
-    then the known part := a sample of q(x_{tau_{i-1}} | xk), exactly xk at the end.
-    Mean and covariance are pushed through each step."""
-    I = torch.eye(len(mu), dtype=F64)
-    mean, C_x = ref_g_replace(torch.zeros(len(mu), dtype=F64), I, Q, xk, G_AB[grid[0]].sqrt(),
-                              1 - G_AB[grid[0]])
-    for t, t_prev in zip(grid, grid[1:] + [0]):
-        ab, ab_prev = G_AB[t], G_AB[t_prev]
-        beta = 1 - ab / ab_prev
-        P = torch.linalg.inv(ab * cov + (1 - ab) * I)
-        A, b = (I - beta * P) / (1 - beta).sqrt(), beta * P @ (ab.sqrt() * mu) / (1 - beta).sqrt()
-        mean, C_x = A @ mean + b, A @ C_x @ A.T + (beta * I if t_prev > 0 else 0 * I)
-        mean, C_x = ref_g_replace(mean, C_x, Q, xk, ab_prev.sqrt(), 1 - ab_prev)
-    return mean, C_x
+    """Exact law of ancestral DDPM (sigma^2 = beta', ref_ddpm_steps) on a grid from T with the
+    exact eps of N(mu, cov) and the F31 replacement at the start and after every step, with a
+    sample of q(x_t' | xk) at the new step (exactly xk at the end)."""
+    taus = list(grid) + [0]
+    law = ref_g_replace(torch.zeros(len(mu), dtype=F64), torch.eye(len(mu), dtype=F64), Q, xk,
+                        G_AB[taus[0]].sqrt(), 1 - G_AB[taus[0]])
+    for step, t_prev in zip(ref_ddpm_steps(grid, G_AB, "beta", mu, cov), taus[1:]):
+        law = ref_g_replace(*ref_propagate([step], *law), Q, xk, G_AB[t_prev].sqrt(),
+                            1 - G_AB[t_prev])
+    return law
 
 
 def ref_g_sde_inpaint_law(mu, cov, Q, xk, steps, eps_s=1e-3):
-    """Exact law of Euler-Maruyama on the VP reverse SDE (F24) from s = 1 to eps_s with the exact
-    score of N(mu, cov) noised (F23), x' = x - (-beta/2 x - beta score) ds + sqrt(beta ds) z
-    (no noise at the last step), then the F31 replacement with p_{0s'}(x_s' | xk) at the new s'
-    (the start too), and exactly xk at the end."""
-    I = torch.eye(len(mu), dtype=F64)
-    grid = torch.linspace(1.0, eps_s, steps + 1, dtype=F64)
-    m1, v1 = ref_g_vp(grid[0])
-    mean, C_x = ref_g_replace(torch.zeros(len(mu), dtype=F64), I, Q, xk, m1, v1)
-    for i, (s, s_next) in enumerate(zip(grid, grid[1:])):
-        (m, v), ds_ = ref_g_vp(s), s - s_next
-        beta = G_VP["beta_min"] + s * (G_VP["beta_max"] - G_VP["beta_min"])
-        P = torch.linalg.inv(m ** 2 * cov + v * I)
-        A, b = I - (-beta / 2 * I + beta * P) * ds_, beta * P @ (m * mu) * ds_
-        last = i == steps - 1
-        mean, C_x = A @ mean + b, A @ C_x @ A.T + (0 * I if last else beta * ds_ * I)
-        m_next, v_next = (1.0, 0.0) if last else ref_g_vp(s_next)
-        mean, C_x = ref_g_replace(mean, C_x, Q, xk, m_next, v_next)
-    return mean, C_x
-
-
-def ref_g_module_law(run, shape):
-    """Exact law N(mean, cov) (flattened) of run(x_T), x_T ~ N(0, I) of shape (B, *shape), for a
-    sampler affine in x_T and in its noise draws (Gaussian data). torch.randn is replaced: a
-    one-row run counts the K draws; then one run on rows [0, e_1..e_d, noise rows], where draw k
-    is e_j in row 1 + d + k d + j and 0 elsewhere: row r - row 0 is a column of the linear map,
-    row 0 the mean. No Monte Carlo."""
-    d, draws = math.prod(shape), []
-
-    def fake_randn(size, *, generator=None, device=None, dtype=None):
-        z = torch.zeros(size, dtype=dtype)
-        k = len(draws)
-        draws.append(k)
-        if z.shape[0] > 1:
-            z.reshape(z.shape[0], d)[1 + d + k * d:1 + d + (k + 1) * d] = torch.eye(d, dtype=F64)
-        return z
-
-    with mock.patch.object(torch, "randn", fake_randn):
-        run(torch.zeros(1, *shape, dtype=F64))
-        K, draws[:] = len(draws), []
-        x = torch.zeros(1 + d + K * d, *shape, dtype=F64)
-        x.reshape(len(x), d)[1:1 + d] = torch.eye(d, dtype=F64)
-        out = run(x).reshape(len(x), d)
-    assert len(draws) == K, "the number of noise draws depends on the batch"
-    cols = out[1:] - out[0]
-    return out[0], cols.T @ cols
+    """Exact law of Euler-Maruyama on the VP reverse SDE (ref_sde_steps) from s = 1 to eps_s with
+    the exact score of N(mu, cov) and the F31 replacement with p_{0s'}(x_s' | xk) at the start and
+    after every step (exactly xk at the end)."""
+    grid = torch.linspace(1.0, eps_s, steps + 1, dtype=F64).tolist()
+    law = ref_g_replace(torch.zeros(len(mu), dtype=F64), torch.eye(len(mu), dtype=F64), Q, xk,
+                        *ref_g_vp(1.0))
+    for i, step in enumerate(ref_sde_steps("vp", steps, eps_s, False, mu, cov)):
+        m_v = (1.0, 0.0) if i == steps - 1 else ref_g_vp(grid[i + 1])
+        law = ref_g_replace(*ref_propagate([step], *law), Q, xk, *m_v)
+    return law
 
 
 def ref_g_check_samples(x, mean, cov):
@@ -2749,13 +2669,11 @@ def g_inpaint_run(sampler, x, generator=None):
     known, mask = torch.zeros_like(x), torch.zeros_like(x, dtype=torch.bool)
     known[:, G_KNOWN4], mask[:, G_KNOWN4] = G_XK4, True
     if sampler == "ddpm":
-        def eps(x, t):
-            ab = G_AB[t[0]]
-            return -(1 - ab).sqrt() * ref_g_gauss_score(x, ab.sqrt(), 1 - ab, G_MU4, G_SIGMA4)
+        eps = ref_eps_model(lambda y, m, v: ref_gauss_score(y, m, v, G_MU4, G_SIGMA4), G_AB)
         return ds.ddpm_sample(eps, G_SCHED, x, steps=G_GRID, generator=generator, known=known,
                               mask=mask), known, mask
-    score = lambda x, s: ref_g_gauss_score(x, *ref_g_vp(s[0]), G_MU4, G_SIGMA4)
-    return ds.reverse_sde_sample(score, ds.VPSDE(**G_VP), x, steps=200, generator=generator,
+    score = lambda x, s: ref_gauss_score(x, *ref_g_vp(s[0]), G_MU4, G_SIGMA4)
+    return ds.reverse_sde_sample(score, ds.VPSDE(**VP), x, steps=200, generator=generator,
                                  known=known, mask=mask), known, mask
 
 
@@ -2782,7 +2700,7 @@ def test_F31_inpainting_keeps_the_known_part_and_fills_in_near_the_conditional(s
     Q = torch.eye(4, dtype=F64)[:, G_KNOWN4]
     law = (ref_g_ddpm_inpaint_law(G_MU4, G_SIGMA4, Q, G_XK4, G_GRID) if sampler == "ddpm" else
            ref_g_sde_inpaint_law(G_MU4, G_SIGMA4, Q, G_XK4, 200))
-    module_law = ref_g_module_law(lambda x: g_inpaint_run(sampler, x)[0], (4,))
+    module_law = ref_affine_law(lambda x: g_inpaint_run(sampler, x)[0], (4,))
     assert_close64(module_law[0], law[0], atol=1e-9, rtol=0)
     assert_close64(module_law[1], law[1], atol=1e-9, rtol=0)
 
@@ -2802,11 +2720,9 @@ def test_F31_inpainting_keeps_the_known_part_and_fills_in_near_the_conditional(s
     assert kl(law, cond) < kl((G_MU4, G_SIGMA4), cond) / 4   # 0.125 (0.119) vs 1.046
 
 
-def g_colour_eps(x, t):
-    """The exact eps of N(G_MU3, G_SIGMA3) per pixel (channel dim 1), noised to step t (F3, F21)."""
-    ab = G_AB[t[0]]
-    return -(1 - ab).sqrt() * ref_g_gauss_score(x.movedim(1, -1), ab.sqrt(), 1 - ab, G_MU3,
-                                                G_SIGMA3).movedim(-1, 1)
+# The exact eps of N(G_MU3, G_SIGMA3) per pixel (channel dimension 1), noised to step t (F3, F21).
+g_colour_eps = ref_eps_model(lambda y, m, v: ref_gauss_score(
+    y.movedim(1, -1), m, v, G_MU3, G_SIGMA3).movedim(-1, 1), G_AB)
 
 
 def g_colorize(y, generator=None):
@@ -2839,7 +2755,7 @@ def test_F31_colorization_keeps_the_grey_and_fills_in_near_the_conditional():
     for p, (m, C) in enumerate(laws):      # flattened (3, 1, 2): channel c of pixel p is 2 c + p
         idx = torch.tensor([p, 2 + p, 4 + p])
         mean[idx], cov[idx[:, None], idx] = m, C
-    module_law = ref_g_module_law(g_colorize, (3, 1, 2))
+    module_law = ref_affine_law(g_colorize, (3, 1, 2))
     assert_close64(module_law[0], mean, atol=1e-9, rtol=0)
     assert_close64(module_law[1], cov, atol=1e-9, rtol=0)
 
@@ -2860,12 +2776,8 @@ def test_F31_colorization_keeps_the_grey_and_fills_in_near_the_conditional():
 # Energy-based scores [F14] ------------------------------------------------------------------------
 
 def ref_trace_jacobian(field, x):
-    """tr(d field / d x) per example by autograd, one backward pass per coordinate."""
-    with torch.enable_grad():
-        x = x.clone().requires_grad_(True)
-        out = field(x)
-        return sum(torch.autograd.grad(out[:, i].sum(), x, retain_graph=True)[0][:, i]
-                   for i in range(x.shape[1]))
+    """tr(d field / d x) per example, from ref_g_jacobian (autograd, one pass per coordinate)."""
+    return ref_g_jacobian(field, x).diagonal(dim1=1, dim2=2).sum(1)
 
 
 def ref_laplacian(logp, x):
@@ -2923,7 +2835,7 @@ def ref_g_jacobian(field, x):
 
 
 @settings(deadline=None)
-@given(seed=G_SEEDS, d=st.integers(2, 5))
+@given(seed=seeds, d=st.integers(2, 5))
 def test_F14_energy_score_is_minus_grad_e_a_conservative_field_and_ignores_z(seed, d):
     """[F14] for a random MLP energy E(x, s): energy_score(E) = -grad_x E (autograd here); its
     Jacobian is symmetric (a gradient field), while a non-conservative field (the network's
@@ -2946,7 +2858,7 @@ def test_F14_energy_score_is_minus_grad_e_a_conservative_field_and_ignores_z(see
 
 
 @settings(deadline=None)
-@given(seed=G_SEEDS, d=st.integers(1, 5))
+@given(seed=seeds, d=st.integers(1, 5))
 def test_F14_F16_quadratic_energy_gives_the_gaussian_score(seed, d):
     """[F14, F16] E(x) = 1/2 (x - mu)^T P (x - mu): energy_score(E)(x) = -P (x - mu) exactly, and
     through score_matching_loss (which differentiates the score in x, so the wrapper must keep
@@ -3004,8 +2916,8 @@ def test_F14_F24_energy_score_works_inside_a_no_grad_sampler():
         out = ds.energy_score(E)(x, s)
     assert not out.requires_grad and out.grad_fn is None
     assert all(p.grad is None for p in net.parameters())
-    score = lambda x, s: ref_g_gauss_score(x, *ref_g_vp(s[0]), G_MU3, G_SIGMA3)
-    runs = [ds.reverse_sde_sample(fn, ds.VPSDE(**G_VP), torch.ones(32, 3, dtype=F64), steps=20,
+    score = lambda x, s: ref_gauss_score(x, *ref_g_vp(s[0]), G_MU3, G_SIGMA3)
+    runs = [ds.reverse_sde_sample(fn, ds.VPSDE(**VP), torch.ones(32, 3, dtype=F64), steps=20,
                                   generator=torch.Generator().manual_seed(3))
             for fn in (ds.energy_score(ref_g_noised_gauss_energy), score)]
     assert not runs[0].requires_grad
@@ -3014,18 +2926,16 @@ def test_F14_F24_energy_score_works_inside_a_no_grad_sampler():
 
 # Bad input: ValueError naming the argument --------------------------------------------------------
 
-G_X = torch.zeros(2, 3)
-G_SCHED10 = ds.Schedule.from_betas(torch.linspace(1e-3, 0.2, 10, dtype=F64))
 G_MASK = torch.ones(2, 3, dtype=torch.bool)
-G_SAMPLERS = {"ddpm": lambda **kw: ds.ddpm_sample(lambda x, t: x, G_SCHED10, G_X, **kw),
-              "reverse_sde": lambda **kw: ds.reverse_sde_sample(lambda x, s: x, ds.VPSDE(), G_X,
+G_SAMPLERS = {"ddpm": lambda **kw: ds.ddpm_sample(lambda x, t: x, SCHED, X, **kw),
+              "reverse_sde": lambda **kw: ds.reverse_sde_sample(lambda x, s: x, ds.VPSDE(), X,
                                                                 steps=3, **kw)}
 G_BAD_INPAINTING = {
-    "known without mask": (dict(known=G_X), "mask"),
+    "known without mask": (dict(known=X), "mask"),
     "mask without known": (dict(mask=G_MASK), "known"),
-    "mask shape": (dict(known=G_X, mask=G_MASK[:, :2]), "mask"),
-    "mask float": (dict(known=G_X, mask=G_MASK.float()), "mask"),
-    "known shape": (dict(known=G_X[:1], mask=G_MASK), "known"),
+    "mask shape": (dict(known=X, mask=G_MASK[:, :2]), "mask"),
+    "mask float": (dict(known=X, mask=G_MASK.float()), "mask"),
+    "known shape": (dict(known=X[:1], mask=G_MASK), "known"),
 }
 
 
