@@ -1918,7 +1918,8 @@ def train(config, stop=None):
         norm = nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip or math.inf)
         if not (torch.isfinite(loss) and torch.isfinite(norm)):  # the same on every DDP rank
             kept = out / "ckpt.pt"
-            kept = f'{kept} (step {int(load_checkpoint(kept)["step"])})' if kept.exists() else "none"
+            kept = f'{kept} (step {int(load_checkpoint(kept)["step"])})' if kept.exists() \
+                else "none"
             raise FloatingPointError(f"non-finite loss ({loss.item():.4g}) or gradient at step "
                                      f"{step}; training stopped, last good checkpoint: {kept}")
         lr = config.lr * min(1.0, step / max(config.lr_warmup, 1))  # warm-up, then cosine decay

@@ -9,7 +9,8 @@
    wall time, final loss, the unbiased MMD^2 of its samples to held-out data next to the noise
    floor (the standard deviation of MMD^2 between two held-out sets of the same size), and the
    peak resident memory of that process (resource.getrusage of the child).
-Targets (issues 4 and 9): the default run in under 60 s on 2 CPU cores, MMD^2 within 3x the noise floor.
+Targets (issues 4 and 9): the default run in under 60 s on 2 CPU cores, MMD^2 within 3x the
+noise floor.
 Other work on the same cores slows multi-threaded torch far more than single-threaded torch, so
 the load average is printed next to the numbers.
 """
