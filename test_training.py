@@ -14,6 +14,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -171,17 +172,15 @@ def test_resume_gives_the_same_weights_as_training_straight(tmp_path):
 
 
 def test_ddp_two_gloo_processes_keep_identical_weights_and_write_one_checkpoint(tmp_path):
-    """Under torchrun: the command line joins the process group itself, trains and leaves it;
-    then the script joins (as a library caller must) and train() trains with DDP: identical
-    weights on both ranks, one checkpoint, written by rank 0."""
+    """Under torchrun: the script joins the process group (as a library caller must) and train()
+    trains with DDP: identical weights on both ranks, one checkpoint, written by rank 0. Then the
+    command line, in two processes given the environment torchrun sets (RANK, WORLD_SIZE,
+    MASTER_ADDR, ...), joins the group itself, trains and leaves it."""
     script = tmp_path / "ddp_train.py"
     script.write_text(
         "import os, sys, torch\n"
         f"sys.path.insert(0, {str(HERE)!r})\n"
         "import ddpm_score as ds\n"
-        "ds.main(['train', '--steps', '5', '--width', '16', '--n-train', '500', '--n-samples',\n"
-        f"         '0', '--out', {str(tmp_path / 'cli')!r}])\n"
-        "assert not torch.distributed.is_initialized()\n"
         "torch.distributed.init_process_group('gloo')\n"
         f"config = ds.TrainConfig(steps=20, batch_size=64, width=32, depth=1, n_train=2000,\n"
         f'                        n_samples=0, out={str(tmp_path / "run")!r}, device="cpu")\n'
@@ -191,17 +190,28 @@ def test_ddp_two_gloo_processes_keep_identical_weights_and_write_one_checkpoint(
         "torch.save(result.net.state_dict(), out)\n"
         "torch.distributed.destroy_process_group()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", str(script)], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0 and "step 5/5" in done.stderr, done.stderr[-3000:]
-    assert int(ds.load_checkpoint(tmp_path / "cli" / "ckpt.pt")["step"]) == 5
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run([*run, str(script)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ckpt.pt", "config.json",
                                                                   "loss.csv"]
     assert int(ds.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"]) == 20
+    with socket.socket() as s:  # a free port for the rendezvous torchrun would set up
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    ranks = [subprocess.Popen(
+        [sys.executable, str(HERE / "ddpm_score.py"), "train", "--steps", "5", "--width", "16",
+         "--n-train", "500", "--n-samples", "0", "--out", str(tmp_path / "cli")],
+        env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    errs = [proc.communicate(timeout=120)[1] for proc in ranks]
+    assert [proc.returncode for proc in ranks] == [0, 0] and "step 5/5" in errs[0], errs
+    assert int(ds.load_checkpoint(tmp_path / "cli" / "ckpt.pt")["step"]) == 5
 
 
 def test_a_library_call_of_train_leaves_threads_signals_and_process_groups_as_found(tmp_path,
