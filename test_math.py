@@ -369,22 +369,18 @@ def test_F3_F4_repeated_one_step_transitions_give_the_closed_form(case):
     assert_close64(std, [math.sqrt(vk) for vk in v])
 
 
-def sample_moments(x):
-    """Sample mean and covariance of the rows of x (N, d), each with its Monte Carlo standard error.
-
-    SE of a mean: sample std / sqrt(N). SE of a covariance entry: sample std of the centred
-    products (x_i - m_i)(x_j - m_j), over sqrt(N) (the error from estimating m is O(1/N)).
-    """
-    N = x.shape[0]
-    centred = x - x.mean(0)
-    products = centred[:, :, None] * centred[:, None, :]
-    return (x.mean(0), x.std(0) / math.sqrt(N),
-            products.mean(0), products.std(0) / math.sqrt(N))
+def ref_check_gaussian_samples(x, mean, cov):
+    """Sample mean and covariance of x (n, d) agree with N(mean, cov) within 5 SE each:
+    SE(mean_i) = sqrt(cov_ii / n), SE(cov_ij) = sqrt((cov_ii cov_jj + cov_ij^2) / n) (Gaussian)."""
+    n, diag = len(x), cov.diagonal()
+    assert ((x.mean(0) - mean).abs() <= N_SE * (diag / n).sqrt()).all(), (x.mean(0), mean)
+    se_cov = ((diag[:, None] * diag[None, :] + cov ** 2) / n).sqrt()
+    assert ((torch.cov(x.T) - cov).abs() <= N_SE * se_cov).all(), (torch.cov(x.T), cov)
 
 
 def test_F3_F4_sampled_chain_agrees_with_q_sample_in_distribution():
-    """[F3, F4] t sampled q_step's and one q_sample agree in mean and covariance (5 SE), and both
-    agree with the recursion's N(m x0, v I)."""
+    """[F3, F4] t sampled q_step's and one q_sample both have the recursion's law N(m x0, v I):
+    mean and covariance within 5 SE."""
     betas = ref_linear_betas(50, 1e-3, 0.1)
     sched, t, N = ds.Schedule.from_betas(betas), 30, 20000
     x0 = torch.tensor([2.0, -1.0, 0.5], dtype=F64).expand(N, 3)
@@ -392,17 +388,9 @@ def test_F3_F4_sampled_chain_agrees_with_q_sample_in_distribution():
     chain = x0
     for k in range(1, t + 1):
         chain = ds.q_step(sched, chain, torch.full((N,), k), generator=g_chain)
-    direct = ds.q_sample(sched, x0, torch.full((N,), t), generator=g_direct)
     m, v = ref_marginal_by_recursion(betas, t)
-    mean_c, se_mean_c, cov_c, se_cov_c = sample_moments(chain)
-    mean_d, se_mean_d, cov_d, se_cov_d = sample_moments(direct)
-    # The two samples are independent: the SE of a difference is sqrt(se_1^2 + se_2^2).
-    assert ((mean_c - mean_d).abs() < N_SE * (se_mean_c ** 2 + se_mean_d ** 2).sqrt()).all()
-    assert ((cov_c - cov_d).abs() < N_SE * (se_cov_c ** 2 + se_cov_d ** 2).sqrt()).all()
-    for mean, se_mean, cov, se_cov in ((mean_c, se_mean_c, cov_c, se_cov_c),
-                                       (mean_d, se_mean_d, cov_d, se_cov_d)):
-        assert ((mean - m * x0[0]).abs() < N_SE * se_mean).all()
-        assert ((cov - v * torch.eye(3, dtype=F64)).abs() < N_SE * se_cov).all()
+    for x in (chain, ds.q_sample(sched, x0, torch.full((N,), t), generator=g_direct)):
+        ref_check_gaussian_samples(x, m * x0[0], v * torch.eye(3, dtype=F64))
 
 
 # --- posterior and ELBO [F6-F13] -----------------------------------------------------------------
@@ -1207,23 +1195,24 @@ def ref_gauss_affine(m, v, mu=MU, cov=SIGMA):
 
 
 def ref_mix_terms(x, m, v, mix=MIX):
-    """(K, B) log(w_k N(x; m mu_k, var_k I)), var_k = m^2 std_k^2 + v, and var (K, B), for the 2-D
-    mixture (w, mu, std) noised through x = m x0 + sqrt(v) eps. Laid out (K, B): fast for K = 4."""
+    """(K, B) log(w_k N(x; m mu_k, var_k I)), var_k = m^2 std_k^2 + v, for the 2-D mixture
+    (w, mu, std) noised through x = m x0 + sqrt(v) eps; also var and the offsets x - m mu_k.
+    Laid out (K, B) with the two coordinates written out: fast for B = 10^4."""
     w, mu, std = (c.to(x.dtype) for c in mix)
-    m, v = col(m, x).reshape(1, -1), col(v, x).reshape(1, -1)              # (1, B)
+    m, v = col(m, x).reshape(1, -1), col(v, x).reshape(1, -1)               # (1, B)
     if (m == m[0, 0]).all() and (v == v[0, 0]).all():   # samplers share one time per batch
         m, v = m[:, :1], v[:, :1]
     var = m ** 2 * std[:, None] ** 2 + v                                       # (K, B)
-    d2 = (x[:, 0] - m * mu[:, :1]) ** 2 + (x[:, 1] - m * mu[:, 1:]) ** 2
-    return w.log()[:, None] - d2 / (2 * var) - torch.log(2 * math.pi * var), var
+    dx, dy = x[:, 0] - m * mu[:, :1], x[:, 1] - m * mu[:, 1:]                  # (K, B) each
+    logp = w.log()[:, None] - (dx ** 2 + dy ** 2) / (2 * var) - torch.log(2 * math.pi * var)
+    return logp, var, (dx, dy)
 
 
 def ref_mix_score(x, m, v, mix=MIX):
     """grad log sum_k w_k N_k = -sum_k r_k (x - m mu_k) / var_k, r_k the responsibilities."""
-    logp, var = ref_mix_terms(x, m, v, mix)
-    r, mu = torch.softmax(logp, 0) / var, mix[1].to(x.dtype)
-    m = col(m, x).reshape(1, -1)
-    return -torch.stack([(r * (x[:, i] - m * mu[:, i:i + 1])).sum(0) for i in range(2)], 1)
+    logp, var, (dx, dy) = ref_mix_terms(x, m, v, mix)
+    r = torch.softmax(logp, 0) / var
+    return -torch.stack([(r * dx).sum(0), (r * dy).sum(0)], 1)
 
 
 def ref_mix_sample(n, generator):
@@ -2141,7 +2130,8 @@ def test_F26_s_grid_spacings_follow_their_formulas(name):
     """[F26] each spacing runs from 1 to eps_s, strictly descending, with its defining property
     checked here: equal steps in s; (s - eps_s) / (1 - eps_s) = (1 - i/N)^2; equal steps in
     lambda = log(m / std) (F23 written here); equal steps in sigma^(1/7), sigma = std / m. The
-    default is quadratic for VP and sub-VP, uniform for VE; an explicit grid comes back as given."""
+    default is quadratic for VP and sub-VP, uniform for VE; an explicit grid comes back as given,
+    and the solvers follow it exactly as they follow a step count on the same spacing."""
     sde, N, eps = SDES[name](), 12, 1e-3
     u = torch.arange(N + 1, dtype=F64) / N
     const_steps = lambda v: torch.allclose(v.diff(), v.diff().mean().expand(N), rtol=1e-8)
@@ -2158,6 +2148,12 @@ def test_F26_s_grid_spacings_follow_their_formulas(name):
     default = torch.tensor(ds.s_grid(sde, N, eps), dtype=F64)
     assert torch.equal(default, grids["uniform" if name == "ve" else "quadratic"])
     assert ds.s_grid(sde, [1.0, 0.5, 0.0]) == [1.0, 0.5, 0.0]
+    score_fn, x = ref_sde_score(ref_gauss_score, name), _gauss_points(4, 45)
+    runs = (ds.ode_sample, ds.ode_encode, lambda *a, **kw: ds.reverse_sde_sample(
+        *a, generator=_gen(1), **kw))
+    for run in runs:                       # an explicit grid, or the count that makes it
+        assert torch.equal(run(score_fn, sde, x, steps=5, spacing="logsnr"),
+                           run(score_fn, sde, x, steps=ds.s_grid(sde, 5, spacing="logsnr")))
     for bad in ([1.0], [1.0, 0.5, 0.5], [1.0, 0.2, 0.4], [1.5, 0.5], [1.0, -0.1]):
         with pytest.raises(ValueError, match="steps"):
             ds.s_grid(sde, bad)
@@ -2274,6 +2270,9 @@ def test_F32_dpm_solver_pp_2m_is_the_paper_update_and_near_the_data(S):
     assert torch.allclose(out, ref_dpm_pp_2m(x0_of, x, a, sg), rtol=1e-10, atol=1e-10)
     law = ref_affine_law(lambda y: ds.dpm_solver_sample(ref_eps_model(ref_gauss_score, ab), sched,
                                                         y, steps=S), 3)
+    eg = ref_eps_model(ref_gauss_score, ab)               # the transcription's exact law, too
+    x0_gauss = lambda y, i: (y - sg[i] * eg(y, torch.full((len(y),), taus[i]))) / a[i]
+    ref_assert_same_law(law, ref_affine_law(lambda y: ref_dpm_pp_2m(x0_gauss, y, a, sg), 3))
     assert ref_w2(*law, MU, SIGMA) < {10: 0.07, 20: 0.03}[S]
     # The VP SDE with a score: lambda(s) = -1/2 log(e^B - 1), B = log(1 + e^{-2 lambda}).
     lam = torch.linspace(ref_lambda("vp", 1.0).item(), ref_lambda("vp", 1e-3).item(), S + 1,
@@ -2392,6 +2391,12 @@ def _all_samplers():
                                                     corrector_steps=1, generator=g),
         "ode": lambda x, g: ds.ode_sample(sde_score("vp"), vp, x, steps=10, method="heun"),
         "ode_encode": lambda x, g: ds.ode_encode(sde_score("vp"), vp, x, steps=10),
+        "ode rk45": lambda x, g: ds.ode_sample(sde_score("vp"), vp, x, method="rk45"),
+        "dpm": lambda x, g: ds.dpm_solver_sample(eps_model, sched, x, steps=8),
+        "dpm sde": lambda x, g: ds.dpm_solver_sde_sample(sde_score("vp"), vp, x, steps=8),
+        "pc rd": lambda x, g: ds.reverse_sde_sample(sde_score("vp"), vp, x, steps=20,
+                                                    corrector_steps=1, generator=g,
+                                                    predictor="reverse_diffusion"),
         "ode_likelihood": lambda x, g: ds.ode_likelihood(      # (Rademacher probes are exact
             sde_score("vp"), vp, x, steps=5, divergence="hutchinson", probe="gaussian",
             generator=g)["nats"]}                              # here: the Jacobian is c(s) I)
@@ -2402,7 +2407,7 @@ def test_F6_to_F32_samplers_are_reproducible_and_shape_agnostic(name):
     """The same generator seed gives bit-identical output and another seed another output;
     image-shaped input (B, 1, 4, 4) keeps its shape and gives the same numbers as the same data
     flattened to (B, 16): one broadcasting rule for points and images (ode_likelihood: (B,)).
-    [F6, F17, F20, F24, F26, F27, F28, F29]"""
+    [F6, F17, F20, F24, F26, F27, F28, F29, F32]"""
     run = _all_samplers()[name]
     x = torch.randn(8, 1, 4, 4, generator=_gen(50), dtype=F64)
     a, b = run(x, _gen(51)), run(x, _gen(51))
@@ -2410,13 +2415,13 @@ def test_F6_to_F32_samplers_are_reproducible_and_shape_agnostic(name):
     assert a.shape == ((8,) if name == "ode_likelihood" else x.shape)
     flat = run(x.reshape(8, 16), _gen(51))
     assert torch.allclose(flat.reshape(a.shape), a, rtol=1e-12, atol=1e-12)
-    if name not in ("ode", "ode_encode"):
+    if name not in ("ode", "ode_encode", "ode rk45", "dpm", "dpm sde"):   # deterministic
         assert not torch.equal(run(x, _gen(52)), a)
 
 
 def test_F6_F26_F27_F29_sampler_arguments_are_checked():
-    """Unknown names, impossible step grids, counts and times raise ValueError naming the argument.
-    [F6, F26, F27, F29]"""
+    """Unknown names, impossible step grids, counts, tolerances and times raise ValueError naming
+    the argument. [F6, F10, F26, F27, F28, F29, F32]"""
     sched, ab = _linear_sched(50)
     eps_model, x = ref_eps_model(ref_mix_score, ab), torch.zeros(4, 2, dtype=F64)
     score_fn, vp = ref_sde_score(ref_mix_score, "vp"), ds.VPSDE(**VP)
@@ -2436,7 +2441,15 @@ def test_F6_F26_F27_F29_sampler_arguments_are_checked():
             "n_probes"),
            (lambda: ds.langevin(lambda y: -y, x, step_size=0.1, n_steps=2.5), "n_steps"),
            (lambda: ds.annealed_langevin(lambda y, sg: -y, x, []), "sigmas"),
-           (lambda: ds.annealed_langevin(lambda y, sg: -y, x, [1.0, 0.0]), "sigmas")]
+           (lambda: ds.annealed_langevin(lambda y, sg: -y, x, [1.0, 0.0]), "sigmas"),
+           (lambda: ds.reverse_sde_sample(score_fn, vp, x, predictor="heun"), "predictor"),
+           (lambda: ds.ode_sample(score_fn, vp, x, spacing="cosine"), "spacing"),
+           (lambda: ds.ode_sample(score_fn, vp, x, method="rk45", rtol=0.0), "rtol"),
+           (lambda: ds.ode_likelihood(score_fn, vp, x, method="rk45", max_steps=0), "max_steps"),
+           (lambda: ds.dpm_solver_sample(eps_model, sched, x, steps=51), "steps"),
+           (lambda: ds.dpm_solver_sample(eps_model, sched, x, clip_x0=(1, 0)), "clip_x0"),
+           (lambda: ds.dpm_solver_sde_sample(score_fn, vp, x, steps=0), "steps"),
+           (lambda: ds.vlb_bpd(eps_model, sched, x, decoder_var="beta_1"), "decoder_var")]
     for call, arg in bad:
         with pytest.raises(ValueError, match=arg):
             call()
@@ -2477,7 +2490,7 @@ def ref_g_component_score(x, m, v, y):
 
 def ref_g_log_posterior(x, m, v, y):
     """log p_s(y | x) = log w_y N_y(x) - log sum_k w_k N_k(x), per example (B,). [F30]"""
-    logp, _ = ref_mix_terms(x, m, v, G_MIX)
+    logp, *_ = ref_mix_terms(x, m, v, G_MIX)
     return logp[y] - torch.logsumexp(logp, 0)
 
 
@@ -2523,7 +2536,7 @@ def test_F30_guided_score_is_bayes_rule_for_scores(seed, y, w):
                    atol=RTOL * scale)
 
     def log_lik_over_p_y(x, s):   # log N_y(x) - log p(x): no w_y, i.e. log p(y | x) - log p(y)
-        logp, _ = ref_mix_terms(x, *ref_g_vp(s), G_MIX)
+        logp, *_ = ref_mix_terms(x, *ref_g_vp(s), G_MIX)
         return logp[y] - G_MIX_W[y].log() - torch.logsumexp(logp, 0)
     assert_close64(ds.guided_score(score, log_lik_over_p_y, 1)(x, s), cond_s, atol=atol)
 
@@ -2654,15 +2667,6 @@ def ref_g_sde_inpaint_law(mu, cov, Q, xk, steps, eps_s=1e-3):
     return law
 
 
-def ref_g_check_samples(x, mean, cov):
-    """Sample mean and covariance of x (n, d) agree with N(mean, cov) within 5 SE each:
-    SE(mean_i) = sqrt(cov_ii / n), SE(cov_ij) = sqrt((cov_ii cov_jj + cov_ij^2) / n) (Gaussian)."""
-    n, diag = len(x), cov.diagonal()
-    assert ((x.mean(0) - mean).abs() <= N_SE * (diag / n).sqrt()).all(), (x.mean(0), mean)
-    se_cov = ((diag[:, None] * diag[None, :] + cov ** 2) / n).sqrt()
-    assert ((torch.cov(x.T) - cov).abs() <= N_SE * se_cov).all(), (torch.cov(x.T), cov)
-
-
 def g_inpaint_run(sampler, x, generator=None):
     """ddpm_sample (exact eps, F21) or reverse_sde_sample (exact VP score) on N(G_MU4, G_SIGMA4)
     with G_XK4 known on G_KNOWN4; known and mask shaped like x."""
@@ -2708,7 +2712,7 @@ def test_F31_inpainting_keeps_the_known_part_and_fills_in_near_the_conditional(s
     x, known, mask = g_inpaint_run(sampler, torch.randn(10_000, 4, generator=g, dtype=F64), g)
     assert torch.equal(x[mask], known[mask])
     u = G_UNKNOWN4
-    ref_g_check_samples(x[:, u], law[0][u], law[1][u][:, u])
+    ref_check_gaussian_samples(x[:, u], law[0][u], law[1][u][:, u])
 
     cond = ref_g_condition(G_MU4, G_SIGMA4, Q, G_XK4)
     mean_gap = (law[0] - cond[0])[u].abs().max().item()
@@ -2763,7 +2767,7 @@ def test_F31_colorization_keeps_the_grey_and_fills_in_near_the_conditional():
     x = g_colorize(torch.randn(10_000, 3, 1, 2, generator=g, dtype=F64), g)
     assert_close64(x.mean(1), G_GREY.reshape(1, 1, 2).expand(len(x), 1, 2), atol=1e-12, rtol=0)
     for p, (m, C) in enumerate(laws):
-        ref_g_check_samples(x[:, :, 0, p], m, C)
+        ref_check_gaussian_samples(x[:, :, 0, p], m, C)
 
     gaps = []
     for g_p, (m, C) in zip(G_GREY, laws):
