@@ -2211,7 +2211,8 @@ RUN_FLAGS = [  # (subcommands, flag, argparse keywords) of sample and nll
     ("sample nll", "--device", dict(default="auto", choices=["auto", "cpu", "cuda"])),
     ("sample", "--sampler", dict(default="", choices=["", *SAMPLERS], help="('': the run's)")),
     ("sample", "--steps", dict(type=number(int, lo=0), default=0, help="(0: its default)")),
-    ("sample", "--n", dict(type=number(int, lo=1), help="samples (2000; --inpaint: 8 images)")),
+    ("sample", "--n", dict(type=number(int, lo=1), help="samples (default: the run's n_samples, "
+                           "2000 points or 64 images; --inpaint: 8 images)")),
     ("sample", "--trajectory", dict(action="store_true", help=f"picture {FRAMES} states too")),
     ("sample", "--no-ema", dict(action="store_true", help="the live, not the EMA, weights")),
     ("sample", "--class", dict(dest="label", type=number(int, lo=0), metavar="K",
@@ -2354,7 +2355,7 @@ def sample_command(args):
         raise ValueError(f"inpaint: needs images (C, H, W), the run's data have shape {m.shape}, "
                          "and no --trajectory")
     x0 = data.x_test[:args.n or 8].repeat_interleave(args.completions, dim=0)
-    n = len(x0) if args.inpaint else args.n or 2000
+    n = len(x0) if args.inpaint else args.n or m.config.n_samples or (64 if x0.ndim == 4 else 2000)
     y, w, clf, tag = guidance(args, m, n, device)
     kw = dict(sampler=name, steps=args.steps, seed=args.seed, y=y, w=w, classifier=clf,
               device=device)
