@@ -56,7 +56,6 @@ from collections import namedtuple
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 with warnings.catch_warnings():  # torch without NumPy warns at import; this module needs no NumPy
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
