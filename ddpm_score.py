@@ -2176,8 +2176,9 @@ def bits_per_dim(m, x, *, levels=0, steps=100, batch=256, seed=0, device="cpu"):
     convention = (f"{levels}-level data dequantized over bins of width 2/{levels - 1}: bits per "
                   f"{levels}-level value" if levels else "continuous data: -log2 density per "
                   "dimension, not comparable with image bits/dim (can be negative)")
-    if levels == 256 and ddpm:
-        convention = "8-bit data: bits per 8-bit value as published (elbo: discretized decoder)"
+    if levels == 256:
+        convention = ("8-bit data: bits per 8-bit value as published (ode: dequantized"
+                      + ("; elbo: discretized decoder)" if ddpm else ")"))
     return {k: torch.cat(v) for k, v in out.items() if v}, convention
 
 
