@@ -1265,25 +1265,15 @@ def make_network(config, shape, num_classes=None):
     return UNet(shape[0], config.channels, num_classes=k_in, logits=k_out)
 
 
-def ddpm_level(sched, t):
-    """The network's c = 1000 t / T at DDPM step t (B,). [F12]"""
-    return 1000 * t.float() / sched.T
-
-
 def ncsn_level(sigmas, sigma):
     """c = 1000 log(sigma / sigma_min) / log(sigma_max / sigma_min): 0 at the smallest. [F19]"""
     lo, hi = math.log(sigmas.min()), math.log(sigmas.max())
     return 1000 * (sigma.log() - lo) / (hi - lo)
 
 
-def sde_level(sde, s):
-    """c = 1000 s at SDE time s (B,); on DiscreteVPSDE s = t / T, so c = 1000 t / T. [F23]"""
-    return 1000 * s
-
-
 def eps_model_of(net, sched, y=None):
-    """DDPM eps_model(x_t, t) = net(x_t, 1000 t / T, y). [F12]"""
-    return lambda xt, t: net(xt, ddpm_level(sched, t), y)
+    """DDPM eps_model(x_t, t) = net(x_t, c = 1000 t / T, y). [F12]"""
+    return lambda xt, t: net(xt, 1000 * t.float() / sched.T, y)
 
 
 def ncsn_score_of(net, sigmas, y=None):
@@ -1293,17 +1283,9 @@ def ncsn_score_of(net, sigmas, y=None):
 
 
 def sde_score_of(net, sde, y=None):
-    """SDE score_fn(x, s) = -net(x, 1000 s, y) / std(s), std from sde.marginal. [F21, F23]"""
-    return lambda x, s: -net(x, sde_level(sde, s), y) / sde.marginal(x, s)[1]
-
-
-def guided_eps(eps_model, sched, log_likelihood_fn, w):
-    """Classifier guidance of an eps-model at the score level: score = -eps / std guided by
-    guided_score, read back as eps = -std score, std = sqrt(1 - alpha_bar_t). [F21, F30]"""
-    def std(t):
-        return marginal_coefs(sched, t)[1]
-    score = guided_score(lambda x, t: eps_to_score(eps_model(x, t), std(t)), log_likelihood_fn, w)
-    return lambda x, t: score_to_eps(score(x, t), std(t))
+    """SDE score_fn(x, s) = -net(x, c = 1000 s, y) / std(s), std from sde.marginal; on
+    DiscreteVPSDE s = t / T, so c = 1000 t / T as for DDPM. [F21, F23]"""
+    return lambda x, s: -net(x, 1000 * s, y) / sde.marginal(x, s)[1]
 
 
 # --- data: built-in sets, user files, sample quality (MMD), pictures (PNG) -----------------------
@@ -1647,7 +1629,8 @@ SDE_SAMPLERS = {"em": Sampler(reverse_sde_sample, 500, inpaint=True),
 
 METHODS = {
     "ddpm": Method(lambda c: Schedule.from_betas(BETAS[c.schedule](c.T)), eps_model_of,
-                   lambda m, p, x0, g: eps_loss(m, p, x0, generator=g), ddpm_level,
+                   lambda m, p, x0, g: eps_loss(m, p, x0, generator=g),
+                   lambda p, t: 1000 * t.float() / p.T,
                    lambda p, shape, g, dev: torch.randn(shape, generator=g, device=dev),
                    {"ancestral": Sampler(ddpm_sample, 250, inpaint=True, clip=True),
                     "ddim": Sampler(ddim_sample, 50, clip=True),
@@ -1659,8 +1642,8 @@ METHODS = {
                                                                          device=dev),
                    {"als": Sampler(sample_als, 100, states=lambda n, p: len(p) * n + 1)}),
     **{name: Method(make, sde_score_of, lambda m, p, x0, g: sde_loss(m, p, x0, generator=g),
-                    sde_level, lambda p, shape, g, dev: p.prior_sample(shape, generator=g,
-                                                                        device=dev), SDE_SAMPLERS)
+                    lambda p, s: 1000 * s, lambda p, shape, g, dev: p.prior_sample(
+                        shape, generator=g, device=dev), SDE_SAMPLERS)
        for name, make in (("vp", lambda c: VPSDE()), ("subvp", lambda c: SubVPSDE()),
                           ("ve", lambda c: VESDE(c.sigma_min, c.sigma_max)))},
 }
@@ -1983,9 +1966,13 @@ def guided_model(m, y=None, w=0.0, classifier=None):
     def log_likelihood(x, time):  # log p_time(y | x) per example
         logits = classifier(x, method.level(m.process, time))
         return F.log_softmax(logits, dim=-1).gather(1, y[:, None])[:, 0]
-    if m.config.method == "ddpm":
-        return guided_eps(uncond, m.process, log_likelihood, w)
-    return guided_score(uncond, log_likelihood, w)
+    if m.config.method != "ddpm":
+        return guided_score(uncond, log_likelihood, w)
+
+    def std(t):  # eps-models: guided at the score level, score = -eps / std [F21]
+        return marginal_coefs(m.process, t)[1]
+    score = guided_score(lambda x, t: eps_to_score(uncond(x, t), std(t)), log_likelihood, w)
+    return lambda x, t: score_to_eps(score(x, t), std(t))
 
 
 FRAMES = 9  # states of x kept by draw_samples(frames=...): at most this many plus the start
