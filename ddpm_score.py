@@ -33,40 +33,39 @@ Three ways in
     import ddpm_score                 # the math, samplers and networks as functions
     python ddpm_score.py train        # train on built-in data (no download), then sample
     make test                         # the spec tests
-
-Controllable generation from the command line (``python ddpm_score.py --help`` has more):
-    python ddpm_score.py train --data ring --conditional --out runs/ring
-    python ddpm_score.py sample --run runs/ring --class 3 --guidance 1       # classifier-free
-    python ddpm_score.py train --classifier --out RUN/classifier             # then --class K
-    python ddpm_score.py sample --run runs/shapes --inpaint --mask centre    # image data
+and then, e.g. (``python ddpm_score.py --help`` and README.md have more):
+    python ddpm_score.py sample --run runs/default --sampler ddim --steps 50 --trajectory
+    python ddpm_score.py nll --run runs/default
 """
 import argparse
 import ast
-import contextlib
 import hashlib
-import inspect
+import io
 import json
 import math
 import os
-import re
+import shutil
 import signal
 import struct
 import sys
-import tempfile
 import threading
 import time
+import warnings
 import zlib
-from dataclasses import asdict, dataclass, fields, replace
+from collections import namedtuple
+from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from einops import rearrange, reduce
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+with warnings.catch_warnings():  # torch without NumPy warns at import; this module needs no NumPy
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from einops import rearrange, reduce
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 # --- notation and helpers -----------------------------------------------------------------------
 
@@ -1137,25 +1136,17 @@ def colorization_known(grey):
     return known, mask
 
 
-# --- networks: residual MLP, small UNet, EMA, and how each method reads the output ---------------
-# A network is called as net(x, c, y=None): x the noisy data, c (B,) float the noise level mapped
-# to [0, 1000] (0 = clean), y (B,) optional class labels. c is 1000 t / T for DDPM, 1000 s for the
-# SDEs and 1000 log(sigma / sigma_min) / log(sigma_max / sigma_min) for NCSN. Every method reads
-# the output as an eps (score = -net / std), so every loss is an eps-prediction error of O(1).
-
-
-def sinusoidal_embedding(c, dim, max_period=10_000.0):
-    """emb(c) = [cos(c w_k), sin(c w_k)], w_k = max_period^(-k / (dim/2)), k < dim/2 (Vaswani et
-    al. 2017, as used for t by Ho et al. 2020). c (B,) float -> (B, dim) float32."""
-    half = dim // 2
-    w = torch.exp(-math.log(max_period) * torch.arange(half, device=c.device) / half)
-    angle = rearrange(c.float(), "b -> b 1") * w
-    return torch.cat([angle.cos(), angle.sin()], dim=-1)
+# --- networks: residual MLP, small UNet, and the three adapters to the math ---------------------
+# A network is called as net(x, c, y=None): x the noisy data, c (B,) the noise level mapped to
+# [0, 1000] (0 = clean) by the method's `level`, y (B,) optional class labels. eps_model_of,
+# ncsn_score_of and sde_score_of are the only places where a network meets the math; each reads
+# the output as an eps (score = -output / std), so every loss is an eps error of O(1).
 
 
 class NoiseEmbedding(nn.Module):
-    """Noise level c (B,) and optional class y (B,) -> (B, dim). With num_classes, label
-    num_classes is the null label, used when y is None (for classifier-free guidance)."""
+    """(c, y) -> MLP([cos(c w_k), sin(c w_k)]) + label embedding, w_k = 10^(-4 k / (dim / 2))
+    (the sinusoidal embedding of Vaswani et al. 2017, used for t by Ho et al. 2020). With
+    num_classes, label num_classes is the null label, used when y is None (classifier-free)."""
 
     def __init__(self, dim, num_classes=None):
         super().__init__()
@@ -1164,7 +1155,10 @@ class NoiseEmbedding(nn.Module):
         self.label = None if num_classes is None else nn.Embedding(num_classes + 1, dim)
 
     def forward(self, c, y=None):
-        emb = self.mlp(sinusoidal_embedding(c, self.dim))
+        half = self.dim // 2
+        angle = rearrange(c.float(), "b -> b 1") * torch.exp(
+            -math.log(1e4) * torch.arange(half, device=c.device) / half)
+        emb = self.mlp(torch.cat([angle.cos(), angle.sin()], dim=-1))
         if self.label is None:
             if y is not None:
                 raise ValueError("y: class labels given to a network built with num_classes=None")
@@ -1175,29 +1169,26 @@ class NoiseEmbedding(nn.Module):
 
 
 class MLP(nn.Module):
-    """Residual MLP for vectors (B, d): h = W_in x, then `depth` times
-    h = h + W_k silu(LayerNorm(h) + emb(c, y)), output W_out silu(LayerNorm(h)) of size d, or of
-    size out_dim (a classifier's logits)."""
+    """Residual MLP for vectors (B, d): h = W_in x, then `depth` times h = h + W_k silu(LN(h) +
+    emb(c, y)); out W_out silu(LN(h)), of size d or out_dim (a classifier's logits)."""
 
     def __init__(self, dim, width=256, depth=3, num_classes=None, out_dim=None):
         super().__init__()
-        self.embed = NoiseEmbedding(width, num_classes)
-        self.inp = nn.Linear(dim, width)
+        self.embed, self.inp = NoiseEmbedding(width, num_classes), nn.Linear(dim, width)
         self.norms = nn.ModuleList(nn.LayerNorm(width) for _ in range(depth))
         self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
         self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, out_dim or dim))
 
     def forward(self, x, c, y=None):
-        emb = self.embed(c, y)
-        h = self.inp(x)
+        emb, h = self.embed(c, y), self.inp(x)
         for norm, layer in zip(self.norms, self.layers):
             h = h + layer(F.silu(norm(h) + emb))
         return self.out(h)
 
 
 class ResBlock(nn.Module):
-    """x + conv(silu(GN(conv(silu(GN(x))) + W emb))), with a 1x1 conv on the skip when the
-    channel count changes (Ho et al. 2020, appendix B)."""
+    """x + conv(silu(GN(conv(silu(GN(x))) + W emb))), a 1x1 conv on the skip when the channel
+    count changes (Ho et al. 2020, appendix B)."""
 
     def __init__(self, c_in, c_out, emb_dim):
         super().__init__()
@@ -1207,22 +1198,17 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x, emb):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + rearrange(self.emb(F.silu(emb)), "b c -> b c 1 1")
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
+        h = self.conv1(F.silu(self.norm1(x))) + rearrange(self.emb(F.silu(emb)), "b c -> b c 1 1")
+        return self.skip(x) + self.conv2(F.silu(self.norm2(h)))
 
 
 class Attention(nn.Module):
-    """Residual multi-head self-attention over the pixels of a feature map:
-    x + W_o softmax(q k^T / sqrt(d)) v, with q, k, v = W_qkv GN(x) per pixel."""
+    """x + W_o softmax(q k^T / sqrt(d)) v over the pixels, q, k, v = W_qkv GN(x), 4 heads."""
 
     def __init__(self, channels, heads=4):
         super().__init__()
-        self.heads = heads
-        self.norm = nn.GroupNorm(8, channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = nn.Conv2d(channels, channels, 1)
+        self.heads, self.norm = heads, nn.GroupNorm(8, channels)
+        self.qkv, self.proj = nn.Conv2d(channels, 3 * channels, 1), nn.Conv2d(channels, channels, 1)
 
     def forward(self, x):
         qkv = self.qkv(self.norm(x))
@@ -1232,16 +1218,23 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    """Small UNet for images (B, C, H, W), H and W divisible by 2^(len(mults) - 1): one ResBlock
-    per level going down (average pooling between levels) and up (nearest upsampling, skip
-    connections concatenated), ResBlock-attention-ResBlock at the lowest resolution."""
+    """Small UNet for images (B, C, H, W), H and W divisible by 2^(len(mults) - 1): a ResBlock per
+    level down (average pooling between levels) and up (nearest upsampling, skips concatenated),
+    ResBlock-attention-ResBlock at the lowest resolution. With `logits` = K, a noise-conditional
+    classifier: the way down, then GN, SiLU, the spatial mean and K logits (as Dhariwal & Nichol
+    2021 use the UNet's encoder)."""
 
-    def __init__(self, channels=1, width=32, mults=(1, 2, 2), num_classes=None):
+    def __init__(self, channels=1, width=32, mults=(1, 2, 2), num_classes=None, logits=None):
         super().__init__()
         widths, emb_dim = [width * m for m in mults], 4 * width
         self.embed = NoiseEmbedding(emb_dim, num_classes)
         self.inp = nn.Conv2d(channels, width, 3, padding=1)
         self.down = nn.ModuleList(ResBlock(a, b, emb_dim) for a, b in zip([width] + widths, widths))
+        if logits:
+            self.head = nn.Sequential(nn.GroupNorm(8, widths[-1]), nn.SiLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                      nn.Linear(widths[-1], logits))
+            return
         self.mid1, self.attn = ResBlock(widths[-1], widths[-1], emb_dim), Attention(widths[-1])
         self.mid2 = ResBlock(widths[-1], widths[-1], emb_dim)
         ups = zip([widths[-1]] + widths[::-1], widths[::-1])
@@ -1252,9 +1245,10 @@ class UNet(nn.Module):
     def forward(self, x, c, y=None):
         emb, h, skips = self.embed(c, y), self.inp(x), []
         for i, block in enumerate(self.down):
-            h = F.avg_pool2d(h, 2) if i > 0 else h
-            h = block(h, emb)
+            h = block(F.avg_pool2d(h, 2) if i > 0 else h, emb)
             skips.append(h)
+        if hasattr(self, "head"):
+            return self.head(h)
         h = self.mid2(self.attn(self.mid1(h, emb)), emb)
         for i, block in enumerate(self.up):
             h = F.interpolate(h, scale_factor=2, mode="nearest") if i > 0 else h
@@ -1262,107 +1256,36 @@ class UNet(nn.Module):
         return self.out(h)
 
 
-class ImageClassifier(nn.Module):
-    """Noise-conditional image classifier: logits of p_c(y | x) from the UNet's downward path
-    (ResBlocks, average pooling between levels), then GN, SiLU, the spatial mean and a linear
-    layer (Dhariwal & Nichol 2021 use the UNet's encoder the same way)."""
-
-    def __init__(self, channels, num_classes, width=32, mults=(1, 2, 2)):
-        super().__init__()
-        widths, emb_dim = [width * m for m in mults], 4 * width
-        self.embed = NoiseEmbedding(emb_dim)
-        self.inp = nn.Conv2d(channels, width, 3, padding=1)
-        self.down = nn.ModuleList(ResBlock(a, b, emb_dim) for a, b in zip([width] + widths, widths))
-        self.norm = nn.GroupNorm(8, widths[-1])
-        self.logits = nn.Linear(widths[-1], num_classes)
-
-    def forward(self, x, c):
-        emb, h = self.embed(c), self.inp(x)
-        for i, block in enumerate(self.down):
-            h = block(F.avg_pool2d(h, 2) if i > 0 else h, emb)
-        return self.logits(reduce(F.silu(self.norm(h)), "b ch u v -> b ch", "mean"))
-
-
 def make_network(config, shape, num_classes=None):
-    """The default network for examples of `shape`: MLP for (d,), UNet for (C, H, W), with
-    num_classes labels in. With config.classifier: the MLP or the UNet's encoder, num_classes
-    logits out."""
-    if len(shape) > 1 and (shape[1] % 4 or shape[2] % 4):
-        raise ValueError(f"data: image size {tuple(shape[1:])} must be divisible by 4 (UNet)")
-    if config.classifier and len(shape) == 1:
-        return MLP(shape[0], config.width, config.depth, out_dim=num_classes)
-    if config.classifier:
-        return ImageClassifier(shape[0], num_classes, config.channels)
+    """MLP for vectors (d,), UNet for images (C, H, W); num_classes labels in, or with
+    config.classifier num_classes logits out."""
+    k_in, k_out = (None, num_classes) if config.classifier else (num_classes, None)
     if len(shape) == 1:
-        return MLP(shape[0], config.width, config.depth, num_classes)
-    return UNet(shape[0], config.channels, num_classes=num_classes)
-
-
-def make_ema(net, decay):
-    """EMA of the weights, theta_ema <- decay theta_ema + (1 - decay) theta, as an AveragedModel.
-    Schedules, sigmas and SDEs are plain objects outside the network, so they are never averaged."""
-    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-def update_ema(ema, net, step, warmup):
-    """One EMA update; for the first `warmup` steps the EMA copies the live weights instead."""
-    if step <= warmup:
-        ema.n_averaged.zero_()  # AveragedModel copies the weights when n_averaged == 0
-    ema.update_parameters(net)
-
-
-def eps_model_of(net, sched, y=None):
-    """DDPM eps_model(xt, t) = net(xt, 1000 t / T, y). [F12]"""
-    return lambda xt, t: net(xt, 1000 * t.float() / sched.T, y)
+        return MLP(shape[0], config.width, config.depth, k_in, k_out)
+    return UNet(shape[0], config.channels, num_classes=k_in, logits=k_out)
 
 
 def ncsn_level(sigmas, sigma):
-    """The network's c for an NCSN noise level: 1000 log(sigma / sigma_min) / log(sigma_max /
-    sigma_min), from 0 at the smallest sigma to 1000 at the largest."""
+    """c = 1000 log(sigma / sigma_min) / log(sigma_max / sigma_min): 0 at the smallest. [F19]"""
     lo, hi = math.log(sigmas.min()), math.log(sigmas.max())
     return 1000 * (sigma.log() - lo) / (hi - lo)
 
 
+def eps_model_of(net, sched, y=None):
+    """DDPM eps_model(x_t, t) = net(x_t, c = 1000 t / T, y). [F12]"""
+    return lambda xt, t: net(xt, 1000 * t.float() / sched.T, y)
+
+
 def ncsn_score_of(net, sigmas, y=None):
-    """NCSN score_model(x, sigma) = -net(x, c(log sigma), y) / sigma: the output divided by sigma
+    """NCSN score_model(x, sigma) = -net(x, c(sigma), y) / sigma: the output divided by sigma
     (Song & Ermon 2020, technique 3), signed so the net predicts the noise. [F19, F21]"""
     return lambda x, sigma: -net(x, ncsn_level(sigmas, sigma), y) / bcast(sigma, x)
 
 
 def sde_score_of(net, sde, y=None):
-    """SDE score_fn(x, s) = -net(x, 1000 s, y) / std(s), std from sde.marginal. [F21, F23]"""
-    def score_fn(x, s):
-        _, std = sde.marginal(x, s)
-        return -net(x, 1000 * s, y) / std
-    return score_fn
-
-
-def cfg_net(net, w):
-    """Classifier-free guidance on the network's output: (1 + w) net(x, c, y) - w net(x, c, null)
-    for one network trained with label dropout; w = 0 is the conditional model. Every method
-    reads the output as an eps (score = -net / std), so this is classifier_free on eps and on
-    the score alike. Returns a network (x, c, y) for every sampler. [F30]"""
-    def guided(x, c, y):
-        return classifier_free(lambda x, c: net(x, c, y), lambda x, c: net(x, c), w)(x, c)
-    return guided
-
-
-def classifier_guided_net(net, classifier, w, std):
-    """Classifier guidance on the network's output: the score -net(x, c) / std(c) guided by
-    log p_c(y | x) = log_softmax(classifier(x, c))[y] (guided_score), read back as an output:
-    net - std w grad_x log p_c(y | x); for DDPM eps - sqrt(1 - alpha_bar_t) w grad. [F30, F21]
-
-    w = 1 samples p(x | y) exactly when the classifier and the network are exact. std(c) is the
-    noise std at level c (Method.std); `net` is called without labels (the null label of a
-    conditional network). Returns a network (x, c, y) for every sampler.
-    """
-    def guided(x, c, y):
-        sigma = bcast(std(c), x)
-
-        def log_likelihood(x, c):  # log p_c(y | x) per example
-            return F.log_softmax(classifier(x, c), dim=-1).gather(1, y[:, None])[:, 0]
-        return -sigma * guided_score(lambda x, c: -net(x, c) / sigma, log_likelihood, w)(x, c)
-    return guided
+    """SDE score_fn(x, s) = -net(x, c = 1000 s, y) / std(s), std from sde.marginal; on
+    DiscreteVPSDE s = t / T, so c = 1000 t / T as for DDPM. [F21, F23]"""
+    return lambda x, s: -net(x, 1000 * s, y) / sde.marginal(x, s)[1]
 
 
 # --- data: built-in sets, user files, sample quality (MMD), pictures (PNG) -----------------------
@@ -1428,9 +1351,8 @@ def shapes(n, generator, size=16):
 
 DATASETS = {"moons": moons, "swissroll": swiss_roll, "ring": gaussian_ring,
             "checkerboard": checkerboard, "shapes": shapes}
-NPY_DTYPES = {"<f4": torch.float32, "<f8": torch.float64, "<f2": torch.float16,
-              "|u1": torch.uint8, "|i1": torch.int8, "<i2": torch.int16, "<i4": torch.int32,
-              "<i8": torch.int64}
+NPY_DTYPES = {"<f4": torch.float32, "<f8": torch.float64, "<f2": torch.float16, "|u1": torch.uint8,
+              "|i1": torch.int8, "<i2": torch.int16, "<i4": torch.int32, "<i8": torch.int64}
 
 
 def one_line(error, limit=200):
@@ -1439,30 +1361,32 @@ def one_line(error, limit=200):
 
 
 def read_npy(path):
-    """Read a little-endian .npy array with the standard library: magic, version, header dict
+    """A little-endian .npy array read with the standard library: magic, version, header dict
     (ast.literal_eval), then the raw bytes through torch.frombuffer."""
     raw = Path(path).read_bytes()
     if raw[:6] != b"\x93NUMPY":
         raise ValueError(f"{path}: not a .npy file (bad magic bytes)")
     size_fmt = "<H" if raw[6] == 1 else "<I"
     start = 8 + struct.calcsize(size_fmt)
-    (header_len,) = struct.unpack(size_fmt, raw[8:start])
-    header = ast.literal_eval(raw[start:start + header_len].decode("latin1"))
-    dtype = NPY_DTYPES.get(header["descr"])
+    end = start + struct.unpack(size_fmt, raw[8:start])[0]
+    header = ast.literal_eval(raw[start:end].decode("latin1"))
+    dtype, shape = NPY_DTYPES.get(header["descr"]), header["shape"]
     if dtype is None:
         raise ValueError(f"{path}: unsupported dtype {header['descr']!r} (use float or uint8)")
-    shape, offset = header["shape"], start + header_len
     nbytes = math.prod(shape) * dtype.itemsize
-    if len(raw) - offset < nbytes:
-        raise ValueError(f"{path}: truncated ({len(raw) - offset} of {nbytes} data bytes)")
-    x = torch.frombuffer(bytearray(raw[offset:offset + nbytes]), dtype=dtype)
+    if len(raw) - end < nbytes:
+        raise ValueError(f"{path}: truncated ({len(raw) - end} of {nbytes} data bytes)")
+    x = torch.frombuffer(bytearray(raw[end:end + nbytes]), dtype=dtype)
     if header["fortran_order"]:
         return x.reshape(shape[::-1]).permute(*reversed(range(len(shape))))
     return x.reshape(shape)
 
 
-def read_tensor(path):
-    """A tensor from a .pt (torch.load, weights_only) or .npy file; ValueError naming the file."""
+def load_data(path):
+    """User data: a .pt/.npy tensor x of shape (N, d) or (N, C, H, W), or a .pt dict {'x', 'y'}
+    with labels y (N,) in 0..K-1. uint8 images are scaled to [-1, 1]; float images must lie in
+    [-1, 1], vectors within +-100 (the prior is N(0, I)). Returns (x, y or None); anything else
+    is a ValueError naming the file and the problem."""
     if not str(path).endswith((".pt", ".npy")):
         raise ValueError(f"{path}: unsupported file type (expected .pt or .npy)")
     try:
@@ -1471,19 +1395,13 @@ def read_tensor(path):
         raise
     except Exception as e:  # unreadable, missing or corrupt: one line naming the file
         raise ValueError(f"{path}: cannot read ({type(e).__name__}: {one_line(e)})")
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{path}: expected a tensor, found {type(x).__name__}")
-    return x
-
-
-def load_data(path):
-    """User data from .pt or .npy, shape (N, d) or (N, C, H, W). uint8 images are scaled to
-    [-1, 1]; float images must already lie in [-1, 1], vectors within +-100 (roughly unit scale:
-    the prior is N(0, I)). Anything else is a ValueError naming the file and the problem."""
-    x = read_tensor(path)
-    if x.ndim not in (2, 4) or len(x) < 10:
-        raise ValueError(f"{path}: expected shape (N, d) or (N, C, H, W) with N >= 10, "
-                         f"found {tuple(x.shape)}")
+    x, y = (x.get("x"), x.get("y")) if isinstance(x, dict) else (x, None)
+    if not isinstance(x, torch.Tensor) or x.ndim not in (2, 4) or len(x) < 10:
+        found = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{path}: expected x of shape (N, d) or (N, C, H, W) with N >= 10, or a "
+                         f"dict {{'x', 'y'}}, found {found}")
+    if x.ndim == 4 and (x.shape[2] % 4 or x.shape[3] % 4):
+        raise ValueError(f"{path}: image size {tuple(x.shape[2:])} must be divisible by 4 (UNet)")
     x = x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
     if not torch.isfinite(x).all():
         raise ValueError(f"{path}: {int((~torch.isfinite(x)).sum())} non-finite values (NaN/inf)")
@@ -1494,29 +1412,39 @@ def load_data(path):
     if x.ndim == 2 and max(-lo, hi) > 100:
         raise ValueError(f"{path}: values up to {max(-lo, hi):.4g}; standardize the data first "
                          "(the prior is N(0, I))")
-    return x
+    if y is not None and not (isinstance(y, torch.Tensor) and y.shape == x.shape[:1]
+                              and not y.is_floating_point() and y.min() >= 0):
+        raise ValueError(f"{path}: labels y must be integers >= 0 of shape ({len(x)},)")
+    return x, None if y is None else y.long()
 
 
-@dataclass
-class Data:
-    """Training and held-out examples, with class labels (None where the data has none)."""
-    x: torch.Tensor
-    y: torch.Tensor | None
-    x_test: torch.Tensor
-    y_test: torch.Tensor | None
+def grid_levels(x):
+    """K when all of the images x lie on K evenly spaced levels 2 k / (K - 1) - 1 in [-1, 1]
+    (K = 256, 8-bit, tried first; then the number of distinct values), else 0 (vectors too)."""
+    for k in (256, len(x.unique())) if x.ndim == 4 else ():
+        u = (x.double() + 1) * (k - 1) / 2
+        if 2 <= k and (u - u.round()).abs().max() < 1e-3:
+            return k
+    return 0
+
+
+Data = namedtuple("Data", "x y x_test y_test")  # training and held-out examples, labels or None
 
 
 def get_data(config, n_test=10_000):
-    """Built-in data: n_train training and n_test held-out examples, drawn from generators keyed
-    by the seed. A file: a seeded permutation holds out 10% (at most n_test)."""
+    """Built-in data: n_train training and n_test held-out examples, from generators keyed by the
+    seed. A file: a seeded permutation holds out the share config.holdout (at least 2)."""
     if config.data in DATASETS:
         make = DATASETS[config.data]
-        x, y = make(config.n_train, rng(config.seed, "train"))
-        return Data(x, y, *make(n_test, rng(config.seed, "test")))
-    x = load_data(config.data)
+        return Data(*make(config.n_train, rng(config.seed, "train")),
+                    *make(n_test, rng(config.seed, "test")))
+    x, y = load_data(config.data)
     perm = torch.randperm(len(x), generator=rng(config.seed, "split"))
-    held = min(len(x) // 10, n_test)
-    return Data(x[perm[held:]], None, x[perm[:held]], None)
+    held = max(2, round(config.holdout * len(x)))
+    if len(x) - held < 2:
+        raise ValueError(f"holdout: {config.holdout} leaves {len(x) - held} examples to train on")
+    test, train = perm[:held], perm[held:]
+    return Data(x[train], None if y is None else y[train], x[test], None if y is None else y[test])
 
 
 def mmd2_unbiased(x, y, bandwidths):
@@ -1538,44 +1466,67 @@ def mmd2_unbiased(x, y, bandwidths):
 def mmd_bandwidths(x):
     """RBF bandwidths for mmd2_unbiased: the median distance between points of x, times
     1/8, 1/4, 1/2 and 1 (fine structure to global shape)."""
-    x = x[:1000].flatten(1).double()
-    med = torch.pdist(x).median().item()
+    med = torch.pdist(x[:1000].flatten(1).double()).median().item()
     return [med / 8, med / 4, med / 2, med]
 
 
-def mmd2_floor(x_test, n, bandwidths, generator, pairs=10):
-    """The noise floor of mmd2_unbiased at n vs n points: the root mean square of the MMD^2
-    between `pairs` pairs of disjoint held-out subsets of size n. Its mean being 0, this is its
-    standard deviation when the model is perfect (needs len(x_test) >= 2 n)."""
-    values = []
-    for _ in range(pairs):
-        i = torch.randperm(len(x_test), generator=generator)[:2 * n]
-        values.append(mmd2_unbiased(x_test[i[:n]], x_test[i[n:]], bandwidths))
-    return math.sqrt(sum(v * v for v in values) / pairs)
+def write_atomic(path, data):
+    """Write bytes (or torch.save an object) so that readers see the old file or the new one,
+    never half of one: into a new file beside it (mode 0o666 less the umask, applied by the OS,
+    which is never changed), fsync, then os.replace."""
+    if not isinstance(data, bytes):
+        buffer = io.BytesIO()
+        torch.save(data, buffer)
+        data = buffer.getvalue()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_png(path, img):
     """Write a uint8 image, gray (H, W) or RGB (H, W, 3), as a PNG with zlib and struct."""
     img = img.to(torch.uint8).cpu()
-    h, w = img.shape[:2]
-    rows = torch.cat([torch.zeros(h, 1, dtype=torch.uint8), img.reshape(h, -1)], dim=1)
+    rows = torch.cat([torch.zeros(img.shape[0], 1, dtype=torch.uint8),
+                      img.reshape(img.shape[0], -1)], dim=1)
 
     def chunk(kind, data):  # length, type, data, CRC-32 of type and data
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-    header = struct.pack(">IIBBBBB", w, h, 8, 2 if img.ndim == 3 else 0, 0, 0, 0)
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-           + chunk(b"IDAT", zlib.compress(bytes(rows.flatten().tolist()), 6)) + chunk(b"IEND", b""))
-    write_atomic(path, lambda f: f.write(png))
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+    header = struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 2 if img.ndim == 3 else 0, 0,
+                         0, 0)
+    write_atomic(path, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                 + chunk(b"IDAT", zlib.compress(bytes(rows.flatten().tolist()), 6))
+                 + chunk(b"IEND", b""))
 
 
-def density_image(x, lo, hi, res=160, zoom=2):
-    """2-D points -> uint8 (res zoom, res zoom) histogram picture of the square [lo, hi]^2, white
+DIGITS = (0x7B6F, 0x2C97, 0x73E7, 0x73CF, 0x5BC9, 0x79CF, 0x79EF, 0x7249, 0x7BEF, 0x7BCF)  # 3x5
+
+
+def stamp(img, number, zoom=2):
+    """Write `number` in 3x5-pixel digits, black, at the top left of a gray uint8 picture."""
+    for i, ch in enumerate(str(number)):
+        bits = torch.tensor([(DIGITS[int(ch)] >> (14 - k)) & 1 for k in range(15)]).reshape(5, 3)
+        glyph = (255 * (1 - bits)).to(torch.uint8).repeat_interleave(zoom, 0)
+        img[2:2 + 5 * zoom, 2 + 4 * zoom * i:2 + 4 * zoom * i + 3 * zoom] = \
+            glyph.repeat_interleave(zoom, 1)
+    return img
+
+
+def density_image(x, hi, res=160, zoom=2):
+    """2-D points -> uint8 (res zoom)^2 histogram picture of the square [-hi, hi]^2, white
     background, darker where denser (square-root scale), y axis up."""
-    ij = ((x.float().cpu() - lo) / (hi - lo) * res).floor().long()
+    ij = ((x[torch.isfinite(x).all(dim=1)].float().cpu() + hi) / (2 * hi) * res).floor().long()
     ij = ij[((ij >= 0) & (ij < res)).all(dim=1)]
-    counts = torch.bincount((res - 1 - ij[:, 1]) * res + ij[:, 0], minlength=res * res)
-    v = (counts.float() / max(counts.float().quantile(0.995).item(), 1.0)).clamp(max=1).sqrt()
+    counts = torch.bincount((res - 1 - ij[:, 1]) * res + ij[:, 0], minlength=res * res).float()
+    v = (counts / max(counts.quantile(0.995).item(), 1.0)).clamp(max=1).sqrt()
     img = (255 * (1 - v)).round().to(torch.uint8).reshape(res, res)
     return img.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
 
@@ -1583,324 +1534,271 @@ def density_image(x, lo, hi, res=160, zoom=2):
 def image_grid(x, ncol=8, zoom=4):
     """Images (N, C, H, W) in [-1, 1] -> uint8 grid picture (gray or RGB), 1 pixel of white
     between images, each pixel shown as zoom x zoom."""
-    n = len(x)
-    x = torch.cat([x.float().cpu(), x.new_full((-n % ncol, *x.shape[1:]), -1).float().cpu()])
-    x = F.pad(x, (1, 1, 1, 1), value=1.0)
-    grid = rearrange(x, "(r c) ch h w -> (r h) (c w) ch", c=ncol)
-    img = ((grid + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    x = torch.cat([x.float().cpu(), x.new_full((-len(x) % ncol, *x.shape[1:]), -1).float().cpu()])
+    grid = rearrange(F.pad(x.clamp(-1, 1), (1, 1, 1, 1), value=1.0),
+                     "(r c) ch h w -> (r h) (c w) ch", c=ncol)
+    img = ((grid + 1) * 127.5).round().to(torch.uint8)
     img = img.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
     return img[..., 0] if img.shape[-1] == 1 else img
 
 
-def picture(samples, reference=None):
-    """The picture of a sample: 2-D points as a density beside the reference points (samples
-    left, reference right, on one square); images as a grid of the first 64."""
+def side_by_side(imgs, gap=6):
+    """Pictures of one height in a row, with grey gaps between them."""
+    bar = torch.full((imgs[0].shape[0], gap, *imgs[0].shape[2:]), 160, dtype=torch.uint8)
+    return torch.cat([t for img in imgs for t in (img, bar)][:-1], dim=1)
+
+
+def extent(x):
+    """Half-width of the square that shows 2-D points: 1.1 times the 99.5% quantile of |x|."""
+    return 1.1 * x[torch.isfinite(x).all(dim=1)].abs().quantile(0.995).item()
+
+
+def picture(samples, data):
+    """Samples (left) beside held-out data (right): 2-D points as densities on one square fixed
+    to the data (exploded samples fall outside it), images as two grids of up to 32."""
     if samples.ndim == 4:
-        return image_grid(samples[:64])
+        n = min(32, len(samples), len(data))
+        return side_by_side([image_grid(samples[:n]), image_grid(data[:n])])
     if samples.shape[1] != 2:
         raise ValueError(f"samples: can only picture 2-D points or images, found {samples.shape}")
-    panels = [p[torch.isfinite(p).all(dim=1)] for p in (samples, reference) if p is not None]
-    hi = max(p.abs().quantile(0.995).item() for p in panels if len(p)) * 1.1
-    imgs = [density_image(p, -hi, hi) for p in panels]
-    gap = torch.full((imgs[0].shape[0], 6), 160, dtype=torch.uint8)
-    return torch.cat([imgs[0]] + [t for img in imgs[1:] for t in (gap, img)], dim=1)
+    hi = extent(data)
+    return side_by_side([density_image(samples, hi), density_image(data[:len(samples)], hi)])
 
 
-def trajectory_picture(frames):
-    """A strip of frames from noise (left) to data (right): 2-D densities side by side, or one
-    row of images per sample (the first 8 samples)."""
-    if frames[0].ndim == 4:
-        return image_grid(rearrange(torch.stack([f[:8] for f in frames]), "k b ... -> (b k) ..."),
-                          ncol=len(frames))
-    frames = [f[torch.isfinite(f).all(dim=1)] for f in frames]
-    hi = frames[-1].abs().quantile(0.995).item() * 1.1
-    imgs = [density_image(f, -hi, hi, res=100) for f in frames]
-    gap = torch.full((imgs[0].shape[0], 4), 160, dtype=torch.uint8)
-    return torch.cat([t for img in imgs for t in (img, gap)][:-1], dim=1)
+def trajectory_picture(frames, data):
+    """Frames (steps done, x) from noise (left) to data, each marked with its steps done, then
+    held-out data: 2-D densities (each on a square wide enough for it and the data), or for
+    images one row per sample (the first 8)."""
+    if data.ndim == 4:
+        rows = torch.stack([x[:8].cpu() for _, x in frames] + [data[:8]], 1)
+        img = image_grid(rearrange(rows, "b k ... -> (b k) ..."), ncol=len(frames) + 1)
+        header, width = torch.full((14, *img.shape[1:]), 255, dtype=torch.uint8), img.shape[1]
+        for j, (done, _) in enumerate(frames):
+            stamp(header[:, j * width // (len(frames) + 1):], done)
+        return torch.cat([header, img])
+    hi = extent(data)
+    imgs = [stamp(density_image(x, max(hi, extent(x)), res=100), done) for done, x in frames]
+    return side_by_side(imgs + [density_image(data, hi, res=100)], gap=4)
 
 
-# --- training: the methods, TrainConfig, checkpoints, the loop, using a trained run --------------
+# --- training: the methods, TrainConfig, train(), using a trained run ----------------------------
 
 
-def ddpm_process(config):
-    """The discrete schedule: linear or cosine betas, T steps. [F1, F2]"""
-    return Schedule.from_betas(BETAS[config.schedule](config.T))
+def sample_als(score_fn, sigmas, x, *, steps, generator=None, callback=None):
+    """Annealed Langevin dynamics, `steps` steps per noise level; callback sees each state. [F20]"""
+    calls = iter(range(len(sigmas) * steps + 1))
 
-
-def ncsn_process(config):
-    """The NCSN noise levels: geometric from sigma_max down to sigma_min. [F19]"""
-    return geometric_sigmas(config.sigma_max, config.sigma_min, config.n_sigmas)
-
-
-def ddpm_loss(net, sched, x0, y, generator):
-    """eps_loss with the network as eps_model. [F12]"""
-    return eps_loss(eps_model_of(net, sched, y), sched, x0, generator=generator)
-
-
-def ncsn_loss(net, sigmas, x0, y, generator):
-    """dsm_loss over the noise levels, lambda(sigma) = sigma^2. [F19]"""
-    return dsm_loss(ncsn_score_of(net, sigmas, y), x0, sigmas, generator=generator)
-
-
-def sde_train_loss(net, sde, x0, y, generator):
-    """sde_loss with lambda(s) = std(s)^2. [F25]"""
-    return sde_loss(sde_score_of(net, sde, y), sde, x0, generator=generator)
-
-
-def ddpm_noised(sched, x0, generator):
-    """(x_t, c): x_t ~ q(x_t | x0) with t ~ U{1..T}, and the network's c = 1000 t / T. [F3]"""
-    t = draw_t(sched, x0, generator)
-    return q_sample(sched, x0, t, generator=generator), 1000 * t.float() / sched.T
-
-
-def ncsn_noised(sigmas, x0, generator):
-    """(x0 + sigma z, c(sigma)) with sigma uniform over the noise levels. [F19]"""
-    sigma = draw_sigma(sigmas, x0, generator)
-    return x0 + bcast(sigma, x0) * _randn_like(x0, generator), ncsn_level(sigmas, sigma)
-
-
-def sde_noised(sde, x0, generator):
-    """(x_s, c = 1000 s): x_s ~ p_{0s}(x_s | x0) with s drawn as in sde_loss. [F23]"""
-    s = draw_s(x0, generator)
-    mean, std = sde.marginal(x0, s)
-    return mean + std * _randn_like(x0, generator), 1000 * s
-
-
-def ddpm_std(sched, c):
-    """Noise std sqrt(1 - alpha_bar_t) at the network's c = 1000 t / T. [F3]"""
-    return marginal_coefs(sched, (c * sched.T / 1000).round().long())[1]
-
-
-def ncsn_std(sigmas, c):
-    """The noise level sigma at the network's c (the inverse of ncsn_level). [F19]"""
-    lo, hi = math.log(sigmas.min()), math.log(sigmas.max())
-    return torch.exp(lo + c.double() / 1000 * (hi - lo))
-
-
-def sde_std(sde, c):
-    """std(s) of p_{0s}(x_s | x0) at the network's c = 1000 s. [F23]"""
-    return sde.marginal_coefs(c.double() / 1000)[1]
-
-
-def classifier_method(method):
-    """The method with its loss replaced by a noise-conditional classifier's cross-entropy
-    -log p_c(y | x_s), x_s drawn by the method's forward process, and no samplers."""
-    def loss(net, process, x0, y, generator):
-        x_s, c = method.noised(process, x0, generator)
-        return F.cross_entropy(net(x_s, c), y, reduction="none")
-    return replace(method, loss=loss, samplers={})
-
-
-def gaussian_prior(process, shape, generator, device):
-    """x_T ~ N(0, I), the prior of the DDPM chain. [F5]"""
-    return torch.randn(shape, generator=generator, device=device)
-
-
-def ncsn_prior(sigmas, shape, generator, device):
-    """x ~ N(0, sigma_max^2 I), the start of annealed Langevin dynamics. [F20]"""
-    return float(sigmas.max()) * torch.randn(shape, generator=generator, device=device)
-
-
-def sde_prior(sde, shape, generator, device):
-    """x_1 ~ p_1, the SDE's prior. [F22]"""
-    return sde.prior_sample(shape, generator=generator, device=device)
-
-
-def sample_ancestral(net, sched, x, steps, y, generator, known=None, mask=None):
-    """Ancestral DDPM sampling, respaced to `steps` steps; inpainting with known/mask. [F6, F9]"""
-    return ddpm_sample(eps_model_of(net, sched, y), sched, x, steps=steps, generator=generator,
-                       known=known, mask=mask)
-
-
-def sample_ddim(net, sched, x, steps, y, generator):
-    """Deterministic DDIM (eta = 0) on `steps` steps. [F29]"""
-    return ddim_sample(eps_model_of(net, sched, y), sched, x, steps=steps, generator=generator)
-
-
-def sample_als(net, sigmas, x, steps, y, generator):
-    """Annealed Langevin dynamics, `steps` steps per noise level. [F20]"""
-    score = ncsn_score_of(net, sigmas, y)
+    def score(x, sigma):
+        if callback is not None:
+            callback(next(calls), x)
+        return score_fn(x, sigma)
     return annealed_langevin(score, x, sigmas, n_steps_each=steps, generator=generator)
 
 
-def sample_em(net, sde, x, steps, y, generator, known=None, mask=None):
-    """Euler-Maruyama on the reverse SDE; inpainting with known/mask. [F24, F31]"""
-    return reverse_sde_sample(sde_score_of(net, sde, y), sde, x, steps=steps, generator=generator,
-                              known=known, mask=mask)
+def no_generator(sampler):
+    """A deterministic sampler called like the others: `generator` is accepted and unused."""
+    return lambda *args, generator=None, **kwargs: sampler(*args, **kwargs)
 
 
-def sample_pc(net, sde, x, steps, y, generator, known=None, mask=None):
-    """Predictor-corrector: reverse-SDE step plus one Langevin corrector step. [F28, F31]"""
-    return reverse_sde_sample(sde_score_of(net, sde, y), sde, x, steps=steps, corrector_steps=1,
-                              generator=generator, known=known, mask=mask)
+def noised(method, process, x0, generator):
+    """(x at a random noise level, its time (B,)) drawn exactly as the method's loss draws them
+    (q(x_t | x0) and t for ddpm, x0 + sigma z and sigma for ncsn, p_{0s} and s for the SDEs),
+    read off the model's input: the training data of a noise-conditional classifier."""
+    seen = []
+    method.loss(lambda x, time: seen.append((x, time)) or torch.zeros_like(x), process, x0,
+                generator)
+    return seen[0]
 
 
-def sample_ode(net, sde, x, steps, y, generator):
-    """Probability-flow ODE with RK4 (deterministic; `generator` unused). [F26]"""
-    return ode_sample(sde_score_of(net, sde, y), sde, x, steps=steps)
-
-
-@dataclass(frozen=True)
-class Method:
-    """A training method: its noise process (built from the config), per-example loss, prior,
-    samplers {name: (sampler, default steps)}, the first being the default, and its noise levels
-    as the network sees them (for a classifier's training and for classifier guidance)."""
-    process: Callable  # config -> Schedule | sigmas | SDE
-    loss: Callable  # (net, process, x0, y, generator) -> (B,)
-    prior: Callable  # (process, shape, generator, device) -> start of sampling
-    samplers: dict  # name -> (sampler(net, process, x, steps, y, generator), default steps)
-    noised: Callable  # (process, x0, generator) -> (x at a random noise level, its c (B,))
-    std: Callable  # (process, c (B,)) -> noise std (B,) at level c: score = -net / std
-
-
+# A sampler: fn(model, process, x, steps=, generator=, callback=, **options), its default step
+# count, whether it takes known= and mask= (inpainting) and clip_x0=, and its number of states.
+Sampler = namedtuple("Sampler", "fn steps inpaint clip states",
+                     defaults=(False, False, lambda steps, process: steps))
+# A method: process(config) -> Schedule | sigmas | SDE; model_of(net, process, y) -> eps_model or
+# score_fn; loss(model, process, x0, g) -> (B,); level(process, time) -> the network's c;
+# prior(process, shape, g, device); samplers {name: Sampler}, the first the default.
+Method = namedtuple("Method", "process model_of loss level prior samplers")
 BETAS = {"linear": linear_betas, "cosine": cosine_betas}
-SDE_SAMPLERS = {"em": (sample_em, 500), "pc": (sample_pc, 250), "ode": (sample_ode, 50)}
+SDE_SAMPLERS = {"em": Sampler(reverse_sde_sample, 500, inpaint=True),
+                "pc": Sampler(partial(reverse_sde_sample, corrector_steps=1), 250, inpaint=True),
+                "rd": Sampler(partial(reverse_sde_sample, predictor="reverse_diffusion"), 500,
+                              inpaint=True),
+                "ode": Sampler(no_generator(ode_sample), 50),
+                "dpm++": Sampler(no_generator(dpm_solver_sde_sample), 20)}
+
+
 METHODS = {
-    "ddpm": Method(ddpm_process, ddpm_loss, gaussian_prior,
-                   {"ancestral": (sample_ancestral, 250), "ddim": (sample_ddim, 50)},
-                   ddpm_noised, ddpm_std),
-    "ncsn": Method(ncsn_process, ncsn_loss, ncsn_prior, {"als": (sample_als, 100)},
-                   ncsn_noised, ncsn_std),
-    "vp": Method(lambda config: VPSDE(), sde_train_loss, sde_prior, SDE_SAMPLERS,
-                 sde_noised, sde_std),
-    "ve": Method(lambda config: VESDE(config.sigma_min, config.sigma_max), sde_train_loss,
-                 sde_prior, SDE_SAMPLERS, sde_noised, sde_std),
-    "subvp": Method(lambda config: SubVPSDE(), sde_train_loss, sde_prior, SDE_SAMPLERS,
-                    sde_noised, sde_std),
+    "ddpm": Method(lambda c: Schedule.from_betas(BETAS[c.schedule](c.T)), eps_model_of,
+                   lambda m, p, x0, g: eps_loss(m, p, x0, generator=g),
+                   lambda p, t: 1000 * t.float() / p.T,
+                   lambda p, shape, g, dev: torch.randn(shape, generator=g, device=dev),
+                   {"ancestral": Sampler(ddpm_sample, 250, inpaint=True, clip=True),
+                    "ddim": Sampler(ddim_sample, 50, clip=True),
+                    "dpm++": Sampler(no_generator(dpm_solver_sample), 20, clip=True)}),
+    "ncsn": Method(lambda c: geometric_sigmas(c.sigma_max, c.sigma_min, c.n_sigmas),
+                   ncsn_score_of, lambda m, p, x0, g: dsm_loss(m, x0, p, generator=g),
+                   ncsn_level,
+                   lambda p, shape, g, dev: float(p.max()) * torch.randn(shape, generator=g,
+                                                                         device=dev),
+                   {"als": Sampler(sample_als, 100, states=lambda n, p: len(p) * n + 1)}),
+    **{name: Method(make, sde_score_of, lambda m, p, x0, g: sde_loss(m, p, x0, generator=g),
+                    lambda p, s: 1000 * s, lambda p, shape, g, dev: p.prior_sample(
+                        shape, generator=g, device=dev), SDE_SAMPLERS)
+       for name, make in (("vp", lambda c: VPSDE()), ("subvp", lambda c: SubVPSDE()),
+                          ("ve", lambda c: VESDE(c.sigma_min, c.sigma_max)))},
 }
 SAMPLERS = sorted({name for m in METHODS.values() for name in m.samplers})
-INPAINTING_SAMPLERS = ("ancestral", "em", "pc")  # the samplers that take known= and mask=
+
+
+def opt(default, help, *, lo=None, above=None, below=None, choices=None, auto=None):
+    """A TrainConfig field: default, --help text, range (lo <= v, above < v, v < below) or
+    choices, and `auto` = (for points, for images), the values a default of None becomes."""
+    return field(default=default, metadata=dict(help=help, lo=lo, above=above, below=below,
+                                                choices=choices, auto=auto))
+
+
+def out_of_range(value, lo=None, above=None, below=None, **_):
+    """Why a number is out of its range, or ''."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    wanted = [f"{op} {bound}" for op, bound, ok in
+              ((">=", lo, lambda: value >= lo), (">", above, lambda: value > above),
+               ("<", below, lambda: value < below)) if bound is not None and not ok()]
+    return f"must be {' and '.join(wanted)}, got {value}" if wanted else ""
 
 
 @dataclass
 class TrainConfig:
     """Everything `train` needs; `python ddpm_score.py train --help` lists the same fields."""
-    data: str = "moons"  # built-in data set or a .pt/.npy file of shape (N, d) or (N, C, H, W)
-    method: str = "ddpm"  # ddpm (eps_loss), ncsn (dsm_loss), vp, ve or subvp (sde_loss)
-    steps: int = 2000  # total optimizer steps (with --resume: the new total)
-    batch_size: int = 512  # global batch size, split evenly across DDP ranks
-    lr: float = 1e-3  # peak Adam learning rate, reached after lr_warmup steps
-    lr_warmup: int = 100  # steps of linear learning-rate warm-up
-    lr_decay: bool = True  # cosine decay to 0 at `steps` (so a resume that raises it re-plans)
-    grad_clip: float = 1.0  # largest gradient norm (0: no clipping)
-    ema: float = 0.99  # EMA decay of the weights used for sampling (0: EMA = live weights)
-    ema_warmup: int = 100  # steps during which the EMA copies the live weights
-    seed: int = 0  # seeds the data, the initial weights, every training draw and the samples
-    device: str = "auto"  # auto (cuda when available), cpu or cuda
-    threads: int = 0  # CPU threads for torch, 0 = torch's default (1 is faster on busy cores)
-    amp: bool = False  # bf16 autocast on CUDA
-    out: str = "runs/default"  # run folder: ckpt.pt, config.json, loss.csv, samples.png
-    resume: bool = False  # continue from OUT/ckpt.pt (its config.json supplies the defaults)
-    width: int = 256  # MLP width (vector data)
-    depth: int = 3  # MLP residual layers (vector data)
-    channels: int = 32  # UNet base channels (image data)
-    conditional: bool = False  # condition the network on the data's class labels
-    label_dropout: float = 0.1  # conditional: share of null labels (for classifier-free guidance)
-    classifier: bool = False  # train p(y | x_s) for classifier guidance, with --out RUN/classifier
-    schedule: str = "linear"  # ddpm: beta schedule, linear or cosine
-    T: int = 1000  # ddpm: number of discrete steps
-    sigma_min: float = 0.01  # ncsn and ve: smallest noise level
-    sigma_max: float = 0.0  # ncsn and ve: largest noise level; 0 = largest data distance
-    n_sigmas: int = 10  # ncsn: number of noise levels
-    sampler: str = ""  # sampler for the final samples; '' = the method's default
-    sample_steps: int = 0  # steps of that sampler; 0 = its default
-    n_samples: int = 2000  # final samples for picture and MMD (images: <= 256; 0: none)
-    n_train: int = 50_000  # training examples drawn for a built-in data set
-    log_every: int = 100  # steps between plain progress lines and loss-log rows
-    ckpt_every: int = 1000  # steps between checkpoints (one is also written at the end)
+    data: str = opt("moons", "built-in data or a .pt/.npy file: x (N, d) or (N, C, H, W), or a "
+                    ".pt dict {'x', 'y'} with labels y; the run stores its absolute path")
+    holdout: float = opt(0.1, "share of a data file held out (final samples, nll)", above=0,
+                         below=1)
+    levels: int = opt(None, "grey levels of image data, 2 k / (K - 1) - 1, for nll's "
+                      "dequantization (256: 8-bit; 0: continuous; default: detected)", lo=0)
+    method: str = opt("ddpm", "ddpm (eps_loss), ncsn (dsm_loss), vp, ve or subvp (sde_loss)",
+                      choices=list(METHODS))
+    steps: int = opt(None, "total optimizer steps (with --resume: the new total)", lo=1,
+                     auto=(2000, 4000))
+    batch_size: int = opt(None, "global batch size, split across DDP ranks", lo=1, auto=(512, 64))
+    lr: float = opt(None, "peak Adam learning rate", above=0, auto=(1e-3, 5e-4))
+    lr_warmup: int = opt(100, "steps of linear learning-rate warm-up", lo=0)
+    lr_decay: bool = opt(True, "cosine decay to 0 at `steps` (a resume that raises it re-plans)")
+    grad_clip: float = opt(1.0, "largest gradient norm (0: no clipping)", lo=0)
+    ema: float = opt(0.99, "EMA decay of the weights used for sampling (0: live)", lo=0, below=1)
+    ema_warmup: int = opt(100, "steps during which the EMA copies the live weights", lo=0)
+    seed: int = opt(0, "seeds the data, the weights, every training draw, the samples", lo=0)
+    device: str = opt("auto", "auto: cuda when available", choices=["auto", "cpu", "cuda"])
+    amp: bool = opt(False, "bf16 autocast on CUDA")
+    out: str = opt("runs/default", "run folder: ckpt.pt, config.json, loss.csv, samples.png")
+    resume: bool = opt(False, "continue from OUT/ckpt.pt (its config.json gives the defaults)")
+    overwrite: bool = opt(False, "replace the run in OUT: its outputs are deleted first")
+    width: int = opt(256, "MLP width (vector data)", lo=1)
+    depth: int = opt(3, "MLP residual layers (vector data)", lo=1)
+    channels: int = opt(32, "UNet base channels (image data), a multiple of 8", lo=8)
+    conditional: bool = opt(False, "condition the network on the data's class labels")
+    label_dropout: float = opt(0.1, "share of null labels (classifier-free guidance)", lo=0,
+                               below=1)
+    classifier: bool = opt(False, "train p(y | x_s) for classifier guidance, --out RUN/classifier")
+    schedule: str = opt("linear", "ddpm: beta schedule", choices=list(BETAS))
+    T: int = opt(1000, "ddpm: number of discrete steps", lo=2)
+    sigma_min: float = opt(0.01, "ncsn and ve: smallest noise level", above=0)
+    sigma_max: float = opt(0.0, "ncsn and ve: largest noise level (0: the data's diameter)", lo=0)
+    n_sigmas: int = opt(10, "ncsn: number of noise levels", lo=2)
+    sampler: str = opt("", "sampler of the final samples ('': the method's first)",
+                       choices=["", *SAMPLERS])
+    sample_steps: int = opt(0, "steps of that sampler (0: its default)", lo=0)
+    n_samples: int = opt(None, "final samples for the picture and MMD (0: none)", lo=0,
+                         auto=(2000, 64))
+    n_train: int = opt(50_000, "training examples drawn for built-in data", lo=10)
+    log_every: int = opt(100, "steps between plain progress lines and loss-log rows", lo=1)
+    ckpt_every: int = opt(1000, "steps between checkpoints (and one at the end)", lo=1)
 
 
-@dataclass
-class TrainResult:
-    """What `train` returns. `ema` is the network to sample with."""
-    loss: float  # mean training loss over the last logged interval
-    step: int  # steps done
-    net: nn.Module  # live network
-    ema: nn.Module  # EMA network
-    process: object  # the method's Schedule, sigmas or SDE
-    paths: dict  # name -> path of each file written in the run folder
-    quality: dict  # mmd2, floor and prior_mmd2 of the final samples (empty if not evaluated)
-    interrupted: bool = False  # stopped early by Ctrl-C (a checkpoint was saved)
+# What `train` returns: the mean loss of the last logged interval, the steps done, the live and
+# the EMA network (sample with the EMA), the process, {name: path} of the files written, the
+# final samples' quality (mmd2, floor, prior_mmd2) or a classifier's accuracy, and whether
+# `stop` ended it early (with a checkpoint).
+TrainResult = namedtuple("TrainResult", "loss step net ema process paths quality interrupted")
 
 
 def check_config(config):
-    """Raise ValueError naming the first bad field of a TrainConfig."""
-    m = METHODS.get(config.method)
+    """Raise ValueError naming the first bad field of a TrainConfig; touches nothing."""
+    for f in fields(TrainConfig):
+        value, meta = getattr(config, f.name), f.metadata
+        if meta["choices"] and value not in meta["choices"]:
+            raise ValueError(f"{f.name}: {value!r} is not one of {meta['choices']}")
+        problem = f.type in (int, float) and value is not None and out_of_range(value, **meta)
+        if problem:
+            raise ValueError(f"{f.name}: {problem}")
+    method = METHODS[config.method]
+    labels = "conditional" if config.conditional else "classifier" if config.classifier else ""
     checks = [
         (config.data in DATASETS or config.data.endswith((".pt", ".npy")),
          f"data: {config.data!r} is neither one of {sorted(DATASETS)} nor a .pt/.npy file"),
-        (m is not None, f"method: {config.method!r} is not one of {sorted(METHODS)}"),
-        (config.schedule in BETAS, f"schedule: {config.schedule!r} is not one of {sorted(BETAS)}"),
-        (config.device in ("auto", "cpu", "cuda"),
-         f"device: {config.device!r} is not one of auto, cpu, cuda"),
-        (m is None or config.sampler in ("", *m.samplers),
-         f"sampler: {config.sampler!r} is not one of {sorted(m.samplers) if m else []}"),
-        (config.steps >= 0 and config.batch_size >= 1 and config.lr > 0 and config.T >= 1,
-         "steps, batch_size, lr, T: expected steps >= 0, batch_size >= 1, lr > 0, T >= 1"),
-        (0 <= config.ema < 1, f"ema: decay {config.ema} is not in [0, 1)"),
-        (0 <= config.label_dropout < 1, f"label_dropout: {config.label_dropout} not in [0, 1)"),
+        (config.sampler in ("", *method.samplers),
+         f"sampler: {config.sampler!r} is not one of {sorted(method.samplers)} ({config.method})"),
+        (config.channels % 8 == 0, f"channels: {config.channels} is not a multiple of 8"),
+        (not config.sigma_max or config.sigma_max > config.sigma_min,
+         f"sigma_max: {config.sigma_max} must be > sigma_min = {config.sigma_min} (or 0: auto)"),
+        (not labels or config.data not in DATASETS or DATASETS[config.data](2, rng(0))[1]
+         is not None, f"{labels}: data {config.data!r} has no class labels (built-in data with "
+         "labels: moons, ring, shapes; a file: a .pt dict {'x', 'y'})"),
         (not (config.classifier and config.conditional),
          "classifier: a classifier takes no labels in; drop --conditional"),
+        (not (config.resume and config.overwrite), "resume: --resume and --overwrite exclude "
+         "each other"),
         (config.device != "cuda" or torch.cuda.is_available(), "device: cuda is not available"),
+        (not config.amp or pick_device(config.device).type == "cuda",
+         "amp: bf16 autocast is for CUDA, and the device is cpu"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    end = method.process(config).alpha_bar[-1].sqrt().item() if config.method == "ddpm" else 0
+    if end > 0.05:
+        raise ValueError(f"T: the {config.schedule} schedule with T = {config.T} ends at "
+                         f"sqrt(alpha_bar_T) = {end:.3f}, far from the N(0, I) that sampling "
+                         "starts from (F5); use a larger T")
+
+
+def check_out(config):
+    """The run folder, before any work: not a file, writable, and holding no checkpoint unless
+    resuming (then it must) or overwriting."""
+    out, kept = Path(config.out), Path(config.out) / "ckpt.pt"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {out} is a file, not a folder")
+    if config.resume != kept.exists() and not config.overwrite:
+        raise ValueError(f"resume: no checkpoint at {kept}" if config.resume else
+                         f"out: {out} holds a run (ckpt.pt); continue it with --resume or "
+                         "replace it with --overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / ".write_test", b"")
+        (out / ".write_test").unlink()
+    except OSError as e:
+        raise ValueError(f"out: cannot write to {out} ({one_line(e)})")
+
+
+def resolve_config(config, data):
+    """The config as the run stores it: the data path made absolute, None (auto) fields set for
+    points or images, levels detected, and for ncsn and ve sigma_max = 0 set to the largest
+    distance between two of (up to) 2,000 training points, rounded up (Song & Ermon 2020)."""
+    auto = {f.name: f.metadata["auto"][data.x.ndim == 4] for f in fields(TrainConfig)
+            if f.metadata["auto"] and getattr(config, f.name) is None}
+    if config.levels is None:
+        auto["levels"] = grid_levels(data.x)
+    if config.data not in DATASETS:
+        auto["data"] = str(Path(config.data).resolve())
+    if not config.sigma_max and config.method in ("ncsn", "ve"):
+        auto["sigma_max"] = math.ceil(torch.pdist(data.x[:2000].flatten(1)).max().item())
+    return replace(config, **auto)
 
 
 def pick_device(name):
     """'auto' -> cuda when available, else cpu."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def setup_distributed(device):
-    """(rank, world size, device). Under torchrun (WORLD_SIZE > 1) join the process group: nccl
-    with one GPU per rank on CUDA, gloo on CPU (with the cores shared out between ranks)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, device
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def write_atomic(path, write):
-    """Write a file so readers see the old or the new one, never half of one: write(f) into a
-    temporary file in the same folder, fsync, then os.replace onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_checkpoint(path, net, ema, opt, step, log, shape, num_classes):
-    """Tensors-only checkpoint (weights, EMA, optimizer, step, loss log, data shape), written
-    atomically. No RNG state is needed: every draw of step k comes from rng(seed, ..., k)."""
-    state = {"model": net.state_dict(), "ema": ema.module.state_dict(), "ema_n": ema.n_averaged,
-             "opt": opt.state_dict(), "step": torch.tensor(step),
-             "loss_log": torch.tensor(log, dtype=torch.float64).reshape(-1, 3),
-             "shape": torch.tensor(shape), "num_classes": torch.tensor(num_classes or 0)}
-    write_atomic(path, lambda f: torch.save(state, f))
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto"
+                        else name)
 
 
 def load_checkpoint(path, device="cpu"):
@@ -1917,378 +1815,291 @@ def load_checkpoint(path, device="cpu"):
     return state
 
 
-def write_run_files(run, config, log):
-    """config.json and loss.csv (step, mean loss since the previous row, seconds), atomically."""
-    text = json.dumps(asdict(config), indent=2) + "\n"
-    write_atomic(run / "config.json", lambda f: f.write(text.encode()))
-    rows = "".join(f"{int(s)},{loss:.6g},{t:.2f}\n" for s, loss, t in log)
-    write_atomic(run / "loss.csv", lambda f: f.write(("step,loss,seconds\n" + rows).encode()))
+def train(config, stop=None):
+    """Train as `config` says; rank 0 writes the run folder: ckpt.pt (tensors only), config.json,
+    loss.csv and samples.png (a classifier: its held-out accuracy instead). Returns TrainResult.
 
-
-def resolve_config(config, data):
-    """Fill in the automatic fields: sigma_max = 0 becomes the largest distance between two of
-    (up to) 2,000 training points, rounded up (Song & Ermon 2020, technique 1)."""
-    if config.sigma_max > 0 or config.method not in ("ncsn", "ve"):
-        return config
-    x = data.x[:2000].flatten(1)
-    return replace(config, sigma_max=math.ceil(torch.pdist(x).max().item()))
-
-
-@dataclass
-class Run:
-    """The state the training loop works on (built by `setup_run`)."""
-    config: TrainConfig
-    rank: int
-    world: int
-    device: torch.device
-    data: Data
-    method: Method
-    process: object
-    net: nn.Module
-    model: nn.Module  # net, or net wrapped in DistributedDataParallel
-    ema: AveragedModel
-    opt: torch.optim.Optimizer
-    num_classes: int | None  # classes of the labels the network takes in or (classifier) puts out
-    step: int
-    log: list  # rows (step, mean loss, seconds)
-    dir: Path
-
-
-def build_model(config, shape, num_classes, device, world):
-    """Network (initialized from the seed, the same on every rank), EMA, Adam, and the network as
-    the loss calls it (wrapped in DistributedDataParallel when world > 1)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        net = make_network(config, shape, num_classes).to(device)
-    model = DistributedDataParallel(net) if world > 1 else net
-    return net, model, make_ema(net, config.ema), torch.optim.Adam(net.parameters(), lr=config.lr)
-
-
-def setup_run(config):
-    """Check the config, join DDP, load the data (this rank's shard x[rank::world]), build the
-    model; resume from OUT/ckpt.pt when config.resume."""
+    A library call leaves the process as it found it: threads, signal handlers and process
+    groups are the caller's (the command line sets threads, turns Ctrl-C into `stop` and joins
+    torchrun's process group); in a joined process group it trains with DDP. Once the
+    threading.Event `stop` is set, training ends after the current step, with a checkpoint. A
+    non-finite loss raises FloatingPointError and leaves the last checkpoint as it was."""
     check_config(config)
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    rank, world, device = setup_distributed(pick_device(config.device))
+    check_out(config)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = pick_device(config.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    data = get_data(config)
+    config, out, shape = resolve_config(config, data), Path(config.out), tuple(data.x.shape[1:])
     if config.batch_size % world:
         raise ValueError(f"batch_size: {config.batch_size} is not divisible by {world} ranks")
-    if config.amp and device.type != "cuda":
-        raise ValueError("amp: bf16 autocast is for CUDA, and the device is cpu")
-    data = get_data(config)
-    config = resolve_config(config, data)
-    num_classes = labels_needed(config, data)
-    net, model, ema, opt = build_model(config, data.x.shape[1:], num_classes, device, world)
-    shard = Data(data.x[rank::world].to(device),
-                 None if num_classes is None else data.y[rank::world].to(device),
-                 data.x_test, data.y_test)
+    if (config.conditional or config.classifier) and data.y is None:
+        raise ValueError(f"data: {config.data} has no labels y (save a .pt dict {{'x', 'y'}})")
+    k = int(data.y.max()) + 1 if config.conditional or config.classifier else None
+    outputs = ("ckpt.pt", "config.json", "loss.csv", "samples*.p*", "trajectory_*.png",
+               "inpaint_*.p*", "classifier")  # the run's own outputs: --overwrite deletes them
+    for path in (p for o in outputs for p in out.glob(o)) if rank == 0 and config.overwrite else ():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if rank == 0 and config.data not in DATASETS:
+        print(f"data: {len(data.x)} training and {len(data.x_test)} held-out examples of shape "
+              f"{shape}, {config.levels or 'continuous'} levels", file=sys.stderr)
+
+    # The network (the same initial weights on every rank), its EMA and the optimizer.
     method = METHODS[config.method]
-    method = classifier_method(method) if config.classifier else method
-    run = Run(config, rank, world, device, shard, method, method.process(config), net, model,
-              ema, opt, num_classes, 0, [], Path(config.out))
-    return resume(run) if config.resume else run
+    process = method.process(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        net = make_network(config, shape, k).to(device)
+    model = DistributedDataParallel(net) if world > 1 else net
+    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+    opt = torch.optim.Adam(net.parameters(), lr=config.lr)
+    step, log = 0, []
+    if config.resume:
+        state = load_checkpoint(out / "ckpt.pt", device)
+        try:
+            net.load_state_dict(state["model"])
+            ema.module.load_state_dict(state["ema"])
+            opt.load_state_dict(state["opt"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"{out / 'ckpt.pt'}: does not fit this config ({one_line(e)})")
+        ema.n_averaged.copy_(state["ema_n"])
+        step, log = int(state["step"]), state["loss_log"].tolist()
 
+    # This rank's shard; each step: batch, loss, backward, clip, Adam, EMA, log, checkpoint.
+    x, y = data.x[rank::world].to(device), None if k is None else data.y[rank::world].to(device)
+    B, t0 = config.batch_size // world, time.time() - (log[-1][2] if log else 0.0)
+    progress, total, count = Progress("step", config.steps, config.log_every, step), 0.0, 0
+    stopped = False
+    while step < config.steps and not stopped:
+        step += 1
+        g = rng(config.seed, "batch", rank, step)
+        i = torch.randint(len(x), (B,), generator=g).to(device)
+        x0, y0 = x[i], None if k is None else y[i]
+        if config.conditional:  # label dropout: the null label k trains the unconditional model
+            y0 = torch.where((torch.rand(B, generator=g) < config.label_dropout).to(device), k, y0)
+        noise_g = rng(config.seed, "noise", rank, step, device=device.type)
+        with torch.autocast("cuda", torch.bfloat16, enabled=config.amp):
+            if config.classifier:
+                xs, time_s = noised(method, process, x0, noise_g)
+                loss = F.cross_entropy(model(xs, method.level(process, time_s)), y0)
+            else:
+                loss = method.loss(method.model_of(model, process, y0), process, x0, noise_g).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip or math.inf)
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):  # the same on every DDP rank
+            kept = out / "ckpt.pt"
+            kept = f'{kept} (step {int(load_checkpoint(kept)["step"])})' if kept.exists() \
+                else "none"
+            raise FloatingPointError(f"non-finite loss ({loss.item():.4g}) or gradient at step "
+                                     f"{step}; training stopped, last good checkpoint: {kept}")
+        lr = config.lr * min(1.0, step / max(config.lr_warmup, 1))  # warm-up, then cosine decay
+        for group in opt.param_groups:
+            group["lr"] = lr * (1 + math.cos(math.pi * step / config.steps)) / 2 \
+                if config.lr_decay else lr
+        opt.step()
+        if step <= config.ema_warmup:
+            ema.n_averaged.zero_()  # AveragedModel copies the weights when n_averaged == 0
+        ema.update_parameters(net)
+        stopped = stop is not None and stop.is_set()  # read once: a later Ctrl-C is seen next step
+        total, count = total + loss.item(), count + 1
+        if rank == 0:
+            progress.show(step, f"  loss {total / count:.4f}")
+        if step % config.log_every == 0 or step == config.steps or stopped:
+            log.append((step, total / count, time.time() - t0))
+            total, count = 0.0, 0
+        if rank == 0 and (step % config.ckpt_every == 0 or step == config.steps or stopped):
+            write_atomic(out / "ckpt.pt", {
+                "model": net.state_dict(), "ema": ema.module.state_dict(),
+                "ema_n": ema.n_averaged, "opt": opt.state_dict(), "step": torch.tensor(step),
+                "loss_log": torch.tensor(log, dtype=torch.float64).reshape(-1, 3),
+                "shape": torch.tensor(shape), "num_classes": torch.tensor(k or 0)})
+            write_atomic(out / "config.json", json.dumps(asdict(config), indent=2).encode())
+            rows = "".join(f"{int(s)},{loss:.6g},{t:.2f}\n" for s, loss, t in log)
+            write_atomic(out / "loss.csv", ("step,loss,seconds\n" + rows).encode())
 
-def labels_needed(config, data):
-    """The number of classes when the run uses labels (conditional or classifier), else None;
-    ValueError if it needs labels and the data has none."""
-    if not (config.conditional or config.classifier):
-        return None
-    if data.y is None:
-        flag = "conditional" if config.conditional else "classifier"
-        labelled = [name for name, make in DATASETS.items() if make(1, rng(0))[1] is not None]
-        raise ValueError(f"{flag}: data {config.data!r} has no class labels "
-                         f"(built-in data with labels: {', '.join(labelled)})")
-    return int(data.y.max()) + 1
-
-
-def resume(run):
-    """Load weights, EMA, optimizer, step and loss log from OUT/ckpt.pt into `run`."""
-    path = run.dir / "ckpt.pt"
-    if not path.exists():
-        raise ValueError(f"resume: no checkpoint at {path}")
-    state = load_checkpoint(path, run.device)
-    try:
-        run.net.load_state_dict(state["model"])
-        run.ema.module.load_state_dict(state["ema"])
-        run.opt.load_state_dict(state["opt"])
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{path}: does not fit this config ({one_line(e)})")
-    run.ema.n_averaged.copy_(state["ema_n"])
-    run.step, run.log = int(state["step"]), state["loss_log"].tolist()
-    return run
-
-
-def learning_rate(config, step):
-    """lr min(1, step / lr_warmup), times (1 + cos(pi step / steps)) / 2 with lr_decay."""
-    lr = config.lr * min(1.0, step / max(config.lr_warmup, 1))
-    return lr * (1 + math.cos(math.pi * step / config.steps)) / 2 if config.lr_decay else lr
-
-
-def get_batch(run, step):
-    """This rank's batch of step `step` (a function of seed, rank and step): examples drawn with
-    replacement from its shard; with labels, for a conditional network a label_dropout share
-    replaced by the null label (label num_classes), for a classifier none."""
-    B, g = run.config.batch_size // run.world, rng(run.config.seed, "batch", run.rank, step)
-    i = torch.randint(len(run.data.x), (B,), generator=g).to(run.device)
-    if run.data.y is None:
-        return run.data.x[i], None
-    dropout = run.config.label_dropout if run.config.conditional else 0.0
-    drop = (torch.rand(B, generator=g) < dropout).to(run.device)
-    return run.data.x[i], torch.where(drop, run.num_classes, run.data.y[i])
-
-
-def train_step(run, step):
-    """One optimizer step on the batch of `step`: forward (bf16 autocast when config.amp),
-    backward, clip, Adam at learning_rate(step), EMA. Returns the loss tensor."""
-    config = run.config
-    x0, y = get_batch(run, step)
-    noise_rng = rng(config.seed, "noise", run.rank, step, device=run.device.type)
-    with torch.autocast("cuda", torch.bfloat16, enabled=config.amp):
-        loss = run.method.loss(run.model, run.process, x0, y, noise_rng).mean()
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = nn.utils.clip_grad_norm_(run.net.parameters(), config.grad_clip or math.inf)
-    if not (torch.isfinite(loss) and torch.isfinite(norm)):  # the same on every DDP rank
-        raise FloatingPointError(f"non-finite loss ({loss.item():.4g}) or gradient at step {step}")
-    for group in run.opt.param_groups:
-        group["lr"] = learning_rate(config, step)
-    run.opt.step()
-    update_ema(run.ema, run.net, step, config.ema_warmup)
-    return loss.detach()
+    # Rank 0 evaluates: the classifier's accuracy, or final samples beside the held-out data.
+    paths, quality = {name: out / name for name in ("ckpt.pt", "config.json", "loss.csv")}, {}
+    trained = Model(config, ema.module.eval(), process, shape, k)
+    if rank == 0 and not stopped and config.classifier:
+        quality = classifier_accuracy(trained, data, device)
+    elif rank == 0 and not stopped and config.n_samples:
+        quality, paths["samples.png"] = final_samples(trained, data, device), out / "samples.png"
+    return TrainResult(log[-1][1] if log else math.nan, step, net, ema.module, process, paths,
+                       quality, stopped)
 
 
 class Progress:
-    """One progress line: step/total, loss, steps/s, time left. Redrawn in place (\\r) on a
-    terminal, printed as plain lines every log_every steps when stderr is not a terminal."""
+    """A progress line on stderr, `label done/total  rate/s  time left`, every `every` units
+    (every 10 s when every is None) and at the end: the same on a terminal and in a log."""
 
-    def __init__(self, start, total, log_every):
-        self.start, self.total, self.log_every = start, total, log_every
+    def __init__(self, label, total, every=None, start=0):
+        self.label, self.total, self.every, self.start = label, total, every, start
         self.t0 = self.last = time.time()
-        self.tty = sys.stderr.isatty()
 
-    def show(self, step, loss):
+    def show(self, done, extra=""):
         now = time.time()
-        due = step % self.log_every == 0 or step == self.total
-        if not (due or self.tty and now - self.last > 0.2):
-            return
-        self.last = now
-        rate = (step - self.start) / max(now - self.t0, 1e-9)
-        left = (self.total - step) / max(rate, 1e-9)
-        line = (f"step {step}/{self.total}  loss {loss:.4f}  {rate:.1f} steps/s  "
-                f"{left:.0f} s left")
-        end = "\n" if not self.tty or step == self.total else ""
-        print(("\r" + line if self.tty else line), end=end, file=sys.stderr, flush=True)
+        if done == self.total or self.every and done % self.every == 0 or now - self.last > 10:
+            self.last, rate = now, (done - self.start) / max(now - self.t0, 1e-9)
+            print(f"{self.label} {done}/{self.total}{extra}  {rate:.1f}/s  "
+                  f"{(self.total - done) / max(rate, 1e-9):.0f} s left", file=sys.stderr,
+                  flush=True)
 
 
-@contextlib.contextmanager
-def stop_on_sigint():
-    """Turn the first Ctrl-C into a request to stop after the current step (an Event that the
-    loop checks); a second Ctrl-C interrupts at once. Only in the main thread."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum, frame):
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
+# A trained network and what it needs to be used: its config, noise process, example shape and
+# the number of classes of its labels (None: unconditional).
+Model = namedtuple("Model", "config net process shape num_classes")
 
 
-def save(run):
-    """Rank 0 writes the checkpoint, config.json and loss.csv of the run."""
-    if run.rank == 0:
-        shape, k = tuple(run.data.x.shape[1:]), run.num_classes
-        save_checkpoint(run.dir / "ckpt.pt", run.net, run.ema, run.opt, run.step, run.log, shape, k)
-        write_run_files(run.dir, run.config, run.log)
+def guided_model(m, y=None, w=0.0, classifier=None):
+    """What the math takes from run m, eps_model(x, t) or score_fn(x, time), for labels y (n,):
+    with a classifier (net(x, c) -> logits), classifier guidance of the unconditional model,
+    score + w grad log p(y | x) (F30, at the score level); else with w > 0 classifier-free
+    guidance (1 + w) model(x, y) - w model(x, null) (F30); else the plain model."""
+    method = METHODS[m.config.method]
+    uncond = method.model_of(m.net, m.process, None)
+    if classifier is None:
+        model = method.model_of(m.net, m.process, y)
+        return classifier_free(model, uncond, w) if w and y is not None else model
+
+    def log_likelihood(x, time):  # log p_time(y | x) per example
+        logits = classifier(x, method.level(m.process, time))
+        return F.log_softmax(logits, dim=-1).gather(1, y[:, None])[:, 0]
+    if m.config.method != "ddpm":
+        return guided_score(uncond, log_likelihood, w)
+
+    def std(t):  # eps-models: guided at the score level, score = -eps / std [F21]
+        return marginal_coefs(m.process, t)[1]
+    score = guided_score(lambda x, t: eps_to_score(uncond(x, t), std(t)), log_likelihood, w)
+    return lambda x, t: score_to_eps(score(x, t), std(t))
 
 
-def train_loop(run, stop):
-    """Steps run.step + 1 .. config.steps; a loss-log row every log_every steps, a checkpoint
-    every ckpt_every steps and at the end. Stops early, saved, once `stop` is set."""
-    config, t0 = run.config, time.time() - (run.log[-1][2] if run.log else 0.0)
-    progress, total, count = Progress(run.step, config.steps, config.log_every), 0.0, 0
-    last = run.step >= config.steps
-    while not last:  # `last` is read once per step: a Ctrl-C after it is read is seen next step
-        loss = train_step(run, run.step + 1).item()
-        run.step, total, count = run.step + 1, total + loss, count + 1
-        last = run.step == config.steps or stop.is_set()
-        if run.rank == 0:
-            progress.show(run.step, total / count)
-        if run.step % config.log_every == 0 or last:
-            run.log.append((run.step, total / count, time.time() - t0))
-            total, count = 0.0, 0
-        if run.step % config.ckpt_every == 0 or last:
-            save(run)
-    return run.log[-1][1] if run.log else math.nan
+FRAMES = 9  # states of x kept by draw_samples(frames=...): at most this many plus the start
 
 
-def train(config):
-    """Train a model as `config` says and write the run folder (rank 0 only): ckpt.pt,
-    config.json, loss.csv, samples.png (for a classifier no samples: its held-out accuracy).
-    Returns a TrainResult. Ctrl-C stops after the current step with a checkpoint; a non-finite
-    loss raises FloatingPointError and writes nothing, so the last checkpoint stays as it was."""
-    joined = not dist.is_initialized()
-    run = setup_run(config)
-    try:
-        with stop_on_sigint() as stop:
-            loss = train_loop(run, stop)
-    except FloatingPointError as e:
-        kept = run.dir / "ckpt.pt"
-        kept = f'{kept} (step {int(load_checkpoint(kept)["step"])})' if kept.exists() else "none"
-        raise FloatingPointError(f"{e}; training stopped, last good checkpoint: {kept}") from None
-    finally:
-        if joined and dist.is_initialized():
-            dist.destroy_process_group()
-    paths = {name: run.dir / name for name in ("ckpt.pt", "config.json", "loss.csv")}
-    quality = {}
-    if run.rank == 0 and config.classifier and not stop.is_set():
-        quality = classifier_accuracy(run)
-    elif run.rank == 0 and config.n_samples > 0 and not stop.is_set():
-        quality, paths["samples.png"] = final_samples(run)
-    return TrainResult(loss, run.step, run.net, run.ema.module, run.process, paths, quality,
-                       interrupted=stop.is_set())
-
-
-def draw_samples(net, config, process, shape, n, *, sampler="", steps=0, seed=0, y=None,
-                 device="cpu", known=None, mask=None):
-    """n samples of `shape` from the network with the method's `sampler` ('' = the config's, else
-    the method's default) and `steps` (0 = the sampler's default), in batches of 2,000. With
-    `known` and `mask` (n, *shape) each sample inpaints its row of `known` (F31)."""
-    method = METHODS[config.method]
-    name = sampler or config.sampler or next(iter(method.samplers))
+def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier=None,
+                 device="cpu", known=None, mask=None, frames=None, batch=2000):
+    """n samples from run m with `sampler` ('' = the run's, else the method's first) and `steps`
+    (0 = its default), in batches of `batch`: labels y (n,) or None, guidance w (guided_model),
+    inpainting with known and mask (n, ...) [F31]; on images x0_hat (where the sampler has one)
+    and the samples are clipped to the data range [-1, 1].
+    Prints a progress line; the list `frames` receives (steps done, x) for at most FRAMES evenly
+    spaced states of the first batch and its start, so memory does not grow with the steps."""
+    method = METHODS[m.config.method]
+    name = sampler or m.config.sampler or next(iter(method.samplers))
     if name not in method.samplers:
-        raise ValueError(f"sampler: {name!r} is not one of {sorted(method.samplers)} for "
-                         f"method {config.method}")
-    if known is not None and name not in INPAINTING_SAMPLERS:
-        can = [s for s in method.samplers if s in INPAINTING_SAMPLERS] or "none"
-        raise ValueError(f"sampler: {name} cannot inpaint; samplers of method {config.method} "
-                         f"that can: {can}")
-    fn, default_steps = method.samplers[name]
-    steps = steps or config.sample_steps or default_steps
-    g, out = rng(seed, "sample", device=torch.device(device).type), []
-    for start in range(0, n, 2000):
-        x = method.prior(process, (min(2000, n - start), *shape), g, device)
+        raise ValueError(f"sampler: {name!r} is not one of {sorted(method.samplers)} for method "
+                         f"{m.config.method}")
+    s = method.samplers[name]
+    if known is not None and not s.inpaint:
+        can = [k for k, v in method.samplers.items() if v.inpaint] or "none"
+        raise ValueError(f"sampler: {name} cannot inpaint; those of {m.config.method} that can: "
+                         f"{can}")
+    steps = steps or m.config.sample_steps or s.steps
+    states, g, out = s.states(steps, m.process), rng(seed, "sample", device=device.type
+                                                     if isinstance(device, torch.device)
+                                                     else device), []
+    keep = {round(j * (states - 1) / (FRAMES - 1)) for j in range(FRAMES)}
+    progress = Progress(f"sampling ({name}, {steps} steps) state", math.ceil(n / batch) * states)
+    for b, start in enumerate(range(0, n, batch)):
+        x = method.prior(m.process, (min(batch, n - start), *m.shape), g, device)
+        if frames is not None and b == 0:
+            frames.append((0, x.float().cpu()))
+
+        def callback(i, x):
+            progress.show(b * states + i + 1)
+            if frames is not None and b == 0 and i in keep:
+                frames.append((i + 1, x.float().cpu()))
         part = slice(start, start + len(x))
-        yb = None if y is None else y[part].to(device)
-        inpaint = {} if known is None else {"known": known[part], "mask": mask[part]}
-        out.append(fn(net, process, x, steps, yb, g, **inpaint).float().cpu())
-    return torch.cat(out)
+        options = {"known": known[part], "mask": mask[part]} if known is not None else {}
+        if s.clip and len(m.shape) == 3:
+            options["clip_x0"] = (-1.0, 1.0)
+        model = guided_model(m, None if y is None else y[part].to(device), w, classifier)
+        out.append(s.fn(model, m.process, x, steps=steps, generator=g, callback=callback,
+                        **options).float().cpu())
+    return torch.cat(out).clamp(-1, 1) if len(m.shape) == 3 else torch.cat(out)
 
 
-def class_labels(num_classes, n):
-    """Labels 0, 1, ..., K-1, 0, 1, ... for a class-conditional network, else None."""
-    return None if num_classes is None else torch.arange(n) % num_classes
-
-
-def final_samples(run):
-    """Draw the final samples with the EMA network, write samples.png (samples beside held-out
-    data) and print their MMD^2 to held-out data, its noise floor and the prior's MMD^2."""
-    config, net, x_test = run.config, run.ema.module.eval(), run.data.x_test
-    shape = tuple(x_test.shape[1:])
-    n = min(config.n_samples, len(x_test) // 2, 256 if len(shape) > 1 else len(x_test))
+def final_samples(m, data, device):
+    """Draw config.n_samples samples, write samples.png (beside held-out data) and print their
+    MMD^2 to held-out data, on k = min(n, held-out / 2) of each, beside the prior's and the noise
+    floor: the RMS of the MMD^2 between 10 pairs of disjoint held-out sets of k, its standard
+    deviation for a perfect model (its mean being 0)."""
+    n, out, seed = m.config.n_samples, Path(m.config.out), m.config.seed
     t0 = time.time()
-    samples = draw_samples(net, config, run.process, shape, n, seed=config.seed, device=run.device,
-                           y=class_labels(run.num_classes, n))
-    seconds = time.time() - t0
-    write_png(run.dir / "samples.png", picture(samples, x_test[:n]))
-    h, g = mmd_bandwidths(x_test), rng(config.seed, "mmd")
-    prior = run.method.prior(run.process, samples.shape, g, "cpu")
-    quality = {"mmd2": mmd2_unbiased(samples, x_test[:n], h), "floor": mmd2_floor(x_test, n, h, g),
-               "prior_mmd2": mmd2_unbiased(prior, x_test[:n], h), "n": n,
-               "sample_seconds": seconds}
-    layout = "a grid" if len(shape) > 1 else "left samples, right held-out data"
-    print(f"samples: {run.dir / 'samples.png'} ({n} in {seconds:.1f} s; {layout})\n"
-          f"MMD^2 to held-out data {quality['mmd2']:.2e}, noise floor "
-          f"{quality['floor']:.2e} (std of MMD^2 between two held-out sets of {n}), "
-          f"prior {quality['prior_mmd2']:.2e}")
-    return quality, run.dir / "samples.png"
+    y = None if m.num_classes is None else torch.arange(n) % m.num_classes
+    samples = draw_samples(m, n, seed=seed, y=y, device=device)
+    seconds, x_test = time.time() - t0, data.x_test
+    write_png(out / "samples.png", picture(samples, x_test))
+    k, h, g = min(n, len(x_test) // 2), mmd_bandwidths(x_test), rng(seed, "mmd")
+    prior = METHODS[m.config.method].prior(m.process, (k, *m.shape), g, "cpu")
+    pairs = [torch.randperm(len(x_test), generator=g)[:2 * k] for _ in range(10)]
+    floor = math.sqrt(sum(mmd2_unbiased(x_test[i[:k]], x_test[i[k:]], h) ** 2 for i in pairs) / 10)
+    quality = {"mmd2": mmd2_unbiased(samples[:k], x_test[:k], h), "floor": floor,
+               "prior_mmd2": mmd2_unbiased(prior, x_test[:k], h), "n": k}
+    print(f"samples: {out / 'samples.png'} ({n} in {seconds:.1f} s; left samples, right held-out "
+          f"data)\nMMD^2 to held-out data {quality['mmd2']:.2e}, noise floor {quality['floor']:.2e}"
+          f" (std of MMD^2 between two held-out sets of {k}), prior {quality['prior_mmd2']:.2e}"
+          + (f"; only {k} per set: the MMD says little" if k < 200 else ""))
+    return quality
 
 
-def classifier_accuracy(run, n=2000):
+def classifier_accuracy(m, data, device, n=2000):
     """Print and return the classifier's accuracy on (up to) n held-out examples, each noised to
     a random level of the method as in training, overall and on the least noisy tenth."""
-    net, g = run.ema.module.eval(), rng(run.config.seed, "accuracy", device=run.device.type)
-    x0, y = run.data.x_test[:n].to(run.device), run.data.y_test[:n].to(run.device)
+    method, g = METHODS[m.config.method], rng(m.config.seed, "accuracy", device=device.type)
+    x0, y = data.x_test[:n].to(device), data.y_test[:n].to(device)
     with torch.no_grad():
-        x_s, c = run.method.noised(run.process, x0, g)
-        right = (net(x_s, c).argmax(dim=-1) == y).float()
+        xs, time_s = noised(method, m.process, x0, g)
+        c = method.level(m.process, time_s)
+        right = (m.net(xs, c).argmax(dim=-1) == y).float()
     accuracy, low_noise = right.mean().item(), right[c <= c.quantile(0.1)].mean().item()
     print(f"classifier: held-out accuracy {accuracy:.1%} at random noise levels, {low_noise:.1%} "
-          f"at the least noisy tenth of them (chance {1 / run.num_classes:.1%})")
+          f"at the least noisy tenth of them (chance {1 / m.num_classes:.1%})")
     return {"accuracy": accuracy, "low_noise_accuracy": low_noise, "n": len(y)}
 
 
-@dataclass
-class Trained:
-    """A trained run loaded for use: its config, network, process and example shape."""
-    config: TrainConfig
-    net: nn.Module  # EMA (or live) weights, in eval mode
-    process: object  # Schedule, sigmas or SDE
-    shape: tuple  # shape of one example
-    num_classes: int | None
-
-
 def read_config(path):
-    """The TrainConfig in a run's config.json (`cond`, the old name of `conditional`, is read)."""
+    """The TrainConfig in a run's config.json (fields of older versions are ignored)."""
     saved = json.loads(Path(path).read_text())
-    if "cond" in saved:
-        saved["conditional"] = saved.pop("cond")
-    return TrainConfig(**saved)
+    return TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
 
 
 def load_run(run_dir, device="cpu", use_ema=True):
-    """Load a run folder written by `train`: config.json and the weights from ckpt.pt."""
+    """A run folder written by `train` as a Model: config.json and the weights of ckpt.pt."""
     run_dir = Path(run_dir)
     try:
         config = read_config(run_dir / "config.json")
     except (OSError, ValueError, TypeError) as e:
-        raise ValueError(f"{run_dir / 'config.json'}: cannot read the run's config ({e})")
+        raise ValueError(f"{run_dir / 'config.json'}: cannot read it ({one_line(e)})")
     state = load_checkpoint(run_dir / "ckpt.pt", device)
     shape, k = tuple(state["shape"].tolist()), int(state["num_classes"]) or None
     net = make_network(config, shape, k).to(device)
     try:
         net.load_state_dict(state["ema" if use_ema else "model"])
     except RuntimeError as e:
-        raise ValueError(f"{run_dir}: ckpt.pt does not fit config.json "
-                         f"({one_line(e)})")
-    return Trained(config, net.eval(), METHODS[config.method].process(config), shape, k)
+        raise ValueError(f"{run_dir}: ckpt.pt does not fit config.json ({one_line(e)})")
+    return Model(config, net.eval(), METHODS[config.method].process(config), shape, k)
 
 
-PROCESS_FIELDS = {"ddpm": ("schedule", "T"), "ncsn": ("sigma_min", "sigma_max", "n_sigmas"),
-                  "ve": ("sigma_min", "sigma_max")}  # the fields that define each noise process
-
-
-def load_classifier(run_dir, run, device="cpu"):
-    """The classifier of a run, RUN/classifier (`train --classifier --out RUN/classifier`);
+def load_classifier(run_dir, m, device="cpu"):
+    """The classifier of run m, RUN/classifier (`train --classifier --out RUN/classifier`);
     ValueError if there is none or it was trained on other data or another noise process."""
     path = Path(run_dir) / "classifier"
     if not (path / "ckpt.pt").exists():
         raise ValueError(f"guide: {run_dir} has no classifier; train one with "
                          f"`python ddpm_score.py train --classifier --out {path}`")
     clf = load_run(path, device)
-    for key in ("data", "method", *PROCESS_FIELDS.get(run.config.method, ())):
-        mine, theirs = getattr(clf.config, key), getattr(run.config, key)
-        if mine != theirs:
-            raise ValueError(f"classifier: {path} was trained with {key} = {mine!r}, "
-                             f"the run with {key} = {theirs!r}")
+    process_fields = {"ddpm": ("schedule", "T"), "ncsn": ("sigma_min", "sigma_max", "n_sigmas"),
+                      "ve": ("sigma_min", "sigma_max")}.get(m.config.method, ())
+    for key in ("data", "method", *process_fields):
+        if getattr(clf.config, key) != getattr(m.config, key):
+            raise ValueError(f"classifier: {path} was trained with {key} = "
+                             f"{getattr(clf.config, key)!r}, the run with {key} = "
+                             f"{getattr(m.config, key)!r}")
     clf.net.requires_grad_(False)
     return clf
-
-
-def guide_net(net, config, process, w, classifier=None):
-    """`net` under classifier guidance with weight w when a classifier is given, else under
-    classifier-free guidance with weight w. [F30]"""
-    if classifier is None:
-        return cfg_net(net, w)
-    std = METHODS[config.method].std
-    return classifier_guided_net(net, classifier, w, lambda c: std(process, c))
 
 
 MASKS = ("right", "bottom", "centre")
@@ -2298,262 +2109,184 @@ def inpainting_mask(shape, kind):
     """The known part (True) of images of `shape` (B, C, H, W) whose `kind` region is missing:
     the right half, the bottom half, or the centre square of half the side. [F31]"""
     if len(shape) != 4:
-        raise ValueError(f"shape: inpainting masks are for images (B, C, H, W), got "
-                         f"{tuple(shape)}")
+        raise ValueError(f"shape: masks are for images (B, C, H, W), got {tuple(shape)}")
     _check_choice("kind", kind, set(MASKS))
     H, W = shape[-2:]
-    missing = {"right": (slice(None), slice(W // 2, None)),
-               "bottom": (slice(H // 2, None), slice(None)),
-               "centre": (slice(H // 4, H - H // 4), slice(W // 4, W - W // 4))}[kind]
+    rows, cols = {"right": (slice(None), slice(W // 2, None)),
+                  "bottom": (slice(H // 2, None), slice(None)),
+                  "centre": (slice(H // 4, H - H // 4), slice(W // 4, W - W // 4))}[kind]
     mask = torch.ones(shape, dtype=torch.bool)
-    mask[(..., *missing)] = False
+    mask[..., rows, cols] = False
     return mask
 
 
-def inpainting_picture(x0, mask, completions):
-    """One row per example: the input (its missing part grey), the completions, the original.
-    x0 and mask (n, C, H, W), completions (n, m, C, H, W)."""
-    shown = torch.where(mask, x0, torch.zeros_like(x0))
-    rows = torch.cat([shown[:, None], completions, x0[:, None]], dim=1)
-    return image_grid(rearrange(rows, "n k ... -> (n k) ..."), ncol=rows.shape[1])
-
-
-def nll_bpd(net, config, process, x, *, steps=100, generator=None):
-    """Bits per dimension of held-out x: {'ode': probability-flow ODE (ode_likelihood) [F27],
-    'elbo': the DDPM variational bound (vlb_bpd) [F10-F13]}. 8-bit images are dequantized.
-    DDPM's ODE uses the VP SDE matching its linear schedule, beta(s) = T beta_{sT}."""
-    eight_bit = bool(((x + 1) * 127.5 - ((x + 1) * 127.5).round()).abs().max() < 1e-3)
-    div = "exact" if x[0].numel() <= 16 else "hutchinson"
-    out, sde = {}, process
-    if config.method == "ncsn":
+@torch.no_grad()
+def bits_per_dim(m, x, *, levels=0, steps=100, batch=256, seed=0, device="cpu"):
+    """Bits per dimension of each example of x under run m, in fixed-size batches, keeping no
+    autograd graph: ({'elbo': (N,), 'ode': (N,)}, convention). 'elbo' (ddpm): the variational
+    bound of F10-F13 (vlb_bpd, sigma_t^2 = beta_t, the published decoder variance); 'ode' (not
+    ncsn; steps > 0): the probability-flow likelihood of F27 with RK4 on `steps` steps, for ddpm
+    through DiscreteVPSDE (marginal q(x_t | x0) at s = t / T) from s = 1 / T, so the network only
+    sees the c of training. levels = K > 0: x on K evenly spaced levels in [-1, 1]; y = x + w (u -
+    1/2), u ~ U(0, 1), w = 2 / (K - 1), bpd = (-log p(y) - d log w) / (d ln 2): bits per K-level
+    value, an upper bound on the discrete NLL (K = 256: the ELBO uses Ho et al.'s discretized
+    decoder instead, the published convention). levels = 0: -log p(x) / (d ln 2), a continuous
+    density, which can be negative and is not comparable with image bits/dim."""
+    if m.config.method == "ncsn":
         raise ValueError("nll: method ncsn has discrete noise levels and no likelihood; "
                          "use ddpm, vp, ve or subvp")
-    if config.method == "ddpm":
-        elbo = vlb_bpd(eps_model_of(net, process), process, x, generator=generator,
-                       decoder="discretized" if eight_bit else "gaussian")
-        out["elbo"] = elbo["total"]
-        if config.schedule != "linear":
-            return out
-        sde = VPSDE(float(process.beta[1]) * process.T, float(process.beta[-1]) * process.T)
-    score = sde_score_of(net, sde)
-    out["ode"] = ode_likelihood(score, sde, x, steps=steps, divergence=div,
-                                dequantize=eight_bit, generator=generator)["bpd"]
-    return out
+    ddpm, d, dev = m.config.method == "ddpm", x[0].numel(), torch.device(device)
+    w, sde = 2 / (levels - 1) if levels else 1.0, DiscreteVPSDE(m.process) if ddpm else m.process
+    calls = math.ceil(len(x) / batch) * ((m.process.T if ddpm else 0) + 4 * steps)
+    out, progress, done = {"elbo": [], "ode": []}, Progress("nll network calls", calls), [0]
+
+    def net(*args):  # the run's network, counting its calls for the progress line
+        done[0] += 1
+        progress.show(done[0])
+        return m.net(*args)
+    for b, start in enumerate(range(0, len(x), batch)):
+        xb = x[start:start + batch].to(dev)
+        u = torch.rand(xb.shape, generator=rng(seed, "dequantize", b, device=dev.type), device=dev)
+        yb = xb + w * (u - 0.5) if levels else xb
+        if ddpm:
+            exact = levels == 256  # the discretized decoder: no dequantization needed
+            elbo = vlb_bpd(eps_model_of(net, m.process), m.process, xb if exact else yb,
+                           decoder="discretized" if exact else "gaussian",
+                           generator=rng(seed, "elbo", b, device=dev.type))["total"]
+            out["elbo"].append(elbo.cpu() - (0 if exact else math.log2(w)))
+        if steps:
+            ode = ode_likelihood(sde_score_of(net, sde), sde, yb, steps=steps,
+                                 eps_s=1 / m.process.T if ddpm else 1e-5,
+                                 divergence="exact" if d <= 16 else "hutchinson",
+                                 generator=rng(seed, "ode", b, device=dev.type))
+            out["ode"].append(ode["bpd"].cpu() - math.log2(w))
+    convention = (f"{levels}-level data dequantized over bins of width 2/{levels - 1}: bits per "
+                  f"{levels}-level value" if levels else "continuous data: -log2 density per "
+                  "dimension, not comparable with image bits/dim (can be negative)")
+    if levels == 256:
+        convention = ("8-bit data: bits per 8-bit value as published (ode: dequantized"
+                      + ("; elbo: discretized decoder)" if ddpm else ")"))
+    return {k: torch.cat(v) for k, v in out.items() if v}, convention
 
 
 # --- command line: python ddpm_score.py train | sample | nll -------------------------------------
 
 
-def load_generator(args, device):
-    """The run of --run for sample and nll: a generative model, not a classifier."""
-    run = load_run(args.run, device, use_ema=not getattr(args, "no_ema", False))
-    if run.config.classifier:
-        raise ValueError(f"run: {args.run} is a classifier (for guidance); use the run it "
-                         f"guides, {Path(args.run).parent}")
-    return run
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `error: argument --n: must be >= 1, got 0`, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
 
 
-def pick_guide(args, run, device):
-    """(guide, classifier) for --guide: 'cfg' needs a conditional run, 'classifier' a classifier
-    in RUN/classifier; auto takes cfg, else the classifier; (None, None) when nothing asks for
-    guidance (no --class, --guidance or --guide)."""
-    if args.guidance is not None and not args.guidance >= 0:
-        raise ValueError(f"guidance: the weight must be a number >= 0, got {args.guidance}")
-    if args.label is None and args.guidance is None and args.guide == "auto":
-        return None, None
-    guide = args.guide
-    if guide == "auto":
-        if not run.num_classes and not (Path(args.run) / "classifier" / "ckpt.pt").exists():
-            raise ValueError(f"class: {args.run} is unconditional and has no classifier; train "
-                             f"with --conditional, or a classifier with `python ddpm_score.py "
-                             f"train --classifier --out {Path(args.run) / 'classifier'}`")
-        guide = "cfg" if run.num_classes else "classifier"
-    if guide == "cfg" and not run.num_classes:
-        raise ValueError(f"guide: cfg needs a run trained with --conditional; {args.run} is "
-                         "unconditional")
-    return guide, load_classifier(args.run, run, device) if guide == "classifier" else None
-
-
-def guidance(args, run, n, device):
-    """(network, labels (n,) or None, file-name tag): the run's network, or it guided (see
-    pick_guide) towards --class K, or each class in turn, with weight --guidance; by default
-    the plain conditional (w = 0 for cfg, w = 1 for the classifier). [F30]"""
-    guide, classifier = pick_guide(args, run, device)
-    if guide is None:
-        return run.net, class_labels(run.num_classes, n), ""
-    k, label = run.num_classes or classifier.num_classes, args.label
-    if label is not None and not 0 <= label < k:
-        raise ValueError(f"class: {label} is out of range; the run has {k} classes, 0..{k - 1}")
-    w = args.guidance if args.guidance is not None else (0.0 if guide == "cfg" else 1.0)
-    y = class_labels(k, n) if label is None else torch.full((n,), label)
-    net = guide_net(run.net, run.config, run.process, w,
-                    None if classifier is None else classifier.net)
-    which = "classifier-free" if guide == "cfg" else f"classifier {Path(args.run) / 'classifier'}"
-    print(f"guidance: {which}, w = {w:g}, "
-          f"{f'classes 0..{k - 1} in turn' if label is None else f'class {label}'}")
-    return net, y, f"_{guide}{w:g}" + ("" if label is None else f"_class{label}")
-
-
-def sample_command(args):
-    """`sample`: draw --n samples from a run, write samples_SAMPLER[_GUIDE_classK].pt and .png
-    (with --trajectory a strip of frames from noise to data); with --inpaint, inpaint_command."""
-    device = pick_device(args.device)
-    run, out = load_generator(args, device), Path(args.run)
-    name = args.sampler or run.config.sampler or next(iter(METHODS[run.config.method].samplers))
-    if args.inpaint:
-        return inpaint_command(args, run, name, device)
-    net, y, tag = guidance(args, run, args.n or 2000, device)
-    frames = []
-
-    def recording_net(x, c, y=None):  # the network, keeping each input: the trajectory
-        frames.append(x.detach().float().cpu())
-        return net(x, c, y)
-    x = draw_samples(recording_net if args.trajectory else net, run.config, run.process,
-                     run.shape, args.n or 2000, sampler=name, steps=args.steps, seed=args.seed,
-                     y=y, device=device)
-    stem = out / f"samples_{name}{tag}"
-    write_atomic(f"{stem}.pt", lambda f: torch.save({"x": x, "y": y}, f))
-    write_png(f"{stem}.png", picture(x))
-    print(f"wrote {stem}.pt and {stem}.png")
-    if args.trajectory:
-        keep = [frames[round(i * (len(frames) - 1) / 8)] for i in range(9)] + [x]
-        write_png(out / f"trajectory_{name}{tag}.png", trajectory_picture(keep))
-        print(f"wrote {out / f'trajectory_{name}{tag}.png'} (noise on the left, data on the right)")
-
-
-def inpaint_command(args, run, name, device):
-    """`sample --inpaint`: complete --n held-out images (default 8), --completions times each,
-    with their --mask region missing; write inpaint_MASK_SAMPLER.pt (x, known, mask, y) and .png
-    (a row per image: the input, the completions, the original). [F31]"""
-    if len(run.shape) != 3:
-        raise ValueError(f"inpaint: the run's data are vectors of shape {run.shape}; inpainting "
-                         "needs images (C, H, W)")
-    if args.completions < 1 or args.trajectory:
-        raise ValueError(f"inpaint: needs --completions >= 1 (got {args.completions}) and no "
-                         "--trajectory")
-    x0 = get_data(run.config).x_test[:args.n or 8]
-    known = x0.repeat_interleave(args.completions, dim=0)
-    mask = inpainting_mask(known.shape, args.mask)
-    net, y, tag = guidance(args, run, len(known), device)
-    x = draw_samples(net, run.config, run.process, run.shape, len(known), sampler=name,
-                     steps=args.steps, seed=args.seed, y=y, device=device,
-                     known=known.to(device), mask=mask.to(device))
-    stem = Path(args.run) / f"inpaint_{args.mask}_{name}{tag}"
-    write_atomic(f"{stem}.pt", lambda f: torch.save({"x": x, "known": known, "mask": mask,
-                                                    "y": y}, f))
-    completions = rearrange(x, "(n m) ... -> n m ...", m=args.completions)
-    write_png(f"{stem}.png", inpainting_picture(x0, mask[::args.completions], completions))
-    print(f"wrote {stem}.pt and {stem}.png (a row per image: the input, {args.completions} "
-          f"completions of its {args.mask} part, the original)")
-
-
-def nll_command(args):
-    """`nll`: bits/dim of --n held-out examples of the run's data."""
-    device = pick_device(args.device)
-    run = load_generator(args, device)
-    x = get_data(run.config).x_test[:args.n].to(device)
-    t0, g = time.time(), rng(args.seed, "nll", device=device.type)
-    bpd = nll_bpd(run.net, run.config, run.process, x, steps=args.steps, generator=g)
-    for name, v in bpd.items():
-        se = v.std().item() / math.sqrt(len(v))
-        print(f"{name} bits/dim {v.mean().item():.4f} +- {se:.4f} (n={len(v)})")
-    print(f"({time.time() - t0:.1f} s)")
-
-
-def field_comments(cls):
-    """{field: the comment on its line in the class source}: the dataclass comments are the one
-    place the fields are described, and the --help text comes from them."""
-    try:
-        lines = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError):
-        return {}
-    matches = (re.match(r"\s+(\w+): .*?#\s*(.*)", line) for line in lines)
-    return {m[1]: m[2].replace("%", "%%") for m in matches if m}
-
-
-def data_name(value):
-    """argparse type for --data: a built-in name or a .pt/.npy path."""
-    if value in DATASETS or value.endswith((".pt", ".npy")):
+def number(kind, **bounds):
+    """An argparse type: an int or float within `bounds` (see out_of_range)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}")
+        if problem := out_of_range(value, **bounds):
+            raise argparse.ArgumentTypeError(problem)
         return value
-    raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from "
-                                     f'{", ".join(DATASETS)}, or a .pt/.npy file)')
+    return parse
 
 
-def add_train_arguments(parser, defaults):
-    """One flag per TrainConfig field, defaults from `defaults`, help from the comments."""
-    helps = field_comments(TrainConfig)
-    choices = {"method": list(METHODS), "schedule": list(BETAS),
-               "device": ["auto", "cpu", "cuda"], "sampler": ["", *SAMPLERS]}
-    for f in fields(TrainConfig):
-        flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
-        help = helps.get(f.name, "") + " (default: %(default)s)"
-        if isinstance(default, bool):  # --flag / --no-flag
-            aliases = ["--cond"] if f.name == "conditional" else []
-            parser.add_argument(flag, *aliases, action=argparse.BooleanOptionalAction,
-                                default=default, help=help)
-        elif f.name == "data":
-            parser.add_argument(flag, type=data_name, default=default, help=help)
-        else:
-            parser.add_argument(flag, type=type(default), default=default,
-                                choices=choices.get(f.name), help=help)
+RUN_FLAGS = [  # (subcommands, flag, argparse keywords) of sample and nll
+    ("sample nll", "--run", dict(required=True, help="run folder written by train")),
+    ("sample nll", "--seed", dict(type=number(int, lo=0), default=0, help="(%(default)s)")),
+    ("sample nll", "--device", dict(default="auto", choices=["auto", "cpu", "cuda"])),
+    ("sample", "--sampler", dict(default="", choices=["", *SAMPLERS], help="('': the run's)")),
+    ("sample", "--steps", dict(type=number(int, lo=0), default=0, help="(0: its default)")),
+    ("sample", "--n", dict(type=number(int, lo=1), help="samples (default: the run's n_samples, "
+                           "2000 points or 64 images; --inpaint: 8 images)")),
+    ("sample", "--trajectory", dict(action="store_true", help=f"picture {FRAMES} states too")),
+    ("sample", "--no-ema", dict(action="store_true", help="the live, not the EMA, weights")),
+    ("sample", "--class", dict(dest="label", type=number(int, lo=0), metavar="K",
+                               help="guide towards class K (default: every class in turn)")),
+    ("sample", "--guidance", dict(type=number(float, lo=0), metavar="W", help=(
+        "weight: cfg (1 + W) eps(x, K) - W eps(x, null), classifier score + W grad log p(K | x)"
+        " (default: the plain conditional, W = 0 for cfg, 1 for the classifier)"))),
+    ("sample", "--guide", dict(default="auto", choices=["auto", "cfg", "classifier"],
+                               help="auto: cfg on a --conditional run, else RUN/classifier")),
+    ("sample", "--inpaint", dict(action="store_true", help="complete held-out images")),
+    ("sample", "--mask", dict(default="right", choices=MASKS, help="region --inpaint fills in")),
+    ("sample", "--completions", dict(type=number(int, lo=1), default=4,
+                                     help="completions per image (%(default)s)")),
+    ("nll", "--n", dict(type=number(int, lo=1), default=256, help="examples (%(default)s)")),
+    ("nll", "--data", dict(help="score this .pt/.npy file, not the held-out data")),
+    ("nll", "--levels", dict(type=number(int, lo=0), help="grey levels (0: continuous; "
+                             "default: the run's)")),
+    ("nll", "--steps", dict(type=number(int, lo=0), default=100,
+                            help="RK4 steps of the ODE likelihood (0: none; %(default)s)")),
+    ("nll", "--batch", dict(type=number(int, lo=1), default=256,
+                            help="examples per batch, which bounds memory (%(default)s)")),
+]
 
 
-def add_control_arguments(sample):
-    """The `sample` flags of controllable generation: guidance [F30] and inpainting [F31]."""
-    sample.add_argument("--class", dest="label", type=int, metavar="K",
-                        help="guide towards class K (default: every class in turn)")
-    sample.add_argument("--guidance", type=float, metavar="W",
-                        help="guidance weight: cfg (1 + W) eps(x, K) - W eps(x, null), "
-                        "classifier score + W grad log p(K | x) (default: the plain "
-                        "conditional, W = 0 for cfg, 1 for the classifier)")
-    sample.add_argument("--guide", default="auto", choices=["auto", "cfg", "classifier"],
-                        help="auto: cfg on a --conditional run, else RUN/classifier (%(default)s)")
-    sample.add_argument("--inpaint", action="store_true",
-                        help="complete held-out images whose --mask region is missing")
-    sample.add_argument("--mask", default="right", choices=MASKS,
-                        help="the region --inpaint fills in (%(default)s)")
-    sample.add_argument("--completions", type=int, default=4,
-                        help="completions per image with --inpaint (%(default)s)")
-
-
-def make_parser(train_defaults=TrainConfig()):
-    """The argparse parser: train (defaults from `train_defaults`), sample and nll."""
-    parser = argparse.ArgumentParser(prog="ddpm_score.py", description=main.__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def make_parser(defaults=TrainConfig()):
+    """train (a flag per TrainConfig field: defaults from `defaults`, help from the field's
+    metadata), sample and nll; every number is checked as it is parsed."""
+    parser = Parser(prog="ddpm_score.py", description=main.__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    add_train_arguments(sub.add_parser("train", help="train a model, write a run folder"),
-                        train_defaults)
-    sample = sub.add_parser("sample", help="draw samples from a trained run")
-    sample.add_argument("--sampler", default="", choices=["", *SAMPLERS],
-                        help="sampler ('' = the run's default)")
-    sample.add_argument("--steps", type=int, default=0, help="sampler steps (0 = its default)")
-    sample.add_argument("--n", type=int, default=0,
-                        help="number of samples (0: 2000; with --inpaint: 8 images)")
-    sample.add_argument("--trajectory", action="store_true", help="also picture the trajectory")
-    sample.add_argument("--no-ema", action="store_true", help="use the live, not the EMA, weights")
-    add_control_arguments(sample)
-    nll = sub.add_parser("nll", help="bits/dim of held-out data")
-    nll.add_argument("--n", type=int, default=256, help="held-out examples (%(default)s)")
-    nll.add_argument("--steps", type=int, default=100, help="ODE steps (%(default)s)")
-    for p in (sample, nll):
-        p.add_argument("--run", required=True, help="run folder written by train")
-        p.add_argument("--seed", type=int, default=0, help="random seed (%(default)s)")
-        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    helps = {"train": "train a model, write a run folder", "sample": "draw samples from a run",
+             "nll": "bits/dim of held-out data or a file"}
+    subs = {name: sub.add_parser(name, help=text) for name, text in helps.items()}
+    for p in subs.values():
+        p.add_argument("--threads", type=number(int, lo=1), default=1,
+                       help="CPU threads for torch (%(default)s; see the README)")
+    for f in fields(TrainConfig):
+        meta, default = f.metadata, getattr(defaults, f.name)
+        auto = meta["auto"] and f" (default: {meta['auto'][0]} for points, {meta['auto'][1]} " \
+            "for images)"
+        kw = dict(default=default, help=meta["help"].replace("%", "%%") + (
+            auto or ("" if default is None else " (default: %(default)s)")))
+        if f.type is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif meta["choices"]:
+            kw["choices"] = meta["choices"]
+        else:
+            kw["type"] = str if f.type is str else number(f.type, **meta)
+        subs["train"].add_argument("--" + f.name.replace("_", "-"), **kw)
+    for names, flag, kw in RUN_FLAGS:
+        for name in names.split():
+            subs[name].add_argument(flag, **kw)
     return parser
 
 
 def train_command(args, argv):
     """`train`: with --resume the run's config.json supplies the defaults; with --classifier
-    and --out RUN/classifier, RUN's config.json does (flags still win)."""
+    and --out RUN/classifier, RUN's config.json does (flags still win). Under torchrun it joins
+    the process group (nccl on GPUs, gloo on CPUs); Ctrl-C stops after the current step."""
     config_path, run_path = Path(args.out) / "config.json", Path(args.out).parent / "config.json"
     if args.resume and config_path.exists():
         args = make_parser(replace(read_config(config_path), resume=True)).parse_args(argv)
     elif args.classifier and run_path.exists():  # RUN/classifier: RUN's config, as a classifier
-        defaults = replace(read_config(run_path), classifier=True, conditional=False,
-                           resume=False, out=args.out)
-        args = make_parser(defaults).parse_args(argv)
+        args = make_parser(replace(read_config(run_path), classifier=True, conditional=False,
+                                   resume=False, overwrite=False, out=args.out)).parse_args(argv)
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    result = train(config)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        check_config(config)
+        cuda = pick_device(config.device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    stop = threading.Event()
+
+    def on_sigint(signum, frame):  # the first Ctrl-C stops after this step, a second at once
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    try:
+        result = train(config, stop)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if result.interrupted:
         print(f'interrupted at step {result.step}; checkpoint {result.paths["ckpt.pt"]}; '
               "continue with --resume", file=sys.stderr)
@@ -2561,40 +2294,120 @@ def train_command(args, argv):
     print(f"trained {result.step} steps, final loss {result.loss:.4f}; run folder {config.out}")
 
 
+def open_run(args):
+    """(device, the run of --run) for sample and nll: a generative model, not a classifier."""
+    device = pick_device(args.device)
+    m = load_run(args.run, device, use_ema=not getattr(args, "no_ema", False))
+    if m.config.classifier:
+        raise ValueError(f"run: {args.run} is a classifier (for guidance); use the run it "
+                         f"guides, {Path(args.run).parent}")
+    return device, m
+
+
+def guidance(args, m, n, device):
+    """(labels (n,) or None, w, classifier net or None, file-name tag) for --class, --guidance
+    and --guide: cfg needs a conditional run, classifier a classifier in RUN/classifier (auto:
+    cfg if the run is conditional). By default the plain conditional (w = 0 cfg, 1 classifier)."""
+    if args.label is None and args.guidance is None and args.guide == "auto":
+        return None if m.num_classes is None else torch.arange(n) % m.num_classes, 0.0, None, ""
+    guide = args.guide if args.guide != "auto" else "cfg" if m.num_classes else "classifier"
+    if args.guide == "auto" and guide == "classifier" and not (
+            Path(args.run) / "classifier" / "ckpt.pt").exists():
+        raise ValueError(f"class: {args.run} is unconditional and has no classifier; train "
+                         f"with --conditional, or a classifier with `python ddpm_score.py "
+                         f"train --classifier --out {Path(args.run) / 'classifier'}`")
+    if guide == "cfg" and not m.num_classes:
+        raise ValueError(f"guide: cfg needs a run trained with --conditional; {args.run} is "
+                         "unconditional")
+    clf = load_classifier(args.run, m, device) if guide == "classifier" else None
+    k, label = m.num_classes or clf.num_classes, args.label
+    if label is not None and label >= k:
+        raise ValueError(f"class: {label} is out of range; the run has {k} classes, 0..{k - 1}")
+    w = args.guidance if args.guidance is not None else (0.0 if guide == "cfg" else 1.0)
+    which = "classifier-free" if guide == "cfg" else f"classifier {Path(args.run) / 'classifier'}"
+    print(f"guidance: {which}, w = {w:g}, "
+          f"{f'classes 0..{k - 1} in turn' if label is None else f'class {label}'}")
+    y = torch.arange(n) % k if label is None else torch.full((n,), label)
+    return y, w, clf and clf.net, f"_{guide}{w:g}" + ("" if label is None else f"_class{label}")
+
+
+def sample_command(args):
+    """`sample`: --n samples from a run into samples_SAMPLER[_GUIDE_classK].pt, a dict {'x': the
+    samples, 'y': their labels or None}, and .png (beside held-out data); with --trajectory,
+    trajectory_*.png; with --inpaint, inpaint_MASK_SAMPLER.pt and .png. [F30, F31]"""
+    (device, m), out = open_run(args), Path(args.run)
+    name = args.sampler or m.config.sampler or next(iter(METHODS[m.config.method].samplers))
+    data = get_data(m.config)
+    if args.inpaint and (len(m.shape) != 3 or args.trajectory):
+        raise ValueError(f"inpaint: needs images (C, H, W), the run's data have shape {m.shape}, "
+                         "and no --trajectory")
+    x0 = data.x_test[:args.n or 8].repeat_interleave(args.completions, dim=0)
+    n = len(x0) if args.inpaint else args.n or m.config.n_samples or (64 if x0.ndim == 4 else 2000)
+    y, w, clf, tag = guidance(args, m, n, device)
+    kw = dict(sampler=name, steps=args.steps, seed=args.seed, y=y, w=w, classifier=clf,
+              device=device)
+    if args.inpaint:
+        mask = inpainting_mask(x0.shape, args.mask)
+        x = draw_samples(m, n, known=x0.to(device), mask=mask.to(device), **kw)
+        stem, k = out / f"inpaint_{args.mask}_{name}{tag}", args.completions
+        write_atomic(f"{stem}.pt", {"x": x, "known": x0, "mask": mask, "y": y})
+        rows = torch.cat([torch.where(mask, x0, 0.0)[::k, None],
+                          rearrange(x, "(n k) ... -> n k ...", k=k), x0[::k, None]], dim=1)
+        write_png(f"{stem}.png", image_grid(rearrange(rows, "n k ... -> (n k) ..."), k + 2))
+        print(f"wrote {stem}.pt and {stem}.png (a row per image: the input, {k} completions of "
+              f"its {args.mask} part, the original)")
+        return
+    frames = [] if args.trajectory else None
+    x = draw_samples(m, n, frames=frames, **kw)
+    stem = out / f"samples_{name}{tag}"
+    write_atomic(f"{stem}.pt", {"x": x, "y": y})
+    write_png(f"{stem}.png", picture(x, data.x_test))
+    print(f"wrote {stem}.pt (a dict: 'x' the samples, 'y' their labels or None) and {stem}.png "
+          "(left samples, right held-out data)")
+    if frames:
+        write_png(out / f"trajectory_{name}{tag}.png", trajectory_picture(frames, data.x_test))
+        print(f"wrote {out / f'trajectory_{name}{tag}.png'} (noise on the left, each frame "
+              "marked with the sampler's states done; held-out data on the right)")
+
+
+def nll_command(args):
+    """`nll`: bits/dim of the first --n held-out examples of the run's data, or of --data FILE."""
+    device, m = open_run(args)
+    x = load_data(args.data)[0] if args.data else get_data(m.config).x_test
+    if tuple(x.shape[1:]) != m.shape:
+        raise ValueError(f"data: {args.data} holds examples of shape {tuple(x.shape[1:])}, the "
+                         f"run's are {m.shape}")
+    t0, levels = time.time(), m.config.levels if args.levels is None else args.levels
+    bpd, convention = bits_per_dim(m, x[:args.n], levels=levels, steps=args.steps,
+                                   batch=args.batch, seed=args.seed, device=device)
+    for name, v in bpd.items():
+        se = v.std().item() / math.sqrt(len(v)) if len(v) > 1 else math.nan
+        print(f"{name} bits/dim {v.mean().item():.6f} +- {se:.6f} (n={len(v)})")
+    print(f"({convention}; {time.time() - t0:.1f} s)")
+
+
 def main(argv=None):
-    """Train and sample diffusion and score-based models.
+    """Train and sample diffusion and score-based models (README.md has more).
 
     examples:
-      python ddpm_score.py train                                  # moons, ddpm, about a minute
-      python ddpm_score.py train --method vp --data checkerboard --out runs/vp
-      python ddpm_score.py train --out runs/default --resume --steps 6000
+      python ddpm_score.py train                                   # moons, ddpm, under a minute
       python ddpm_score.py sample --run runs/default --sampler ddim --steps 50 --trajectory
       python ddpm_score.py nll --run runs/default
+      python ddpm_score.py train --data ring --conditional --out runs/ring
+      python ddpm_score.py sample --run runs/ring --class 3 --guidance 1   # classifier-free
+      python ddpm_score.py train --data shapes --out runs/shapes           # image defaults
+      python ddpm_score.py sample --run runs/shapes --inpaint --mask centre
       torchrun --nproc_per_node=2 ddpm_score.py train --out runs/ddp
-
-    controllable generation (data with labels: moons, ring, shapes):
-      python ddpm_score.py train --data ring --conditional --out runs/ring  # label dropout 0.1
-      python ddpm_score.py sample --run runs/ring --class 3 --guidance 1    # classifier-free
-      python ddpm_score.py train --data ring --out runs/ring_u              # unconditional
-      python ddpm_score.py train --classifier --out runs/ring_u/classifier --steps 1000
-      python ddpm_score.py sample --run runs/ring_u --class 3 --guidance 2  # classifier guidance
-      python ddpm_score.py train --data shapes --conditional --steps 4000 --lr 5e-4 \\
-          --batch-size 64 --out runs/shapes
-      python ddpm_score.py sample --run runs/shapes --inpaint --mask centre  # inpaint_*.png
-
-    A classifier trained with --out RUN/classifier takes RUN's config as its defaults and
-    learns p(y | x_s) on data noised by RUN's process; `sample --run RUN` then finds it. On a
-    run with both, --guide cfg|classifier picks one (auto: cfg).
     """
-    parser = make_parser()
-    args = parser.parse_args(argv)
+    args = make_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
     try:
         if args.command == "train":
             train_command(args, argv)
         else:
             {"sample": sample_command, "nll": nll_command}[args.command](args)
     except (ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e, 1000)}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ValueError) else 1)
 
 

@@ -3,15 +3,19 @@
     python benchmarks/bench_train.py            (or `make bench`; about 2 minutes on 2 cores)
 
 1. Throughput: optimizer steps per second of the default TrainConfig (moons, ddpm, the 3-layer
-   256-wide MLP) with 1 and 2 CPU threads, and on CUDA (float32 and bf16 autocast) where present.
+   256-wide MLP; and shapes, the UNet) with 1 and 2 CPU threads (the figures behind the default
+   --threads 1), and on CUDA (float32 and bf16 autocast) where present.
 2. The default run, `python ddpm_score.py train` in a subprocess exactly as `make train` runs it:
    wall time, final loss, the unbiased MMD^2 of its samples to held-out data next to the noise
    floor (the standard deviation of MMD^2 between two held-out sets of the same size), and the
    peak resident memory of that process (resource.getrusage of the child).
-Targets (issue 4): the default run in under 60 s on 2 CPU cores, MMD^2 within 3x the noise floor.
+Targets (issues 4 and 9): the default run in under 60 s on 2 CPU cores, MMD^2 within 3x the
+noise floor.
 Other work on the same cores slows multi-threaded torch far more than single-threaded torch, so
 the load average is printed next to the numbers.
 """
+import contextlib
+import io
 import os
 import re
 import resource
@@ -28,32 +32,35 @@ sys.path.insert(0, str(ROOT))
 import ddpm_score as ds  # noqa: E402
 
 
-def steps_per_second(device, threads=None, amp=False, warmup=20, steps=200):
-    """Optimizer steps per second of the default config (data on the device, no sampling)."""
-    if threads:
-        torch.set_num_threads(threads)
-    config = ds.TrainConfig(device=device, amp=amp, n_samples=0, steps=warmup + steps,
-                            out=tempfile.mkdtemp())
-    run = ds.setup_run(config)
-    for step in range(1, warmup + 1):
-        ds.train_step(run, step)
-    start = time.perf_counter()
-    for step in range(warmup + 1, warmup + steps + 1):
-        ds.train_step(run, step)  # ends with .item() on the loss, so CUDA is synchronized
-    return steps / (time.perf_counter() - start)
+def steps_per_second(device, threads=1, amp=False, data="moons", warmup=20, steps=200):
+    """Optimizer steps per second of the default TrainConfig for `data` (no sampling): the time of
+    warmup + steps steps minus that of warmup steps, so set-up and data drawing cancel."""
+    torch.set_num_threads(threads)
+    seconds = []
+    for total in (warmup, warmup + steps):
+        config = ds.TrainConfig(device=device, amp=amp, data=data, n_samples=0, steps=total,
+                                n_train=5000, out=tempfile.mkdtemp())
+        start = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):
+            ds.train(config)  # ends with .item() on the loss, so CUDA is synchronized
+        seconds.append(time.perf_counter() - start)
+    return steps / (seconds[1] - seconds[0])
 
 
 def throughput_table():
-    print("| device | threads | autocast | steps/s |")
-    print("|---|---|---|---|")
+    """Steps/s with 1 and 2 threads, twice each, interleaved (the load changes as it runs)."""
+    print("| data | device | threads | autocast | steps/s (two runs) |")
+    print("|---|---|---|---|---|")
     threads = torch.get_num_threads()
-    for n in sorted({1, min(2, os.cpu_count() or 1)}):
-        print(f'| cpu | {n} | - | {steps_per_second("cpu", n):.1f} |')
+    for data, steps in (("moons", 200), ("shapes", 20)):
+        for n in sorted({1, min(2, os.cpu_count() or 1)}):
+            rates = [steps_per_second("cpu", n, data=data, steps=steps) for _ in range(2)]
+            print(f'| {data} | cpu | {n} | - | {rates[0]:.1f}, {rates[1]:.1f} |')
     torch.set_num_threads(threads)
     if torch.cuda.is_available():
         for amp in (False, True):
             rate = steps_per_second("cuda", amp=amp)
-            print(f'| cuda | - | {"bf16" if amp else "-"} | {rate:.1f} |')
+            print(f'| moons | cuda | - | {"bf16" if amp else "-"} | {rate:.1f} |')
 
 
 def default_run():
