@@ -1761,12 +1761,14 @@ def test_F29_ddim_grid_starts_at_T_and_ends_at_x0(steps, eta):
                           rtol=1e-10, atol=1e-10)
 
 
-def test_F7_F29_clip_x0_clips_x0_hat_in_ddpm_and_ddim():
-    """[F7, F29, F21] clip_x0 = (lo, hi): DDIM (eta = 0) step by step from the recorded calls is
-    sqrt(ab') clip(x0_hat) + sqrt(1 - ab') eps_c, eps_c = (x - sqrt(ab) clip(x0_hat)) / sqrt(1-ab):
+def test_F7_F29_F32_clip_x0_clips_x0_hat_in_every_discrete_sampler():
+    """[F7, F29, F32, F21] clip_x0 = (lo, hi): DDIM (eta = 0) step by step from the recorded calls
+    is sqrt(ab') clip(x0_hat) + sqrt(1 - ab') eps_c, eps_c = (x - sqrt(ab) clip(x0_hat)) /
+    sqrt(1 - ab):
     DDIM with eta = 1 and S = T equals ancestral DDPM (beta_tilde) with the same clipping (F7 with
     the clipped x0_hat) on the same noise; both end inside [lo, hi]; a range wide enough to clip
-    nothing gives the unclipped sample; clipping is off by default; a bad range raises."""
+    nothing gives the unclipped sample; clipping is off by default; a bad range raises.
+    DPM-Solver++ with clip_x0 is the paper's update (ref_dpm_pp_2m) with x0_hat clipped."""
     sched, ab = _linear_sched(100)
     x = 3 * torch.randn(64, 2, generator=_gen(7), dtype=F64)
     lo, hi = -1.0, 0.5
@@ -1786,6 +1788,11 @@ def test_F7_F29_clip_x0_clips_x0_hat_in_ddpm_and_ddim():
     ddpm = ds.ddpm_sample(em, sched, x, sigma2="beta_tilde", clip_x0=(lo, hi), generator=_gen(8))
     assert torch.allclose(ddim, ddpm, rtol=1e-9, atol=1e-9)
     assert ddpm.min() >= lo and ddpm.max() <= hi
+    taus = ref_logsnr_steps(ab, 10) + [0]
+    a, sg = [ab[t].sqrt().item() for t in taus], [(1 - ab[t]).sqrt().item() for t in taus]
+    x0_of = lambda y, i: ((y - sg[i] * em(y, torch.full((len(y),), taus[i]))) / a[i]).clamp(lo, hi)
+    assert torch.allclose(ds.dpm_solver_sample(em, sched, x, steps=10, clip_x0=(lo, hi)),
+                          ref_dpm_pp_2m(x0_of, x, a, sg), rtol=1e-10, atol=1e-10)
     for sample in (lambda **kw: ds.ddpm_sample(em, sched, x, steps=20, generator=_gen(9), **kw),
                    lambda **kw: ds.ddim_sample(em, sched, x, steps=20, **kw)):
         plain = sample()
