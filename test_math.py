@@ -2269,15 +2269,15 @@ def ref_dopri54(f, x, s0, s1, rtol, atol):
     return x, times, attempts
 
 
-@pytest.mark.parametrize("s0,s1", [(0.0, 1.0), (1.0, 0.0)])
-def test_F33_rk45_is_dormand_prince_with_the_f33_controller(s0, s1):
+@pytest.mark.parametrize("s0,s1,start", [(0.0, 1.0, 1.0), (1.0, 0.0, 1.0), (0.0, 1.0, 0.0)])
+def test_F33_rk45_is_dormand_prince_with_the_f33_controller(s0, s1, start):
     """[F33, F26] _rk45 calls f at exactly the times, and returns exactly the x, of ref_dopri54
     (written here from F33) on a batch of three rows of very different stiffness with a sharp
     transition at s = 1/2 (so steps are rejected; the stiff row sets the steps, as the max over
     the batch must); its call count is the 'nfe' it reports; max_steps = the attempts made is
-    enough, one fewer raises."""
+    enough, one fewer raises. A start at x = 0 takes Hairer's h0 = 1e-6 branch."""
     k = torch.tensor([[1.0], [40.0], [3.0]], dtype=F64)
-    x = torch.tensor([[1.0, -2.0], [0.5, 0.0], [30.0, 1.0]], dtype=F64)
+    x = start * torch.tensor([[1.0, -2.0], [0.5, 0.0], [30.0, 1.0]], dtype=F64)
     calls, ref_calls, sign = [], [], math.copysign(1.0, s1 - s0)    # stable either way
 
     def field(log):
