@@ -502,7 +502,7 @@ def annealed_langevin(score_fn, x, sigmas, *, eps=2e-5, n_steps_each=100, denois
     return tweedie(x, score_fn(x, _full(x, sigmas[-1])), 1.0, sigmas[-1]) if denoise else x
 
 
-# --- SDEs and their samplers [F22-F29, F32] ------------------------------------------------------
+# --- SDEs and their samplers [F22-F29, F32-F35] --------------------------------------------------
 
 
 class _LinearSDE:
@@ -600,7 +600,7 @@ class VESDE(_LinearSDE):
 
 
 class DiscreteVPSDE(VPSDE):
-    """A Schedule in continuous time: at s = t / T the marginal is exactly q(x_t | x0). [F3, F23]
+    """A Schedule in continuous time: at s = t / T the marginal is exactly q(x_t | x0). [F35]
     log alpha_bar linear in t = s T between steps: B(s) = -log alpha_bar(s T), beta(s) = -T log(1 -
     beta_t) on ((t-1) / T, t / T] (F22); s within 1e-4 steps of a step is snapped to it."""
 
@@ -641,17 +641,19 @@ def _coefs(sde, times):
 
 def _s_at_log_sigma(sde, targets):
     """s where log(std(s) / m(s)) = target: linear interpolation in a table of 4096 times, then
-    Newton steps in log s, d log(std / m) / d log s = s g^2 / (2 std^2) (from F23)."""
+    Newton steps in log s; below the table, a straight line in log s. [F34]"""
+    def slope(u):                     # d log(std / m) / d log s = s g^2 / (2 std^2), from F23
+        return u * sde.diffusion(u) ** 2 / (2 * sde.marginal_coefs(u)[1] ** 2)
+
     grid = torch.linspace(0, 1, 4097, dtype=torch.float64)[1:]
     table = torch.log(torch.div(*reversed(sde.marginal_coefs(grid))))   # increasing in s
     i = torch.searchsorted(table, targets).clamp(1, len(grid) - 1)
     w = (targets - table[i - 1]) / (table[i] - table[i - 1])
-    s = torch.where(targets < table[0], grid[0] * torch.exp(2 * (targets - table[0])),
+    s = torch.where(targets < table[0], grid[0] * torch.exp((targets - table[0]) / slope(grid[0])),
                     grid[i - 1] + w * (grid[i] - grid[i - 1]))
     for _ in range(2):
         m, std = sde.marginal_coefs(s)
-        s = s * torch.exp(-(torch.log(std / m) - targets) * 2 * std ** 2
-                          / (s * sde.diffusion(s) ** 2))
+        s = s * torch.exp(-(torch.log(std / m) - targets) / slope(s))
     return s
 
 
@@ -663,7 +665,7 @@ def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
     s_i = eps_s + (1 - eps_s) (1 - i / N)^2; 'logsnr', uniform in log(m / std); 'edm', std / m on
     Karras et al.'s rho-grid. None: sde.spacing, the best for RK4 likelihoods on a 16-d Gaussian
     (bench): quadratic for the VP family (RMS at 48 NFE 2.5e-3 nats; uniform 0.14, logsnr 0.019,
-    edm 0.031), uniform for VE (0.078; quadratic 0.46). A sequence is the grid itself. [F26]"""
+    edm 0.031), uniform for VE (0.078; quadratic 0.46). A sequence is the grid itself. [F34]"""
     if not isinstance(steps, (int, float)):
         grid = [float(s) for s in steps]
         if len(grid) < 2 or not all(1 >= a > b >= 0 for a, b in zip(grid, grid[1:])):
@@ -919,7 +921,7 @@ _DOPRI_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, 
 
 
 def _rk45(f, x, s0, s1, rtol, atol, max_steps):
-    """dx/ds = f(x, s) from s0 to s1 by Dormand-Prince 5(4); returns (x, nfe). [F26, F27]
+    """dx/ds = f(x, s) from s0 to s1 by Dormand-Prince 5(4); returns (x, nfe). [F33]
     The error is the max over the batch of per-example RMS(e / (atol + rtol max(|x|, |x_new|))),
     so no example is integrated more loosely; h *= min(10, max(0.2, 0.9 err^(-1/5))), no growth
     after a rejection; first h as Hairer et al. II.4. One host sync per attempt (adaptivity)."""

@@ -19,7 +19,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from torch.distributions import Normal, kl_divergence
 
@@ -275,10 +275,12 @@ def test_F1_F2_betas_in_unit_interval_and_alpha_bar_strictly_decreasing(kind, pa
 
 
 @given(T=st.integers(1, 3000))
+@example(T=1)
+@example(T=20)                         # 20 / T = 1: the cap at 0.999 keeps beta_T < 1
 def test_F5_Schedules_linear_defaults_scale_with_T_and_end_near_pure_noise(T):
     """[F5, Schedules] defaults beta_1 = 1e-4 * 1000 / T and beta_T = 0.02 * 1000 / T (capped at
-    0.999), as improved DDPM scales them; for every T >= 20 the chain ends near N(0, I):
-    sqrt(alpha_bar_T) < 0.01 (product loop here; it tends to 0.0065 as T grows)."""
+    0.999, which T <= 20 reaches), as improved DDPM scales them; for every T >= 20 the chain ends
+    near N(0, I): sqrt(alpha_bar_T) < 0.01 (product loop here; it tends to 0.0065 as T grows)."""
     b1, bT = min(0.1 / T, 0.999), min(20 / T, 0.999)
     assert_close64(ds.linear_betas(T), ref_linear_betas(T, b1, bT))
     if T >= 20:
@@ -934,13 +936,9 @@ class MLPScore:
 
 
 def exact_ism(model, x):
-    """(1/2 ||s(x)||^2 + tr(ds/dx)) / d per example, with the Jacobian from autograd."""
-    out = []
-    for xi in x:
-        J = torch.autograd.functional.jacobian(lambda v: model(v[None])[0], xi)
-        J = J.reshape(xi.numel(), xi.numel())
-        out.append((0.5 * model(xi[None]).square().sum() + torch.trace(J)) / xi.numel())
-    return torch.stack(out)
+    """(1/2 ||s(x)||^2 + tr(ds/dx)) / d per example, the trace by autograd (ref_trace_jacobian)."""
+    trace = ref_trace_jacobian(lambda y: model(y.reshape(x.shape)).flatten(1), x.flatten(1))
+    return (0.5 * model(x).flatten(1).square().sum(1) + trace) / x[0].numel()
 
 
 @given(seed=seeds, shape=st.sampled_from([(3,), (2, 2), (1, 2, 3)]), B=st.integers(1, 4))
@@ -1602,10 +1600,10 @@ def test_F22_F23_sde_drift_diffusion_marginal_agree(name, lo, ratio, s):
 
 @settings(deadline=None)
 @given(betas=betas_lists(min_T=2, max_T=300), seed=seeds)
-def test_F3_F22_F23_discrete_vp_sde_is_the_schedule_in_continuous_time(betas, seed):
-    """[F3, F22, F23] DiscreteVPSDE(sched): at every s = t / T (float64 and float32) the marginal
-    is q(x_t | x0) with alpha_bar_t from the product loop; between steps log alpha_bar is linear
-    in t; beta(s) = -T log(1 - beta_t) on ((t-1)/T, t/T]; the marginal obeys F23's ODEs
+def test_F35_F3_F22_F23_discrete_vp_sde_is_the_schedule_in_continuous_time(betas, seed):
+    """[F35, F3, F22, F23] DiscreteVPSDE(sched): at every s = t / T (float64 and float32) the
+    marginal is q(x_t | x0) with alpha_bar_t from the product loop; between steps log alpha_bar is
+    linear in t; beta(s) = -T log(1 - beta_t) on ((t-1)/T, t/T]; the marginal obeys F23's ODEs
     dm/ds = a m and dv/ds = 2 a v + g^2 with the module's drift and diffusion (central
     differences inside a step, h = 1e-5 / T, to 1e-5 of the terms); the prior is N(0, I)."""
     T, ab = len(betas), ref_alpha_bar(betas)
@@ -1763,12 +1761,14 @@ def test_F29_ddim_grid_starts_at_T_and_ends_at_x0(steps, eta):
                           rtol=1e-10, atol=1e-10)
 
 
-def test_F7_F29_clip_x0_clips_x0_hat_in_ddpm_and_ddim():
-    """[F7, F29, F21] clip_x0 = (lo, hi): DDIM (eta = 0) step by step from the recorded calls is
-    sqrt(ab') clip(x0_hat) + sqrt(1 - ab') eps_c, eps_c = (x - sqrt(ab) clip(x0_hat)) / sqrt(1-ab):
+def test_F7_F29_F32_clip_x0_clips_x0_hat_in_every_discrete_sampler():
+    """[F7, F29, F32, F21] clip_x0 = (lo, hi): DDIM (eta = 0) step by step from the recorded calls
+    is sqrt(ab') clip(x0_hat) + sqrt(1 - ab') eps_c, eps_c = (x - sqrt(ab) clip(x0_hat)) /
+    sqrt(1 - ab):
     DDIM with eta = 1 and S = T equals ancestral DDPM (beta_tilde) with the same clipping (F7 with
     the clipped x0_hat) on the same noise; both end inside [lo, hi]; a range wide enough to clip
-    nothing gives the unclipped sample; clipping is off by default; a bad range raises."""
+    nothing gives the unclipped sample; clipping is off by default; a bad range raises.
+    DPM-Solver++ with clip_x0 is the paper's update (ref_dpm_pp_2m) with x0_hat clipped."""
     sched, ab = _linear_sched(100)
     x = 3 * torch.randn(64, 2, generator=_gen(7), dtype=F64)
     lo, hi = -1.0, 0.5
@@ -1788,6 +1788,11 @@ def test_F7_F29_clip_x0_clips_x0_hat_in_ddpm_and_ddim():
     ddpm = ds.ddpm_sample(em, sched, x, sigma2="beta_tilde", clip_x0=(lo, hi), generator=_gen(8))
     assert torch.allclose(ddim, ddpm, rtol=1e-9, atol=1e-9)
     assert ddpm.min() >= lo and ddpm.max() <= hi
+    taus = ref_logsnr_steps(ab, 10) + [0]
+    a, sg = [ab[t].sqrt().item() for t in taus], [(1 - ab[t]).sqrt().item() for t in taus]
+    x0_of = lambda y, i: ((y - sg[i] * em(y, torch.full((len(y),), taus[i]))) / a[i]).clamp(lo, hi)
+    assert torch.allclose(ds.dpm_solver_sample(em, sched, x, steps=10, clip_x0=(lo, hi)),
+                          ref_dpm_pp_2m(x0_of, x, a, sg), rtol=1e-10, atol=1e-10)
     for sample in (lambda **kw: ds.ddpm_sample(em, sched, x, steps=20, generator=_gen(9), **kw),
                    lambda **kw: ds.ddim_sample(em, sched, x, steps=20, **kw)):
         plain = sample()
@@ -2095,7 +2100,8 @@ def test_F27_dequantized_bits_per_dim_are_the_8bit_bin_masses():
     -log2 P(bin) / d, P the exact mass of x's bin (a product of normal CDF differences written
     here): per point within 0.05 bits/dim (the dequantization noise moves log p(y) by up to
     ~0.03 nats) and on average within 0.005 (a wrong sign of the offset d log(2 / 255) would move
-    it by 14 bits/dim). The flow starts from y = x + (2/255)(u - 1/2), inside x's bin."""
+    it by 14 bits/dim). The flow starts from y = x + (2/255)(u - 1/2), u uniform on (0, 1) (mean
+    and variance within 5 standard errors): the whole of x's bin."""
     m, c = torch.tensor([0.1, -0.2, 0.3], dtype=F64), torch.tensor([0.2, 0.3, 0.25], dtype=F64)
     cov = torch.diag(c ** 2)
     x = m + c * torch.randn(64, 3, generator=_gen(42), dtype=F64)
@@ -2113,8 +2119,11 @@ def test_F27_dequantized_bits_per_dim_are_the_8bit_bin_masses():
     expected = -mass.log2() / 3
     assert ((out["bpd"] - expected).abs() < 0.05).all()
     assert abs((out["bpd"] - expected).mean()) < 0.005
-    shift = first[0] - x
-    assert (shift.abs() <= 1 / 255).all() and (shift != 0).all()
+    u = ((first[0] - x) * 255 / 2 + 0.5).flatten()     # y = x + (2 / 255)(u - 1/2): u ~ U(0, 1)
+    n = len(u)                                         # mean 1/2, var 1/12 (the bin's full width):
+    assert ((u > 0) & (u < 1)).all()                   # SE sqrt(1/12 / n) and sqrt(1/180 / n)
+    assert abs(u.mean() - 0.5) < N_SE * math.sqrt(1 / 12 / n)
+    assert abs(((u - 0.5) ** 2).mean() - 1 / 12) < N_SE * math.sqrt(1 / 180 / n)
 
 
 # Time grids, the adaptive solver, DPM-Solver++ and the F28 predictor ---------------------------
@@ -2126,10 +2135,11 @@ def ref_lambda(name, s):
 
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_F26_s_grid_spacings_follow_their_formulas(name):
-    """[F26] each spacing runs from 1 to eps_s, strictly descending, with its defining property
+def test_F34_s_grid_spacings_follow_their_formulas(name):
+    """[F34, F26] each spacing runs from 1 to eps_s, strictly descending, with its defining property
     checked here: equal steps in s; (s - eps_s) / (1 - eps_s) = (1 - i/N)^2; equal steps in
-    lambda = log(m / std) (F23 written here); equal steps in sigma^(1/7), sigma = std / m. The
+    lambda = log(m / std) (F23 written here; also to 1e-10 down to eps_s = 1e-6, below the
+    module's table); equal steps in sigma^(1/7), sigma = std / m. The
     default is quadratic for VP and sub-VP, uniform for VE; an explicit grid comes back as given,
     and the solvers follow it exactly as they follow a step count on the same spacing."""
     sde, N, eps = SDES[name](), 12, 1e-3
@@ -2145,6 +2155,8 @@ def test_F26_s_grid_spacings_follow_their_formulas(name):
     assert const_steps(ref_lambda(name, grids["logsnr"]))
     m, v, _, _ = ref_sde_coefs(name, grids["edm"])
     assert const_steps((v.sqrt() / m) ** (1 / 7))
+    lam = ref_lambda(name, torch.tensor(ds.s_grid(sde, N, 1e-6, "logsnr"), dtype=F64)).diff()
+    assert torch.allclose(lam, lam.mean().expand(N), rtol=1e-10, atol=0)   # below the table
     default = torch.tensor(ds.s_grid(sde, N, eps), dtype=F64)
     assert torch.equal(default, grids["uniform" if name == "ve" else "quadratic"])
     assert ds.s_grid(sde, [1.0, 0.5, 0.0]) == [1.0, 0.5, 0.0]
@@ -2182,8 +2194,8 @@ def ref_flow_map(name, x, s_from, s_to, mu=MU, cov=SIGMA):
 
 
 @pytest.mark.parametrize("name", ["vp", "ve"])
-def test_F26_F27_rk45_error_follows_the_tolerance_and_nfe_is_reported(name):
-    """[F26, F27] method='rk45' with the exact score of N(MU, SIGMA): the likelihood error against
+def test_F33_F27_rk45_error_follows_the_tolerance_and_nfe_is_reported(name):
+    """[F33, F27] method='rk45' with the exact score of N(MU, SIGMA): the likelihood error against
     the closed form stays within 10 rtol (1 + |log p|) for every point of the batch (the error
     norm is the max over examples, so no point is integrated more loosely; a far point with
     log p ~ -100 is in the batch); 'nfe' grows as rtol falls and is 2 + 6 per attempt; ode_sample
@@ -2212,6 +2224,76 @@ def test_F26_F27_rk45_error_follows_the_tolerance_and_nfe_is_reported(name):
     assert stats == {"nfe": 40}
     with pytest.raises(RuntimeError, match="max_steps"):
         ds.ode_sample(score_fn, sde, x1, method="rk45", rtol=1e-9, atol=1e-9, max_steps=3)
+
+
+def ref_dopri54(f, x, s0, s1, rtol, atol):
+    """Dormand-Prince 5(4) written from F33 (Hairer, Norsett & Wanner I, II.4-5): the tableau, the
+    error e = h sum (b - b*) k, per-example RMS of e / (atol + rtol max(|x|, |x_new|)), max over
+    the batch; first h from Hairer's II.4 recipe; accept if err <= 1, h scaled by min(10, max(0.2,
+    0.9 err^-1/5)), at most 1 after a rejection; the last step is cut to land on s1 while the
+    nominal h is what gets scaled. Returns (x, the times of every accepted step, attempts)."""
+    c = [0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1, 1]
+    a = [[], [1 / 5], [3 / 40, 9 / 40], [44 / 45, -56 / 15, 32 / 9],
+         [19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729],
+         [9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656],
+         [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84]]
+    b5 = [35 / 384, 0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0]
+    b4 = [5179 / 57600, 0, 7571 / 16695, 393 / 640, -92097 / 339200, 187 / 2100, 1 / 40]
+
+    def norm(v, y, y_new):
+        ratio = v / (atol + rtol * torch.maximum(y.abs(), y_new.abs()))
+        return max(math.sqrt((row ** 2).mean().item()) for row in ratio)
+
+    sign, f0 = math.copysign(1.0, s1 - s0), f(x, s0)
+    d0, d1 = norm(x, x, x), norm(f0, x, x)
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    d2 = norm(f(x + sign * h0 * f0, s0 + sign * h0) - f0, x, x) / h0
+    h1 = max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** (1 / 5)
+    h, s, times, attempts, rejected = min(100 * h0, h1), s0, [], 0, False
+    while s != s1:
+        attempts += 1
+        step = sign * min(h, abs(s1 - s))
+        k = [f0]
+        for i in range(1, 7):
+            y = x + step * sum(a[i][j] * k[j] for j in range(i))
+            k.append(f(y, s + c[i] * step if i < 5 or abs(s1 - s) > h else s1))
+        x5 = x + step * sum(b5[j] * k[j] for j in range(7))
+        err = norm(step * sum((b5[j] - b4[j]) * k[j] for j in range(7)), x, x5)
+        if err <= 1:
+            s, x, f0 = (s1 if abs(s1 - s) <= h else s + step), x5, k[6]
+            times.append(s)
+            h *= min(10.0 if err == 0 else 0.9 * err ** -0.2, 1.0 if rejected else 10.0)
+        else:
+            h *= max(0.2, 0.9 * err ** -0.2)
+        rejected = err > 1
+    return x, times, attempts
+
+
+@pytest.mark.parametrize("s0,s1,start", [(0.0, 1.0, 1.0), (1.0, 0.0, 1.0), (0.0, 1.0, 0.0)])
+def test_F33_rk45_is_dormand_prince_with_the_f33_controller(s0, s1, start):
+    """[F33, F26] _rk45 calls f at exactly the times, and returns exactly the x, of ref_dopri54
+    (written here from F33) on a batch of three rows of very different stiffness with a sharp
+    transition at s = 1/2 (so steps are rejected; the stiff row sets the steps, as the max over
+    the batch must); its call count is the 'nfe' it reports; max_steps = the attempts made is
+    enough, one fewer raises. A start at x = 0 takes Hairer's h0 = 1e-6 branch."""
+    k = torch.tensor([[1.0], [40.0], [3.0]], dtype=F64)
+    x = start * torch.tensor([[1.0, -2.0], [0.5, 0.0], [30.0, 1.0]], dtype=F64)
+    calls, ref_calls, sign = [], [], math.copysign(1.0, s1 - s0)    # stable either way
+
+    def field(log):
+        def f(y, s):
+            log.append(s)
+            target = math.tanh(40 * (s - 0.5)) * torch.tensor([1.0, -0.5], dtype=F64)
+            return -sign * k * (y - target)
+        return f
+    ref_x, times, attempts = ref_dopri54(field(ref_calls), x, s0, s1, 1e-6, 1e-6)
+    out, nfe = ds._rk45(field(calls), x, s0, s1, 1e-6, 1e-6, attempts)
+    assert len(times) < attempts and times[-1] == s1            # some steps were rejected
+    assert nfe == len(calls) == len(ref_calls) == 2 + 6 * attempts
+    assert torch.allclose(torch.tensor(calls), torch.tensor(ref_calls), rtol=1e-12, atol=1e-14)
+    assert torch.allclose(out, ref_x, rtol=1e-12, atol=1e-14)
+    with pytest.raises(RuntimeError, match="max_steps"):
+        ds._rk45(field([]), x, s0, s1, 1e-6, 1e-6, attempts - 1)
 
 
 def ref_dpm_pp_2m(x0_of, x, alphas, sigmas):
