@@ -1356,8 +1356,7 @@ def one_line(error, limit=200):
 
 
 def read_npy(path):
-    """A little-endian .npy array read with the standard library: magic, version, header dict
-    (ast.literal_eval), then the raw bytes through torch.frombuffer."""
+    """A little-endian .npy array, read with the standard library and torch.frombuffer."""
     raw = Path(path).read_bytes()
     if raw[:6] != b"\x93NUMPY":
         raise ValueError(f"{path}: not a .npy file (bad magic bytes)")
@@ -1378,10 +1377,9 @@ def read_npy(path):
 
 
 def load_data(path):
-    """User data: a .pt/.npy tensor x of shape (N, d) or (N, C, H, W), or a .pt dict {'x', 'y'}
-    with labels y (N,) in 0..K-1. uint8 images are scaled to [-1, 1]; float images must lie in
-    [-1, 1], vectors within +-100 (the prior is N(0, I)). Returns (x, y or None); anything else
-    is a ValueError naming the file and the problem."""
+    """(x, y or None) from a .pt/.npy tensor x (N, d) or (N, C, H, W) or a .pt dict {'x', 'y'},
+    labels y (N,) in 0..K-1. uint8 is scaled to [-1, 1]; float images must lie in [-1, 1],
+    vectors within +-100 (the prior is N(0, I)); else a ValueError naming the file."""
     if not str(path).endswith((".pt", ".npy")):
         raise ValueError(f"{path}: unsupported file type (expected .pt or .npy)")
     try:
@@ -1459,16 +1457,14 @@ def mmd2_unbiased(x, y, bandwidths):
 
 
 def mmd_bandwidths(x):
-    """RBF bandwidths for mmd2_unbiased: the median distance between points of x, times
-    1/8, 1/4, 1/2 and 1 (fine structure to global shape)."""
+    """RBF bandwidths for mmd2_unbiased: the median distance in x times 1/8, 1/4, 1/2 and 1."""
     med = torch.pdist(x[:1000].flatten(1).double()).median().item()
     return [med / 8, med / 4, med / 2, med]
 
 
 def write_atomic(path, data):
-    """Write bytes (or torch.save an object) so that readers see the old file or the new one,
-    never half of one: into a new file beside it (mode 0o666 less the umask, applied by the OS,
-    which is never changed), fsync, then os.replace."""
+    """Write bytes (or torch.save an object) so that readers see the old file or the new one:
+    a new file beside it (mode 0o666 less the umask, which is not touched), fsync, os.replace."""
     if not isinstance(data, bytes):
         buffer = io.BytesIO()
         torch.save(data, buffer)
@@ -1562,8 +1558,8 @@ def picture(samples, data):
 
 def trajectory_picture(frames, data):
     """Frames (steps done, x) from noise (left) to data, each marked with its steps done, then
-    held-out data: 2-D densities (each on a square wide enough for it and the data), or for
-    images one row per sample (the first 8)."""
+    held-out data: 2-D densities (each on a square that also holds the data), or for images a
+    row per sample (the first 8)."""
     if data.ndim == 4:
         rows = torch.stack([x[:8].cpu() for _, x in frames] + [data[:8]], 1)
         img = image_grid(rearrange(rows, "b k ... -> (b k) ..."), ncol=len(frames) + 1)
@@ -1596,9 +1592,8 @@ def no_generator(sampler):
 
 
 def noised(method, process, x0, generator):
-    """(x at a random noise level, its time (B,)) drawn exactly as the method's loss draws them
-    (q(x_t | x0) and t for ddpm, x0 + sigma z and sigma for ncsn, p_{0s} and s for the SDEs),
-    read off the model's input: the training data of a noise-conditional classifier."""
+    """(x at a random noise level, its time (B,)), read off the model's input in the method's
+    loss (x_t and t, x0 + sigma z and sigma, x_s and s): a noise-conditional classifier's data."""
     seen = []
     method.loss(lambda x, time: seen.append((x, time)) or torch.zeros_like(x), process, x0,
                 generator)
@@ -2294,8 +2289,7 @@ def guidance(args, m, n, device):
 
 
 def sample_command(args):
-    """`sample`: --n samples from a run into samples_SAMPLER[_GUIDE_classK].pt, a dict {'x': the
-    samples, 'y': their labels or None}, and .png (beside held-out data); with --trajectory,
+    """`sample`: samples_SAMPLER[_GUIDE_classK].pt ({'x', 'y'}) and .png; with --trajectory,
     trajectory_*.png; with --inpaint, inpaint_MASK_SAMPLER.pt and .png. [F30, F31]"""
     (device, m), out = open_run(args), Path(args.run)
     name = args.sampler or m.config.sampler or next(iter(METHODS[m.config.method].samplers))
