@@ -2061,6 +2061,8 @@ MASKS = ("right", "bottom", "centre")
 def inpainting_mask(shape, kind):
     """The known part (True) of images of `shape` (B, C, H, W) whose `kind` region is missing:
     the right half, the bottom half, or the centre square of half the side. [F31]"""
+    if len(shape) != 4:
+        raise ValueError(f"shape: masks are for images (B, C, H, W), got {tuple(shape)}")
     _check_choice("kind", kind, set(MASKS))
     H, W = shape[-2:]
     rows, cols = {"right": (slice(None), slice(W // 2, None)),
