@@ -1139,16 +1139,14 @@ def colorization_known(grey):
 
 
 # --- networks: residual MLP, small UNet, and the three adapters to the math ---------------------
-# A network is called as net(x, c, y=None): x the noisy data, c (B,) the noise level mapped to
-# [0, 1000] (0 = clean) by the method's `level`, y (B,) optional class labels. eps_model_of,
-# ncsn_score_of and sde_score_of are the only places where a network meets the math; each reads
-# the output as an eps (score = -output / std), so every loss is an eps error of O(1).
+# A network is called as net(x, c, y=None): c (B,) the noise level in [0, 1000] (0 = clean), y (B,)
+# optional labels. eps_model_of, ncsn_score_of and sde_score_of are the only places where a
+# network meets the math; each reads the output as an eps (score = -output / std).
 
 
 class NoiseEmbedding(nn.Module):
     """(c, y) -> MLP([cos(c w_k), sin(c w_k)]) + label embedding, w_k = 10^(-4 k / (dim / 2))
-    (the sinusoidal embedding of Vaswani et al. 2017, used for t by Ho et al. 2020). With
-    num_classes, label num_classes is the null label, used when y is None (classifier-free)."""
+    (Vaswani et al. 2017); label num_classes is the null label, used when y is None."""
 
     def __init__(self, dim, num_classes=None):
         super().__init__()
@@ -1161,13 +1159,11 @@ class NoiseEmbedding(nn.Module):
         angle = rearrange(c.float(), "b -> b 1") * torch.exp(
             -math.log(1e4) * torch.arange(half, device=c.device) / half)
         emb = self.mlp(torch.cat([angle.cos(), angle.sin()], dim=-1))
-        if self.label is None:
-            if y is not None:
-                raise ValueError("y: class labels given to a network built with num_classes=None")
-            return emb
-        if y is None:
+        if self.label is None and y is not None:
+            raise ValueError("y: class labels given to a network built with num_classes=None")
+        if self.label is not None and y is None:
             y = torch.full(c.shape, self.num_classes, dtype=torch.long, device=c.device)
-        return emb + self.label(y)
+        return emb if y is None else emb + self.label(y)
 
 
 class MLP(nn.Module):
@@ -1221,10 +1217,9 @@ class Attention(nn.Module):
 
 class UNet(nn.Module):
     """Small UNet for images (B, C, H, W), H and W divisible by 2^(len(mults) - 1): a ResBlock per
-    level down (average pooling between levels) and up (nearest upsampling, skips concatenated),
-    ResBlock-attention-ResBlock at the lowest resolution. With `logits` = K, a noise-conditional
-    classifier: the way down, then GN, SiLU, the spatial mean and K logits (as Dhariwal & Nichol
-    2021 use the UNet's encoder)."""
+    level down (average pooling) and up (nearest upsampling, skips concatenated), ResBlock-
+    attention-ResBlock at the bottom. With `logits` = K, a noise-conditional classifier: the way
+    down, GN, SiLU, the spatial mean and K logits (Dhariwal & Nichol 2021)."""
 
     def __init__(self, channels=1, width=32, mults=(1, 2, 2), num_classes=None, logits=None):
         super().__init__()
@@ -1363,8 +1358,7 @@ def one_line(error, limit=200):
 
 
 def read_npy(path):
-    """A little-endian .npy array read with the standard library: magic, version, header dict
-    (ast.literal_eval), then the raw bytes through torch.frombuffer."""
+    """A little-endian .npy array, read with the standard library and torch.frombuffer."""
     raw = Path(path).read_bytes()
     if raw[:6] != b"\x93NUMPY":
         raise ValueError(f"{path}: not a .npy file (bad magic bytes)")
@@ -1385,10 +1379,9 @@ def read_npy(path):
 
 
 def load_data(path):
-    """User data: a .pt/.npy tensor x of shape (N, d) or (N, C, H, W), or a .pt dict {'x', 'y'}
-    with labels y (N,) in 0..K-1. uint8 images are scaled to [-1, 1]; float images must lie in
-    [-1, 1], vectors within +-100 (the prior is N(0, I)). Returns (x, y or None); anything else
-    is a ValueError naming the file and the problem."""
+    """(x, y or None) from a .pt/.npy tensor x (N, d) or (N, C, H, W) or a .pt dict {'x', 'y'},
+    labels y (N,) in 0..K-1. uint8 is scaled to [-1, 1]; float images must lie in [-1, 1],
+    vectors within +-100 (the prior is N(0, I)); else a ValueError naming the file."""
     if not str(path).endswith((".pt", ".npy")):
         raise ValueError(f"{path}: unsupported file type (expected .pt or .npy)")
     try:
@@ -1466,16 +1459,14 @@ def mmd2_unbiased(x, y, bandwidths):
 
 
 def mmd_bandwidths(x):
-    """RBF bandwidths for mmd2_unbiased: the median distance between points of x, times
-    1/8, 1/4, 1/2 and 1 (fine structure to global shape)."""
+    """RBF bandwidths for mmd2_unbiased: the median distance in x times 1/8, 1/4, 1/2 and 1."""
     med = torch.pdist(x[:1000].flatten(1).double()).median().item()
     return [med / 8, med / 4, med / 2, med]
 
 
 def write_atomic(path, data):
-    """Write bytes (or torch.save an object) so that readers see the old file or the new one,
-    never half of one: into a new file beside it (mode 0o666 less the umask, applied by the OS,
-    which is never changed), fsync, then os.replace."""
+    """Write bytes (or torch.save an object) so that readers see the old file or the new one:
+    a new file beside it (mode 0o666 less the umask, which is not touched), fsync, os.replace."""
     if not isinstance(data, bytes):
         buffer = io.BytesIO()
         torch.save(data, buffer)
@@ -1569,8 +1560,8 @@ def picture(samples, data):
 
 def trajectory_picture(frames, data):
     """Frames (steps done, x) from noise (left) to data, each marked with its steps done, then
-    held-out data: 2-D densities (each on a square wide enough for it and the data), or for
-    images one row per sample (the first 8)."""
+    held-out data: 2-D densities (each on a square that also holds the data), or for images a
+    row per sample (the first 8)."""
     if data.ndim == 4:
         rows = torch.stack([x[:8].cpu() for _, x in frames] + [data[:8]], 1)
         img = image_grid(rearrange(rows, "b k ... -> (b k) ..."), ncol=len(frames) + 1)
@@ -1603,9 +1594,8 @@ def no_generator(sampler):
 
 
 def noised(method, process, x0, generator):
-    """(x at a random noise level, its time (B,)) drawn exactly as the method's loss draws them
-    (q(x_t | x0) and t for ddpm, x0 + sigma z and sigma for ncsn, p_{0s} and s for the SDEs),
-    read off the model's input: the training data of a noise-conditional classifier."""
+    """(x at a random noise level, its time (B,)), read off the model's input in the method's
+    loss (x_t and t, x0 + sigma z and sigma, x_s and s): a noise-conditional classifier's data."""
     seen = []
     method.loss(lambda x, time: seen.append((x, time)) or torch.zeros_like(x), process, x0,
                 generator)
@@ -1674,14 +1664,12 @@ class TrainConfig:
     """Everything `train` needs; `python ddpm_score.py train --help` lists the same fields."""
     data: str = opt("moons", "built-in data or a .pt/.npy file: x (N, d) or (N, C, H, W), or a "
                     ".pt dict {'x', 'y'} with labels y; the run stores its absolute path")
-    holdout: float = opt(0.1, "share of a data file held out (final samples, nll)", above=0,
-                         below=1)
+    holdout: float = opt(0.1, "share of a data file held out (for samples, nll)", above=0, below=1)
     levels: int = opt(None, "grey levels of image data, 2 k / (K - 1) - 1, for nll's "
                       "dequantization (256: 8-bit; 0: continuous; default: detected)", lo=0)
     method: str = opt("ddpm", "ddpm (eps_loss), ncsn (dsm_loss), vp, ve or subvp (sde_loss)",
                       choices=list(METHODS))
-    steps: int = opt(None, "total optimizer steps (with --resume: the new total)", lo=1,
-                     auto=(2000, 4000))
+    steps: int = opt(None, "optimizer steps (--resume: the new total)", lo=1, auto=(2000, 4000))
     batch_size: int = opt(None, "global batch size, split across DDP ranks", lo=1, auto=(512, 64))
     lr: float = opt(None, "peak Adam learning rate", above=0, auto=(1e-3, 5e-4))
     lr_warmup: int = opt(100, "steps of linear learning-rate warm-up", lo=0)
@@ -1699,28 +1687,24 @@ class TrainConfig:
     depth: int = opt(3, "MLP residual layers (vector data)", lo=1)
     channels: int = opt(32, "UNet base channels (image data), a multiple of 8", lo=8)
     conditional: bool = opt(False, "condition the network on the data's class labels")
-    label_dropout: float = opt(0.1, "share of null labels (classifier-free guidance)", lo=0,
-                               below=1)
+    label_dropout: float = opt(0.1, "share of null labels (for cfg)", lo=0, below=1)
     classifier: bool = opt(False, "train p(y | x_s) for classifier guidance, --out RUN/classifier")
     schedule: str = opt("linear", "ddpm: beta schedule", choices=list(BETAS))
     T: int = opt(1000, "ddpm: number of discrete steps", lo=2)
     sigma_min: float = opt(0.01, "ncsn and ve: smallest noise level", above=0)
     sigma_max: float = opt(0.0, "ncsn and ve: largest noise level (0: the data's diameter)", lo=0)
     n_sigmas: int = opt(10, "ncsn: number of noise levels", lo=2)
-    sampler: str = opt("", "sampler of the final samples ('': the method's first)",
-                       choices=["", *SAMPLERS])
+    sampler: str = opt("", "final samples' sampler ('': the method's)", choices=["", *SAMPLERS])
     sample_steps: int = opt(0, "steps of that sampler (0: its default)", lo=0)
-    n_samples: int = opt(None, "final samples for the picture and MMD (0: none)", lo=0,
-                         auto=(2000, 64))
+    n_samples: int = opt(None, "final samples (picture, MMD; 0: none)", lo=0, auto=(2000, 64))
     n_train: int = opt(50_000, "training examples drawn for built-in data", lo=10)
     log_every: int = opt(100, "steps between plain progress lines and loss-log rows", lo=1)
     ckpt_every: int = opt(1000, "steps between checkpoints (and one at the end)", lo=1)
 
 
 # What `train` returns: the mean loss of the last logged interval, the steps done, the live and
-# the EMA network (sample with the EMA), the process, {name: path} of the files written, the
-# final samples' quality (mmd2, floor, prior_mmd2) or a classifier's accuracy, and whether
-# `stop` ended it early (with a checkpoint).
+# EMA networks, the process, {name: path} of the files written, the final samples' quality (mmd2,
+# floor, prior_mmd2) or a classifier's accuracy, and whether `stop` ended it early.
 TrainResult = namedtuple("TrainResult", "loss step net ema process paths quality interrupted")
 
 
@@ -1754,14 +1738,13 @@ def check_config(config):
         (not config.amp or pick_device(config.device).type == "cuda",
          "amp: bf16 autocast is for CUDA, and the device is cpu"),
     ]
+    end = method.process(config).alpha_bar[-1].sqrt().item() if config.method == "ddpm" else 0
+    checks.append((end <= 0.05, f"T: the {config.schedule} schedule with T = {config.T} ends at "
+                   f"sqrt(alpha_bar_T) = {end:.3f}, far from the N(0, I) that sampling starts "
+                   "from (F5); use a larger T"))
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    end = method.process(config).alpha_bar[-1].sqrt().item() if config.method == "ddpm" else 0
-    if end > 0.05:
-        raise ValueError(f"T: the {config.schedule} schedule with T = {config.T} ends at "
-                         f"sqrt(alpha_bar_T) = {end:.3f}, far from the N(0, I) that sampling "
-                         "starts from (F5); use a larger T")
 
 
 def check_out(config):
@@ -1818,14 +1801,11 @@ def load_checkpoint(path, device="cpu"):
 
 
 def train(config, stop=None):
-    """Train as `config` says; rank 0 writes the run folder: ckpt.pt (tensors only), config.json,
-    loss.csv and samples.png (a classifier: its held-out accuracy instead). Returns TrainResult.
-
-    A library call leaves the process as it found it: threads, signal handlers and process
-    groups are the caller's (the command line sets threads, turns Ctrl-C into `stop` and joins
-    torchrun's process group); in a joined process group it trains with DDP. Once the
-    threading.Event `stop` is set, training ends after the current step, with a checkpoint. A
-    non-finite loss raises FloatingPointError and leaves the last checkpoint as it was."""
+    """Train as `config` says; rank 0 writes ckpt.pt (tensors only), config.json, loss.csv and
+    samples.png (a classifier: prints its accuracy). Returns TrainResult. Leaves threads, signal
+    handlers and process groups as found; in a joined process group it trains with DDP. Once the
+    threading.Event `stop` is set it ends after the step, with a checkpoint. A non-finite loss
+    raises FloatingPointError and leaves the last checkpoint as it was."""
     check_config(config)
     check_out(config)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -1871,7 +1851,7 @@ def train(config, stop=None):
     # This rank's shard; each step: batch, loss, backward, clip, Adam, EMA, log, checkpoint.
     x, y = data.x[rank::world].to(device), None if k is None else data.y[rank::world].to(device)
     B, t0 = config.batch_size // world, time.time() - (log[-1][2] if log else 0.0)
-    progress, total, count = Progress("step", config.steps, config.log_every, step), 0.0, 0
+    show, total, count = progress("step", config.steps, config.log_every, step), 0.0, 0
     stopped = False
     while step < config.steps and not stopped:
         step += 1
@@ -1907,7 +1887,7 @@ def train(config, stop=None):
         stopped = stop is not None and stop.is_set()  # read once: a later Ctrl-C is seen next step
         total, count = total + loss.item(), count + 1
         if rank == 0:
-            progress.show(step, f"  loss {total / count:.4f}")
+            show(step, f"  loss {total / count:.4f}")
         if step % config.log_every == 0 or step == config.steps or stopped:
             log.append((step, total / count, time.time() - t0))
             total, count = 0.0, 0
@@ -1932,21 +1912,18 @@ def train(config, stop=None):
                        quality, stopped)
 
 
-class Progress:
-    """A progress line on stderr, `label done/total  rate/s  time left`, every `every` units
-    (every 10 s when every is None) and at the end: the same on a terminal and in a log."""
+def progress(label, total, every=None, start=0):
+    """show(done, extra=''): a line `label done/total  rate/s  time left` on stderr every `every`
+    units (None: every 10 s) and at the end, the same on a terminal and in a log."""
+    t0, last = time.time(), [time.time()]
 
-    def __init__(self, label, total, every=None, start=0):
-        self.label, self.total, self.every, self.start = label, total, every, start
-        self.t0 = self.last = time.time()
-
-    def show(self, done, extra=""):
+    def show(done, extra=""):
         now = time.time()
-        if done == self.total or self.every and done % self.every == 0 or now - self.last > 10:
-            self.last, rate = now, (done - self.start) / max(now - self.t0, 1e-9)
-            print(f"{self.label} {done}/{self.total}{extra}  {rate:.1f}/s  "
-                  f"{(self.total - done) / max(rate, 1e-9):.0f} s left", file=sys.stderr,
-                  flush=True)
+        if done == total or every and done % every == 0 or now - last[0] > 10:
+            last[0], rate = now, (done - start) / max(now - t0, 1e-9)
+            print(f"{label} {done}/{total}{extra}  {rate:.1f}/s  "
+                  f"{(total - done) / max(rate, 1e-9):.0f} s left", file=sys.stderr, flush=True)
+    return show
 
 
 # A trained network and what it needs to be used: its config, noise process, example shape and
@@ -1982,12 +1959,10 @@ FRAMES = 9  # states of x kept by draw_samples(frames=...): at most this many pl
 
 def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier=None,
                  device="cpu", known=None, mask=None, frames=None, batch=2000):
-    """n samples from run m with `sampler` ('' = the run's, else the method's first) and `steps`
-    (0 = its default), in batches of `batch`: labels y (n,) or None, guidance w (guided_model),
-    inpainting with known and mask (n, ...) [F31]; on images x0_hat (where the sampler has one)
-    and the samples are clipped to the data range [-1, 1].
-    Prints a progress line; the list `frames` receives (steps done, x) for at most FRAMES evenly
-    spaced states of the first batch and its start, so memory does not grow with the steps."""
+    """n samples from run m with `sampler` ('': the run's) and `steps` (0: its default), in
+    batches: labels y (n,), guidance w (guided_model), inpainting with known and mask [F31];
+    images clipped to [-1, 1] (x0_hat too). The list `frames` receives (steps done, x) for the
+    start and at most FRAMES evenly spaced states of the first batch."""
     method = METHODS[m.config.method]
     name = sampler or m.config.sampler or next(iter(method.samplers))
     if name not in method.samplers:
@@ -1999,18 +1974,17 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
         raise ValueError(f"sampler: {name} cannot inpaint; those of {m.config.method} that can: "
                          f"{can}")
     steps = steps or m.config.sample_steps or s.steps
-    states, g, out = s.states(steps, m.process), rng(seed, "sample", device=device.type
-                                                     if isinstance(device, torch.device)
-                                                     else device), []
+    states, out = s.states(steps, m.process), []
+    g = rng(seed, "sample", device=torch.device(device).type)
     keep = {round(j * (states - 1) / (FRAMES - 1)) for j in range(FRAMES)}
-    progress = Progress(f"sampling ({name}, {steps} steps) state", math.ceil(n / batch) * states)
+    show = progress(f"sampling ({name}, {steps} steps) state", math.ceil(n / batch) * states)
     for b, start in enumerate(range(0, n, batch)):
         x = method.prior(m.process, (min(batch, n - start), *m.shape), g, device)
         if frames is not None and b == 0:
             frames.append((0, x.float().cpu()))
 
         def callback(i, x):
-            progress.show(b * states + i + 1)
+            show(b * states + i + 1)
             if frames is not None and b == 0 and i in keep:
                 frames.append((i + 1, x.float().cpu()))
         part = slice(start, start + len(x))
@@ -2024,12 +1998,10 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
 
 
 def final_samples(m, data, device):
-    """Draw config.n_samples samples, write samples.png (beside held-out data) and print their
-    MMD^2 to held-out data, on k = min(n, held-out / 2) of each, beside the prior's and the noise
-    floor: the RMS of the MMD^2 between 10 pairs of disjoint held-out sets of k, its standard
-    deviation for a perfect model (its mean being 0)."""
-    n, out, seed = m.config.n_samples, Path(m.config.out), m.config.seed
-    t0 = time.time()
+    """Draw config.n_samples samples, write samples.png, print their MMD^2 to k = min(n, held-out
+    / 2) held-out points beside the prior's and the noise floor (the RMS MMD^2 between 10 pairs
+    of held-out sets of k: its std for a perfect model)."""
+    n, out, seed, t0 = m.config.n_samples, Path(m.config.out), m.config.seed, time.time()
     y = None if m.num_classes is None else torch.arange(n) % m.num_classes
     samples = draw_samples(m, n, seed=seed, y=y, device=device)
     seconds, x_test = time.time() - t0, data.x_test
@@ -2085,25 +2057,6 @@ def load_run(run_dir, device="cpu", use_ema=True):
     return Model(config, net.eval(), METHODS[config.method].process(config), shape, k)
 
 
-def load_classifier(run_dir, m, device="cpu"):
-    """The classifier of run m, RUN/classifier (`train --classifier --out RUN/classifier`);
-    ValueError if there is none or it was trained on other data or another noise process."""
-    path = Path(run_dir) / "classifier"
-    if not (path / "ckpt.pt").exists():
-        raise ValueError(f"guide: {run_dir} has no classifier; train one with "
-                         f"`python ddpm_score.py train --classifier --out {path}`")
-    clf = load_run(path, device)
-    process_fields = {"ddpm": ("schedule", "T"), "ncsn": ("sigma_min", "sigma_max", "n_sigmas"),
-                      "ve": ("sigma_min", "sigma_max")}.get(m.config.method, ())
-    for key in ("data", "method", *process_fields):
-        if getattr(clf.config, key) != getattr(m.config, key):
-            raise ValueError(f"classifier: {path} was trained with {key} = "
-                             f"{getattr(clf.config, key)!r}, the run with {key} = "
-                             f"{getattr(m.config, key)!r}")
-    clf.net.requires_grad_(False)
-    return clf
-
-
 MASKS = ("right", "bottom", "centre")
 
 
@@ -2124,27 +2077,23 @@ def inpainting_mask(shape, kind):
 
 @torch.no_grad()
 def bits_per_dim(m, x, *, levels=0, steps=100, batch=256, seed=0, device="cpu"):
-    """Bits per dimension of each example of x under run m, in fixed-size batches, keeping no
-    autograd graph: ({'elbo': (N,), 'ode': (N,)}, convention). 'elbo' (ddpm): the variational
-    bound of F10-F13 (vlb_bpd, sigma_t^2 = beta_t, the published decoder variance); 'ode' (not
-    ncsn; steps > 0): the probability-flow likelihood of F27 with RK4 on `steps` steps, for ddpm
-    through DiscreteVPSDE (marginal q(x_t | x0) at s = t / T) from s = 1 / T, so the network only
-    sees the c of training. levels = K > 0: x on K evenly spaced levels in [-1, 1]; y = x + w (u -
-    1/2), u ~ U(0, 1), w = 2 / (K - 1), bpd = (-log p(y) - d log w) / (d ln 2): bits per K-level
-    value, an upper bound on the discrete NLL (K = 256: the ELBO uses Ho et al.'s discretized
-    decoder instead, the published convention). levels = 0: -log p(x) / (d ln 2), a continuous
-    density, which can be negative and is not comparable with image bits/dim."""
+    """({'elbo': (N,), 'ode': (N,)}, convention): bits/dim of each example of x under run m, in
+    batches, without autograd. elbo (ddpm): vlb_bpd [F10-F13]; ode (steps > 0, not ncsn): F27,
+    RK4, for ddpm through DiscreteVPSDE from s = 1 / T (the c of training). levels = K > 0:
+    dequantized, bpd = (-log p(x + w (u - 1/2)) - d log w) / (d ln 2), w = 2 / (K - 1), u ~ U(0,
+    1), bits per K-level value (K = 256: the ELBO uses the discretized decoder, as published);
+    levels = 0: -log2 p(x) / d, a continuous density."""
     if m.config.method == "ncsn":
         raise ValueError("nll: method ncsn has discrete noise levels and no likelihood; "
                          "use ddpm, vp, ve or subvp")
     ddpm, d, dev = m.config.method == "ddpm", x[0].numel(), torch.device(device)
     w, sde = 2 / (levels - 1) if levels else 1.0, DiscreteVPSDE(m.process) if ddpm else m.process
     calls = math.ceil(len(x) / batch) * ((m.process.T if ddpm else 0) + 4 * steps)
-    out, progress, done = {"elbo": [], "ode": []}, Progress("nll network calls", calls), [0]
+    out, show, done = {"elbo": [], "ode": []}, progress("nll network calls", calls), [0]
 
     def net(*args):  # the run's network, counting its calls for the progress line
         done[0] += 1
-        progress.show(done[0])
+        show(done[0])
         return m.net(*args)
     for b, start in enumerate(range(0, len(x), batch)):
         xb = x[start:start + batch].to(dev)
@@ -2308,20 +2257,29 @@ def open_run(args):
 
 def guidance(args, m, n, device):
     """(labels (n,) or None, w, classifier net or None, file-name tag) for --class, --guidance
-    and --guide: cfg needs a conditional run, classifier a classifier in RUN/classifier (auto:
-    cfg if the run is conditional). By default the plain conditional (w = 0 cfg, 1 classifier)."""
+    and --guide: cfg needs a conditional run, classifier one in RUN/classifier trained on the
+    run's data and noise process (auto: cfg if the run is conditional). By default the plain
+    conditional (w = 0 cfg, 1 classifier)."""
     if args.label is None and args.guidance is None and args.guide == "auto":
         return None if m.num_classes is None else torch.arange(n) % m.num_classes, 0.0, None, ""
     guide = args.guide if args.guide != "auto" else "cfg" if m.num_classes else "classifier"
-    if args.guide == "auto" and guide == "classifier" and not (
-            Path(args.run) / "classifier" / "ckpt.pt").exists():
-        raise ValueError(f"class: {args.run} is unconditional and has no classifier; train "
-                         f"with --conditional, or a classifier with `python ddpm_score.py "
-                         f"train --classifier --out {Path(args.run) / 'classifier'}`")
     if guide == "cfg" and not m.num_classes:
         raise ValueError(f"guide: cfg needs a run trained with --conditional; {args.run} is "
                          "unconditional")
-    clf = load_classifier(args.run, m, device) if guide == "classifier" else None
+    clf, path = None, Path(args.run) / "classifier"
+    if guide == "classifier" and not (path / "ckpt.pt").exists():
+        raise ValueError(f"guide: {args.run} is {'' if m.num_classes else 'un'}conditional and "
+                         f"has no classifier; train one with `python ddpm_score.py train "
+                         f"--classifier --out {path}`")
+    if guide == "classifier":
+        clf = load_run(path, device)
+        process = {"ddpm": ("schedule", "T"), "ncsn": ("sigma_min", "sigma_max", "n_sigmas"),
+                   "ve": ("sigma_min", "sigma_max")}.get(m.config.method, ())
+        for key in ("data", "method", *process):
+            if getattr(clf.config, key) != getattr(m.config, key):
+                raise ValueError(f"classifier: {path} was trained with {key} = "
+                                 f"{getattr(clf.config, key)!r}, the run with {key} = "
+                                 f"{getattr(m.config, key)!r}")
     k, label = m.num_classes or clf.num_classes, args.label
     if label is not None and label >= k:
         raise ValueError(f"class: {label} is out of range; the run has {k} classes, 0..{k - 1}")
@@ -2330,12 +2288,12 @@ def guidance(args, m, n, device):
     print(f"guidance: {which}, w = {w:g}, "
           f"{f'classes 0..{k - 1} in turn' if label is None else f'class {label}'}")
     y = torch.arange(n) % k if label is None else torch.full((n,), label)
-    return y, w, clf and clf.net, f"_{guide}{w:g}" + ("" if label is None else f"_class{label}")
+    tag = f"_{guide}{w:g}" + ("" if label is None else f"_class{label}")
+    return y, w, clf and clf.net.requires_grad_(False), tag
 
 
 def sample_command(args):
-    """`sample`: --n samples from a run into samples_SAMPLER[_GUIDE_classK].pt, a dict {'x': the
-    samples, 'y': their labels or None}, and .png (beside held-out data); with --trajectory,
+    """`sample`: samples_SAMPLER[_GUIDE_classK].pt ({'x', 'y'}) and .png; with --trajectory,
     trajectory_*.png; with --inpaint, inpaint_MASK_SAMPLER.pt and .png. [F30, F31]"""
     (device, m), out = open_run(args), Path(args.run)
     name = args.sampler or m.config.sampler or next(iter(METHODS[m.config.method].samplers))

@@ -685,7 +685,7 @@ def test_f30_classifier_guidance_puts_each_class_in_its_mode(tmp_path):
     classifier = ds.train(replace(config, classifier=True, out=str(tmp_path / "classifier")))
     assert classifier.quality["low_noise_accuracy"] >= 0.89, classifier.quality
     m = ds.load_run(tmp_path)
-    clf = ds.load_classifier(tmp_path, m).net
+    clf = ds.load_run(tmp_path / "classifier").net
     shares = [share_in_class_mode(m, w, clf) for w in (0.0, 2.0)]
     assert shares[0] < 0.18 and shares[1] >= 0.96, shares
 
