@@ -1569,8 +1569,9 @@ def trajectory_picture(frames, data):
         for j, (done, _) in enumerate(frames):
             stamp(header[:, j * width // (len(frames) + 1):], done)
         return torch.cat([header, img])
-    hi = extent(data)
-    imgs = [stamp(density_image(x, max(hi, extent(x)), res=100), done) for done, x in frames]
+    hi, start = extent(data), extent(frames[0][1])   # no frame wider than the start's noise
+    imgs = [stamp(density_image(x, max(hi, min(extent(x), start)), res=100), done)
+            for done, x in frames]
     return side_by_side(imgs + [density_image(data, hi, res=100)], gap=4)
 
 
@@ -1725,6 +1726,8 @@ def check_config(config):
         (config.sampler in ("", *method.samplers),
          f"sampler: {config.sampler!r} is not one of {sorted(method.samplers)} ({config.method})"),
         (config.channels % 8 == 0, f"channels: {config.channels} is not a multiple of 8"),
+        (config.method != "ddpm" or config.sample_steps <= config.T,
+         f"sample_steps: {config.sample_steps} is more than the T = {config.T} steps of the chain"),
         (not config.sigma_max or config.sigma_max > config.sigma_min,
          f"sigma_max: {config.sigma_max} must be > sigma_min = {config.sigma_min} (or 0: auto)"),
         (not labels or config.data not in DATASETS or DATASETS[config.data](2, rng(0))[1]
@@ -1973,7 +1976,8 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
         can = [k for k, v in method.samplers.items() if v.inpaint] or "none"
         raise ValueError(f"sampler: {name} cannot inpaint; those of {m.config.method} that can: "
                          f"{can}")
-    steps = steps or m.config.sample_steps or s.steps
+    cap = m.process.T if isinstance(m.process, Schedule) else s.steps    # a chain has T steps
+    steps = steps or m.config.sample_steps or min(s.steps, cap)
     states, out = s.states(steps, m.process), []
     g = rng(seed, "sample", device=torch.device(device).type)
     keep = {round(j * (states - 1) / (FRAMES - 1)) for j in range(FRAMES)}

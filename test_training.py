@@ -357,6 +357,7 @@ def test_bad_flag_values_exit_2_with_one_line_naming_the_flag(capsys, tmp_path, 
     (["--method", "ddpm", "--sampler", "em"], "sampler: 'em' is not one of"),
     (["--resume", "--overwrite"], "exclude each other"),
     (["--amp", "--device", "cpu"], "amp: bf16 autocast is for CUDA"),
+    (["--T", "100", "--sample-steps", "200"], "sample_steps: 200 is more than the T = 100"),
 ])
 def test_bad_combinations_exit_2_before_any_work(capsys, tmp_path, argv, says):
     err = one_line_error(capsys, ["train", "--out", str(tmp_path / "never"), *argv])
@@ -776,6 +777,27 @@ def test_trajectories_keep_a_bounded_number_of_states_and_pictures_fix_axes_to_t
     assert torch.equal(tame[:, 326:], wild[:, 326:]) and (tame[:, 326:] < 200).any()
     picture = ds.trajectory_picture(frames, data)
     assert picture.shape == (200, (len(frames) + 1) * 204 - 4)
+
+
+def test_a_chain_shorter_than_the_default_steps_is_sampled_with_all_its_steps(tiny_runs):
+    """F6: a ddpm run with T = 20 (below ancestral's default 250 steps) samples with all 20 steps
+    of its chain by default instead of failing after training."""
+    m = ds.load_run(tiny_runs / "cond")
+    sched = ds.Schedule.from_betas(ds.linear_betas(20))
+    m = m._replace(process=sched, config=replace(m.config, T=20, sample_steps=0))
+    frames = []
+    ds.draw_samples(m, 4, sampler="ancestral", frames=frames)
+    assert frames[-1][0] == 20
+
+
+def test_trajectory_frames_are_never_wider_than_the_starting_noise():
+    """A frame with 2% of its points exploded (to 5 or 50) is drawn on the square of the
+    starting noise, whatever the size of the outliers, so the rest stays readable."""
+    g = torch.Generator().manual_seed(0)
+    data, noise = torch.rand(2000, 2, generator=g) - 0.5, torch.randn(2000, 2, generator=g)
+    far, farther = (torch.cat([data[:1960], torch.full((40, 2), v)]) for v in (5.0, 50.0))
+    picture = ds.trajectory_picture([(0, noise), (5, far)], data)
+    assert torch.equal(ds.trajectory_picture([(0, noise), (5, farther)], data), picture)
 
 
 def test_your_own_images_with_labels_end_to_end(tmp_path, capsys):
