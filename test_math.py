@@ -976,7 +976,7 @@ def test_F16_sliced_rademacher_is_exact_for_a_diagonal_jacobian(seed, B, d):
     assert_close64(loss.detach(), (0.5 * s.square().sum(1) + trace) / d)
 
 
-# --- dtype and device (STYLE.md "The module" 10, PITFALLS.md 11) --------------------------------
+# --- dtype and device (FORMULAS.md, pitfall 11) ---------------------------------------------------
 
 
 def test_F1_F2_F3_F7_F12_outputs_follow_the_data_dtype_and_schedules_are_float64():
