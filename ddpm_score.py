@@ -1513,9 +1513,15 @@ def stamp(img, number, zoom=2):
     return img
 
 
+def plane(x):
+    """Points (N, d) -> their first two coordinates (N, 2), the second 0 when d = 1."""
+    return F.pad(x[:, :2], (0, max(0, 2 - x.shape[1])))
+
+
 def density_image(x, hi, res=160, zoom=2):
-    """2-D points -> uint8 (res zoom)^2 histogram picture of the square [-hi, hi]^2, white
-    background, darker where denser (square-root scale), y axis up."""
+    """Points (N, d) -> uint8 (res zoom)^2 histogram picture of plane(x) on the square
+    [-hi, hi]^2, white background, darker where denser (square-root scale), y axis up."""
+    x = plane(x)
     ij = ((x[torch.isfinite(x).all(dim=1)].float().cpu() + hi) / (2 * hi) * res).floor().long()
     ij = ij[((ij >= 0) & (ij < res)).all(dim=1)]
     counts = torch.bincount((res - 1 - ij[:, 1]) * res + ij[:, 0], minlength=res * res).float()
@@ -1542,18 +1548,17 @@ def side_by_side(imgs, gap=6):
 
 
 def extent(x):
-    """Half-width of the square that shows 2-D points: 1.1 times the 99.5% quantile of |x|."""
+    """Half-width of the square that shows points: 1.1 times the 99.5% quantile of |plane(x)|."""
+    x = plane(x)
     return 1.1 * x[torch.isfinite(x).all(dim=1)].abs().quantile(0.995).item()
 
 
 def picture(samples, data):
-    """Samples (left) beside held-out data (right): 2-D points as densities on one square fixed
-    to the data (exploded samples fall outside it), images as two grids of up to 32."""
+    """Samples (left) beside held-out data (right): points as densities on one square fixed to
+    the data (exploded samples fall outside it), images as two grids of up to 32."""
     if samples.ndim == 4:
         n = min(32, len(samples), len(data))
         return side_by_side([image_grid(samples[:n]), image_grid(data[:n])])
-    if samples.shape[1] != 2:
-        raise ValueError(f"samples: can only picture 2-D points or images, found {samples.shape}")
     hi = extent(data)
     return side_by_side([density_image(samples, hi), density_image(data[:len(samples)], hi)])
 
@@ -1563,7 +1568,8 @@ def trajectory_picture(frames, data):
     held-out data: 2-D densities (each on a square that also holds the data), or for images a
     row per sample (the first 8)."""
     if data.ndim == 4:
-        rows = torch.stack([x[:8].cpu() for _, x in frames] + [data[:8]], 1)
+        n = min(8, len(frames[0][1]), len(data))
+        rows = torch.stack([x[:n].cpu() for _, x in frames] + [data[:n]], 1)
         img = image_grid(rearrange(rows, "b k ... -> (b k) ..."), ncol=len(frames) + 1)
         header, width = torch.full((14, *img.shape[1:]), 255, dtype=torch.uint8), img.shape[1]
         for j, (done, _) in enumerate(frames):
@@ -1579,14 +1585,19 @@ def trajectory_picture(frames, data):
 
 
 def sample_als(score_fn, sigmas, x, *, steps, generator=None, callback=None):
-    """Annealed Langevin dynamics, `steps` steps per noise level; callback sees each state. [F20]"""
+    """Annealed Langevin dynamics, `steps` steps per noise level; callback(i, x) sees the state
+    after i + 1 of its len(sigmas) * steps + 1 updates (the last: Tweedie's denoising). [F20]"""
     calls = iter(range(len(sigmas) * steps + 1))
 
-    def score(x, sigma):
-        if callback is not None:
-            callback(next(calls), x)
+    def score(x, sigma):  # the j-th call sees the state after j Langevin steps
+        j = next(calls)
+        if callback is not None and j > 0:
+            callback(j - 1, x)
         return score_fn(x, sigma)
-    return annealed_langevin(score, x, sigmas, n_steps_each=steps, generator=generator)
+    x = annealed_langevin(score, x, sigmas, n_steps_each=steps, generator=generator)
+    if callback is not None:
+        callback(len(sigmas) * steps, x)
+    return x
 
 
 def no_generator(sampler):
@@ -1737,7 +1748,6 @@ def check_config(config):
          "classifier: a classifier takes no labels in; drop --conditional"),
         (not (config.resume and config.overwrite), "resume: --resume and --overwrite exclude "
          "each other"),
-        (config.device != "cuda" or torch.cuda.is_available(), "device: cuda is not available"),
         (not config.amp or pick_device(config.device).type == "cuda",
          "amp: bf16 autocast is for CUDA, and the device is cpu"),
     ]
@@ -1784,7 +1794,9 @@ def resolve_config(config, data):
 
 
 def pick_device(name):
-    """'auto' -> cuda when available, else cpu."""
+    """'auto' -> cuda when available, else cpu; 'cuda' without a CUDA device is a ValueError."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda is not available")
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto"
                         else name)
 

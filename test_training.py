@@ -746,6 +746,14 @@ def test_cli_bad_guidance_and_inpainting_exit_2_naming_the_problem(tiny_runs, ca
     assert problem in err, err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line_naming_the_flag(tiny_runs, capsys):
+    for command in ("sample", "nll"):
+        err = one_line_error(capsys, [command, "--run", str(tiny_runs / "cond"), "--device",
+                                      "cuda"])
+        assert "device: cuda is not available" in err, err
+
+
 def test_bad_conditional_training_and_mismatched_classifier_are_clear_errors(tmp_path, capsys,
                                                                              tiny_runs):
     out = ["--out", str(tmp_path / "never")]
@@ -777,6 +785,36 @@ def test_trajectories_keep_a_bounded_number_of_states_and_pictures_fix_axes_to_t
     assert torch.equal(tame[:, 326:], wild[:, 326:]) and (tame[:, 326:] < 200).any()
     picture = ds.trajectory_picture(frames, data)
     assert picture.shape == (200, (len(frames) + 1) * 204 - 4)
+
+
+@pytest.mark.parametrize("method", sorted(ds.METHODS))
+def test_every_samplers_trajectory_runs_from_its_start_to_the_samples_it_returns(method):
+    """The first frame is the prior draw, the last (marked with all the sampler's states) is the
+    returned sample: for annealed Langevin, Tweedie's denoised end, not the state before it."""
+    config = ds.TrainConfig(method=method, sigma_max=3.0, width=16, depth=1)
+    m = ds.Model(config, ds.MLP(2, 16, 1), ds.METHODS[method].process(config), (2,), None)
+    for name, sampler in ds.METHODS[method].samplers.items():
+        frames = []
+        x = ds.draw_samples(m, 5, sampler=name, steps=3, seed=1, frames=frames)
+        start = ds.METHODS[method].prior(m.process, (5, 2), ds.rng(1, "sample"), "cpu")
+        assert torch.equal(frames[0][1], start) and torch.equal(frames[-1][1], x), name
+        assert frames[-1][0] == sampler.states(3, m.process), name
+
+
+def test_pictures_show_vectors_of_any_dimension_and_few_images():
+    """Vectors (N, d) are pictured by their first two coordinates (d = 1: on the line y = 0),
+    the same picture as for those coordinates alone; image trajectories of fewer than 8 samples
+    or held-out images show as many rows as both have."""
+    g = torch.Generator().manual_seed(0)
+    x, data = torch.randn(300, 2, generator=g), torch.randn(300, 2, generator=g)
+    zero = torch.zeros(300, 1)
+    as_2d = ds.picture(x, data)
+    assert torch.equal(ds.picture(torch.cat([x, zero], 1), torch.cat([data, zero], 1)), as_2d)
+    on_line = ds.picture(torch.cat([x[:, :1], zero], 1), torch.cat([data[:, :1], zero], 1))
+    assert torch.equal(ds.picture(x[:, :1], data[:, :1]), on_line)
+    images = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1
+    picture = ds.trajectory_picture([(0, images[:3]), (1, images[:3])], images)
+    assert picture.shape == (14 + 3 * 10 * 4, 3 * 10 * 4)
 
 
 def test_a_chain_shorter_than_the_default_steps_is_sampled_with_all_its_steps(tiny_runs):
