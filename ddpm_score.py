@@ -2102,6 +2102,9 @@ def bits_per_dim(m, x, *, levels=0, steps=100, batch=256, seed=0, device="cpu"):
     if m.config.method == "ncsn":
         raise ValueError("nll: method ncsn has discrete noise levels and no likelihood; "
                          "use ddpm, vp, ve or subvp")
+    if not steps and m.config.method != "ddpm":
+        raise ValueError(f"steps: 0 leaves {m.config.method} without a likelihood (its only one is "
+                         "the ODE's); use steps >= 1")
     ddpm, d, dev = m.config.method == "ddpm", x[0].numel(), torch.device(device)
     w, sde = 2 / (levels - 1) if levels else 1.0, DiscreteVPSDE(m.process) if ddpm else m.process
     calls = math.ceil(len(x) / batch) * ((m.process.T if ddpm else 0) + 4 * steps)

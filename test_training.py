@@ -746,6 +746,12 @@ def test_cli_bad_guidance_and_inpainting_exit_2_naming_the_problem(tiny_runs, ca
     assert problem in err, err
 
 
+def test_nll_with_no_ode_steps_on_an_sde_run_is_refused_not_silent(tiny_runs, capsys):
+    """vp, ve and subvp have only the ODE likelihood: --steps 0 would print no number."""
+    err = one_line_error(capsys, ["nll", "--run", str(tiny_runs / "shapes_vp"), "--steps", "0"])
+    assert "steps: 0 leaves vp without a likelihood" in err, err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")
 def test_device_cuda_without_cuda_is_one_line_naming_the_flag(tiny_runs, capsys):
     for command in ("sample", "nll"):
