@@ -1632,22 +1632,26 @@ SDE_SAMPLERS = {"em": Sampler(reverse_sde_sample, 500, inpaint=True),
 
 
 METHODS = {
-    "ddpm": Method(lambda c: Schedule.from_betas(BETAS[c.schedule](c.T)), eps_model_of,
-                   lambda m, p, x0, g: eps_loss(m, p, x0, generator=g),
-                   lambda p, t: 1000 * t.float() / p.T,
-                   lambda p, shape, g, dev: torch.randn(shape, generator=g, device=dev),
-                   {"ancestral": Sampler(ddpm_sample, 250, inpaint=True, clip=True),
-                    "ddim": Sampler(ddim_sample, 50, clip=True),
-                    "dpm++": Sampler(no_generator(dpm_solver_sample), 20, clip=True)}),
-    "ncsn": Method(lambda c: geometric_sigmas(c.sigma_max, c.sigma_min, c.n_sigmas),
-                   ncsn_score_of, lambda m, p, x0, g: dsm_loss(m, x0, p, generator=g),
-                   ncsn_level,
-                   lambda p, shape, g, dev: float(p.max()) * torch.randn(shape, generator=g,
-                                                                         device=dev),
-                   {"als": Sampler(sample_als, 100, states=lambda n, p: len(p) * n + 1)}),
-    **{name: Method(make, sde_score_of, lambda m, p, x0, g: sde_loss(m, p, x0, generator=g),
-                    lambda p, s: 1000 * s, lambda p, shape, g, dev: p.prior_sample(
-                        shape, generator=g, device=dev), SDE_SAMPLERS)
+    "ddpm": Method(
+        process=lambda c: Schedule.from_betas(BETAS[c.schedule](c.T)), model_of=eps_model_of,
+        loss=lambda m, sched, x0, g: eps_loss(m, sched, x0, generator=g),
+        level=lambda sched, t: 1000 * t.float() / sched.T,
+        prior=lambda sched, shape, g, dev: torch.randn(shape, generator=g, device=dev),
+        samplers={"ancestral": Sampler(ddpm_sample, 250, inpaint=True, clip=True),
+                  "ddim": Sampler(ddim_sample, 50, clip=True),
+                  "dpm++": Sampler(no_generator(dpm_solver_sample), 20, clip=True)}),
+    "ncsn": Method(
+        process=lambda c: geometric_sigmas(c.sigma_max, c.sigma_min, c.n_sigmas),
+        model_of=ncsn_score_of, loss=lambda m, sigmas, x0, g: dsm_loss(m, x0, sigmas, generator=g),
+        level=ncsn_level,
+        prior=lambda sigmas, shape, g, dev: sigmas.max().item() * torch.randn(
+            shape, generator=g, device=dev),
+        samplers={"als": Sampler(sample_als, 100, states=lambda n, sigmas: len(sigmas) * n + 1)}),
+    **{name: Method(
+        process=make, model_of=sde_score_of,
+        loss=lambda m, sde, x0, g: sde_loss(m, sde, x0, generator=g), level=lambda sde, s: 1000 * s,
+        prior=lambda sde, shape, g, dev: sde.prior_sample(shape, generator=g, device=dev),
+        samplers=SDE_SAMPLERS)
        for name, make in (("vp", lambda c: VPSDE()), ("subvp", lambda c: SubVPSDE()),
                           ("ve", lambda c: VESDE(c.sigma_min, c.sigma_max)))},
 }
@@ -1665,9 +1669,10 @@ def out_of_range(value, lo=None, above=None, below=None, **_):
     """Why a number is out of its range, or ''."""
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, got {value}"
-    wanted = [f"{op} {bound}" for op, bound, ok in
-              ((">=", lo, lambda: value >= lo), (">", above, lambda: value > above),
-               ("<", below, lambda: value < below)) if bound is not None and not ok()]
+    wanted = [f"{op} {bound}" for op, bound, ok in ((">=", lo, lo is None or value >= lo),
+                                                    (">", above, above is None or value > above),
+                                                    ("<", below, below is None or value < below))
+              if not ok]
     return f"must be {' and '.join(wanted)}, got {value}" if wanted else ""
 
 
