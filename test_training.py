@@ -134,12 +134,23 @@ def test_cuda_bf16_training_lowers_the_loss(tmp_path, method):
 
 
 def test_ema_with_decay_0_equals_the_live_model_and_averages_after_its_warm_up(tmp_path):
+    """Decay 0: the EMA is the live model. Decay 0.9 with a warm-up of 28 steps: the EMA equals
+    the live weights w_28 after step 28, and after step 30 it is 0.9 (0.9 w_28 + 0.1 w_29) +
+    0.1 w_30, with w_k read off the same run stopped at 28, 29, 30 steps (resume is exact);
+    tolerance: float32 rounding of three multiply-adds, rtol 1e-5."""
     result = ds.train(small_config(tmp_path / "a", steps=20, ema=0.0, ema_warmup=0))
     for (name, live), ema in zip(result.net.state_dict().items(), result.ema.state_dict().values()):
         assert torch.equal(live, ema), name
-    result = ds.train(small_config(tmp_path / "b", steps=30, ema=0.9, ema_warmup=10))
-    live, ema = result.net.inp.weight, result.ema.inp.weight
-    assert not torch.equal(live, ema) and torch.allclose(live, ema, atol=0.1)
+    config, w = small_config(tmp_path / "b", ema=0.9, ema_warmup=28, lr_decay=False), []
+    for steps in (28, 29, 30):
+        ds.train(replace(config, steps=steps, resume=steps > 28))
+        w.append(ds.load_checkpoint(tmp_path / "b" / "ckpt.pt"))
+    for name, ema in w[2]["ema"].items():
+        assert torch.equal(w[0]["ema"][name], w[0]["model"][name]), name
+        expected = 0.9 * (0.9 * w[0]["model"][name] + 0.1 * w[1]["model"][name]) \
+            + 0.1 * w[2]["model"][name]
+        torch.testing.assert_close(ema, expected, rtol=1e-5, atol=1e-7)
+        assert not torch.equal(ema, w[2]["model"][name]), name
 
 
 # --- checkpoints, resuming, DDP, nothing lost, nothing global ------------------------------------
