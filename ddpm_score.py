@@ -1744,6 +1744,7 @@ def check_config(config):
         (config.channels % 8 == 0, f"channels: {config.channels} is not a multiple of 8"),
         (config.method != "ddpm" or config.sample_steps <= config.T,
          f"sample_steps: {config.sample_steps} is more than the T = {config.T} steps of the chain"),
+        (config.levels != 1, "levels: 1 grey level has no bins; use 0 (continuous) or K >= 2"),
         (not config.sigma_max or config.sigma_max > config.sigma_min,
          f"sigma_max: {config.sigma_max} must be > sigma_min = {config.sigma_min} (or 0: auto)"),
         (not labels or config.data not in DATASETS or DATASETS[config.data](2, rng(0))[1]
@@ -2107,6 +2108,8 @@ def bits_per_dim(m, x, *, levels=0, steps=100, batch=256, seed=0, device="cpu"):
     if m.config.method == "ncsn":
         raise ValueError("nll: method ncsn has discrete noise levels and no likelihood; "
                          "use ddpm, vp, ve or subvp")
+    if levels == 1:
+        raise ValueError("levels: 1 grey level has no bins; use 0 (continuous) or K >= 2")
     if not steps and m.config.method != "ddpm":
         raise ValueError(f"steps: 0 leaves {m.config.method} without a likelihood (its only one is "
                          "the ODE's); use steps >= 1")

@@ -369,6 +369,7 @@ def test_bad_flag_values_exit_2_with_one_line_naming_the_flag(capsys, tmp_path, 
     (["--resume", "--overwrite"], "exclude each other"),
     (["--amp", "--device", "cpu"], "amp: bf16 autocast is for CUDA"),
     (["--T", "100", "--sample-steps", "200"], "sample_steps: 200 is more than the T = 100"),
+    (["--levels", "1"], "levels: 1 grey level has no bins"),
 ])
 def test_bad_combinations_exit_2_before_any_work(capsys, tmp_path, argv, says):
     err = one_line_error(capsys, ["train", "--out", str(tmp_path / "never"), *argv])
@@ -757,10 +758,13 @@ def test_cli_bad_guidance_and_inpainting_exit_2_naming_the_problem(tiny_runs, ca
     assert problem in err, err
 
 
-def test_nll_with_no_ode_steps_on_an_sde_run_is_refused_not_silent(tiny_runs, capsys):
-    """vp, ve and subvp have only the ODE likelihood: --steps 0 would print no number."""
+def test_nll_with_no_ode_steps_or_one_grey_level_is_refused(tiny_runs, capsys):
+    """vp, ve and subvp have only the ODE likelihood: --steps 0 would print no number; one grey
+    level has no bins to dequantize over (bin width 2 / (K - 1))."""
     err = one_line_error(capsys, ["nll", "--run", str(tiny_runs / "shapes_vp"), "--steps", "0"])
     assert "steps: 0 leaves vp without a likelihood" in err, err
+    err = one_line_error(capsys, ["nll", "--run", str(tiny_runs / "shapes_vp"), "--levels", "1"])
+    assert "levels: 1 grey level has no bins" in err, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")
