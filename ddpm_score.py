@@ -2021,14 +2021,18 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
 
 def final_samples(m, data, device):
     """Draw config.n_samples samples, write samples.png, print their MMD^2 to k = min(n, held-out
-    / 2) held-out points beside the prior's and the noise floor (the RMS MMD^2 between 10 pairs
-    of held-out sets of k: its std for a perfect model)."""
+    / 2) >= 2 held-out points beside the prior's and the noise floor (the RMS MMD^2 between 10
+    pairs of held-out sets of k: its std for a perfect model)."""
     n, out, seed, t0 = m.config.n_samples, Path(m.config.out), m.config.seed, time.time()
     y = None if m.num_classes is None else torch.arange(n) % m.num_classes
     samples = draw_samples(m, n, seed=seed, y=y, device=device)
     seconds, x_test = time.time() - t0, data.x_test
     write_png(out / "samples.png", picture(samples, x_test))
     k, h, g = min(n, len(x_test) // 2), mmd_bandwidths(x_test), rng(seed, "mmd")
+    if k < 2:  # the unbiased MMD^2 needs two points a side
+        print(f"samples: {out / 'samples.png'} ({n} in {seconds:.1f} s); too few samples or "
+              f"held-out points ({len(x_test)}) for an MMD")
+        return {"n": k}
     prior = METHODS[m.config.method].prior(m.process, (k, *m.shape), g, "cpu")
     pairs = [torch.randperm(len(x_test), generator=g)[:2 * k] for _ in range(10)]
     floor = math.sqrt(sum(mmd2_unbiased(x_test[i[:k]], x_test[i[k:]], h) ** 2 for i in pairs) / 10)

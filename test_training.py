@@ -225,6 +225,13 @@ def test_ddp_two_gloo_processes_keep_identical_weights_and_write_one_checkpoint(
     assert int(ds.load_checkpoint(tmp_path / "cli" / "ckpt.pt")["step"]) == 5
 
 
+def test_too_few_samples_for_an_mmd_print_no_nan(tmp_path, capsys):
+    """One final sample: the unbiased MMD^2 needs two a side, so none is printed (it was nan)."""
+    result = ds.train(small_config(tmp_path, steps=2, n_samples=1, sample_steps=2))
+    out = capsys.readouterr().out
+    assert result.quality == {"n": 1} and "too few" in out and "nan" not in out, out
+
+
 def test_a_library_call_of_train_leaves_threads_signals_and_process_groups_as_found(tmp_path,
                                                                                     monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as inside torchrun: train must not join on its own
