@@ -1609,8 +1609,11 @@ def noised(method, process, x0, generator):
     """(x at a random noise level, its time (B,)), read off the model's input in the method's
     loss (x_t and t, x0 + sigma z and sigma, x_s and s): a noise-conditional classifier's data."""
     seen = []
-    method.loss(lambda x, time: seen.append((x, time)) or torch.zeros_like(x), process, x0,
-                generator)
+
+    def model(x, time):  # records its input, predicts zeros
+        seen.append((x, time))
+        return torch.zeros_like(x)
+    method.loss(model, process, x0, generator)
     return seen[0]
 
 
@@ -1842,8 +1845,9 @@ def train(config, stop=None):
     k = int(data.y.max()) + 1 if config.conditional or config.classifier else None
     outputs = ("ckpt.pt", "config.json", "loss.csv", "samples*.p*", "trajectory_*.png",
                "inpaint_*.p*", "classifier")  # the run's own outputs: --overwrite deletes them
-    for path in (p for o in outputs for p in out.glob(o)) if rank == 0 and config.overwrite else ():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if rank == 0 and config.overwrite:
+        for path in [p for pattern in outputs for p in out.glob(pattern)]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     if rank == 0 and config.data not in DATASETS:
         print(f"data: {len(data.x)} training and {len(data.x_test)} held-out examples of shape "
               f"{shape}, {config.levels or 'continuous'} levels", file=sys.stderr)
