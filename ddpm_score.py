@@ -1532,8 +1532,8 @@ def density_image(x, hi, res=160, zoom=2):
 
 def image_grid(x, ncol=8, zoom=4):
     """Images (N, C, H, W) in [-1, 1] -> uint8 grid picture (gray or RGB), 1 pixel of white
-    between images, each pixel shown as zoom x zoom."""
-    x = torch.cat([x.float().cpu(), x.new_full((-len(x) % ncol, *x.shape[1:]), -1).float().cpu()])
+    between images and white empty cells, each pixel shown as zoom x zoom."""
+    x = torch.cat([x.float().cpu(), x.new_full((-len(x) % ncol, *x.shape[1:]), 1).float().cpu()])
     grid = rearrange(F.pad(x.clamp(-1, 1), (1, 1, 1, 1), value=1.0),
                      "(r c) ch h w -> (r h) (c w) ch", c=ncol)
     img = ((grid + 1) * 127.5).round().to(torch.uint8)
