@@ -169,13 +169,16 @@ def same_weights(ckpt_a, ckpt_b):
 
 def test_resume_gives_the_same_weights_as_training_straight(tmp_path):
     """N steps, then N more with resume, equals 2N straight (constant lr: the schedule does not
-    depend on the total). The checkpoint is tensors only and a DDP 'module.' prefix is stripped."""
+    depend on the total); a new total below the steps done is refused. The checkpoint is tensors
+    only and a DDP 'module.' prefix is stripped."""
     config = small_config(tmp_path / "a", steps=40, ckpt_every=7, log_every=10, lr_decay=False)
     straight = ds.train(config)
     ds.train(replace(config, steps=20, out=str(tmp_path / "b")))
     resumed = ds.train(replace(config, out=str(tmp_path / "b"), resume=True))
     a, b = same_weights(straight.paths["ckpt.pt"], resumed.paths["ckpt.pt"])
     assert int(b["step"]) == 40 and torch.equal(a["loss_log"][:, :2], b["loss_log"][:, :2])
+    with pytest.raises(ValueError, match="steps: 30 is below the 40 steps done"):
+        ds.train(replace(config, steps=30, out=str(tmp_path / "b"), resume=True))
     state = torch.load(straight.paths["ckpt.pt"], weights_only=True)
     state["model"] = {"module." + k: v for k, v in state["model"].items()}
     torch.save(state, tmp_path / "ddp.pt")
