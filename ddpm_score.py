@@ -1873,7 +1873,7 @@ def train(config, stop=None):
         ema.n_averaged.copy_(state["ema_n"])
         step, log = int(state["step"]), state["loss_log"].tolist()
         if step > config.steps:
-            raise ValueError(f"steps: {config.steps} is below the {step} steps done (the new total)")
+            raise ValueError(f"steps: {config.steps} is below the {step} steps done (the total)")
 
     # This rank's shard; each step: batch, loss, backward, clip, Adam, EMA, log, checkpoint.
     x, y = data.x[rank::world].to(device), None if k is None else data.y[rank::world].to(device)
