@@ -1995,14 +1995,14 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
     if name not in method.samplers:
         raise ValueError(f"sampler: {name!r} is not one of {sorted(method.samplers)} for method "
                          f"{m.config.method}")
-    s = method.samplers[name]
-    if known is not None and not s.inpaint:
+    spec = method.samplers[name]
+    if known is not None and not spec.inpaint:
         can = [k for k, v in method.samplers.items() if v.inpaint] or "none"
         raise ValueError(f"sampler: {name} cannot inpaint; those of {m.config.method} that can: "
                          f"{can}")
-    cap = m.process.T if isinstance(m.process, Schedule) else s.steps    # a chain has T steps
-    steps = steps or m.config.sample_steps or min(s.steps, cap)
-    states, out = s.states(steps, m.process), []
+    cap = m.process.T if isinstance(m.process, Schedule) else spec.steps    # a chain has T steps
+    steps = steps or m.config.sample_steps or min(spec.steps, cap)
+    states, out = spec.states(steps, m.process), []
     g = rng(seed, "sample", device=torch.device(device).type)
     keep = {round(j * (states - 1) / (FRAMES - 1)) for j in range(FRAMES)}
     show = progress(f"sampling ({name}, {steps} steps) state", math.ceil(n / batch) * states)
@@ -2017,10 +2017,10 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
                 frames.append((i + 1, x.float().cpu()))
         part = slice(start, start + len(x))
         options = {"known": known[part], "mask": mask[part]} if known is not None else {}
-        if s.clip and len(m.shape) == 3:
+        if spec.clip and len(m.shape) == 3:
             options["clip_x0"] = (-1.0, 1.0)
         model = guided_model(m, None if y is None else y[part].to(device), w, classifier)
-        out.append(s.fn(model, m.process, x, steps=steps, generator=g, callback=callback,
+        out.append(spec.fn(model, m.process, x, steps=steps, generator=g, callback=callback,
                         **options).float().cpu())
     return torch.cat(out).clamp(-1, 1) if len(m.shape) == 3 else torch.cat(out)
 
