@@ -1504,12 +1504,13 @@ DIGITS = (0x7B6F, 0x2C97, 0x73E7, 0x73CF, 0x5BC9, 0x79CF, 0x79EF, 0x7249, 0x7BEF
 
 
 def stamp(img, number, zoom=2):
-    """Write `number` in 3x5-pixel digits, black, at the top left of a gray uint8 picture."""
+    """Write `number` in 3x5-pixel digits, black, at the top left of a uint8 picture (H, W) or
+    (H, W, 3)."""
     for i, ch in enumerate(str(number)):
         bits = torch.tensor([(DIGITS[int(ch)] >> (14 - k)) & 1 for k in range(15)]).reshape(5, 3)
         glyph = (255 * (1 - bits)).to(torch.uint8).repeat_interleave(zoom, 0)
-        img[2:2 + 5 * zoom, 2 + 4 * zoom * i:2 + 4 * zoom * i + 3 * zoom] = \
-            glyph.repeat_interleave(zoom, 1)
+        glyph = glyph.repeat_interleave(zoom, 1).view(5 * zoom, 3 * zoom, *[1] * (img.ndim - 2))
+        img[2:2 + 5 * zoom, 2 + 4 * zoom * i:2 + 4 * zoom * i + 3 * zoom] = glyph
     return img
 
 

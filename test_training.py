@@ -835,8 +835,8 @@ def test_every_samplers_trajectory_runs_from_its_start_to_the_samples_it_returns
 def test_pictures_show_vectors_of_any_dimension_and_few_images():
     """Vectors (N, d) are pictured by their first two coordinates (d = 1: on the line y = 0),
     the same picture as for those coordinates alone; image trajectories of fewer than 8 samples
-    or held-out images show as many rows as both have; empty cells of a grid are white, not
-    black images."""
+    or held-out images show as many rows as both have, colour ones too; empty cells of a grid
+    are white, not black images."""
     g = torch.Generator().manual_seed(0)
     x, data = torch.randn(300, 2, generator=g), torch.randn(300, 2, generator=g)
     zero = torch.zeros(300, 1)
@@ -847,6 +847,9 @@ def test_pictures_show_vectors_of_any_dimension_and_few_images():
     images = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1
     picture = ds.trajectory_picture([(0, images[:3]), (1, images[:3])], images)
     assert picture.shape == (14 + 3 * 10 * 4, 3 * 10 * 4)
+    rgb = images.expand(6, 3, 8, 8)  # colour frames get the same picture, in RGB
+    colour = ds.trajectory_picture([(0, rgb[:3]), (1, rgb[:3])], rgb)
+    assert torch.equal(colour, picture[..., None].expand(*picture.shape, 3))
     grid = ds.image_grid(-torch.ones(6, 1, 8, 8))  # 8 cells a row: the last 2 empty, white
     assert grid.shape == (40, 320) and (grid[:, 240:] == 255).all()
     assert (grid[4:36, 4:36] == 0).all()
