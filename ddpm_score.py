@@ -2407,6 +2407,9 @@ def main(argv=None):
     except (ValueError, FloatingPointError) as e:
         print(f"error: {one_line(e, 1000)}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ValueError) else 1)
+    except KeyboardInterrupt:  # Ctrl-C in sample or nll, or a second one in train
+        print("interrupted (files are written whole or not at all)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -299,6 +299,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resuming_it_equals_training_straight(tmp_
     same_weights(tmp_path / "r" / "ckpt.pt", tmp_path / "straight" / "ckpt.pt")
 
 
+def test_ctrl_c_in_sample_is_one_line_and_exit_130(tiny_runs, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ds, "draw_samples", interrupted)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        ds.main(["sample", "--run", str(tiny_runs / "cond"), "--n", "4"])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 130 and err.startswith("interrupted") and "\n" not in err, err
+
+
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     config = small_config(tmp_path, steps=10)
     ds.train(config)
