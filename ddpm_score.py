@@ -2250,7 +2250,8 @@ def train_command(args, argv):
     the process group (nccl on GPUs, gloo on CPUs); Ctrl-C stops after the current step."""
     config_path, run_path = Path(args.out) / "config.json", Path(args.out).parent / "config.json"
     if args.resume and config_path.exists():
-        args = make_parser(replace(read_config(config_path), resume=True)).parse_args(argv)
+        args = make_parser(replace(read_config(config_path), resume=True, overwrite=False)
+                           ).parse_args(argv)
     elif args.classifier and run_path.exists():  # RUN/classifier: RUN's config, as a classifier
         args = make_parser(replace(read_config(run_path), classifier=True, conditional=False,
                                    resume=False, overwrite=False, out=args.out)).parse_args(argv)

@@ -247,7 +247,7 @@ def test_a_library_call_of_train_leaves_threads_signals_and_process_groups_as_fo
 
 def test_a_run_folder_is_never_overwritten_silently(tmp_path, capsys):
     """A new run where a checkpoint is: exit 2, one line, nothing touched; --overwrite deletes the
-    run's own outputs (stale samples, the classifier) and nothing else."""
+    run's own outputs (stale samples, the classifier) and nothing else; the new run resumes."""
     out = tmp_path / "run"
     ds.train(small_config(out, steps=5))
     (out / "samples_ddim.png").write_bytes(b"stale")
@@ -261,6 +261,8 @@ def test_a_run_folder_is_never_overwritten_silently(tmp_path, capsys):
     ds.main([*argv, "--overwrite"])
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "config.json", "loss.csv",
                                                      "notes.txt"]
+    ds.main(["train", "--out", str(out), "--resume", "--steps", "6"])  # not refused as overwrite
+    assert int(ds.load_checkpoint(out / "ckpt.pt")["step"]) == 6
 
 
 def test_atomic_writes_leave_the_umask_alone_and_give_the_usual_mode(tmp_path, monkeypatch):
