@@ -1504,18 +1504,25 @@ DIGITS = (0x7B6F, 0x2C97, 0x73E7, 0x73CF, 0x5BC9, 0x79CF, 0x79EF, 0x7249, 0x7BEF
 
 
 def stamp(img, number, zoom=2):
-    """Write `number` in 3x5-pixel digits, black, at the top left of a gray uint8 picture."""
+    """Write `number` in 3x5-pixel digits, black, at the top left of a uint8 picture (H, W) or
+    (H, W, 3)."""
     for i, ch in enumerate(str(number)):
         bits = torch.tensor([(DIGITS[int(ch)] >> (14 - k)) & 1 for k in range(15)]).reshape(5, 3)
         glyph = (255 * (1 - bits)).to(torch.uint8).repeat_interleave(zoom, 0)
-        img[2:2 + 5 * zoom, 2 + 4 * zoom * i:2 + 4 * zoom * i + 3 * zoom] = \
-            glyph.repeat_interleave(zoom, 1)
+        glyph = glyph.repeat_interleave(zoom, 1).view(5 * zoom, 3 * zoom, *[1] * (img.ndim - 2))
+        img[2:2 + 5 * zoom, 2 + 4 * zoom * i:2 + 4 * zoom * i + 3 * zoom] = glyph
     return img
 
 
+def plane(x):
+    """Points (N, d) -> their first two coordinates (N, 2), the second 0 when d = 1."""
+    return F.pad(x[:, :2], (0, max(0, 2 - x.shape[1])))
+
+
 def density_image(x, hi, res=160, zoom=2):
-    """2-D points -> uint8 (res zoom)^2 histogram picture of the square [-hi, hi]^2, white
-    background, darker where denser (square-root scale), y axis up."""
+    """Points (N, d) -> uint8 (res zoom)^2 histogram picture of plane(x) on the square
+    [-hi, hi]^2, white background, darker where denser (square-root scale), y axis up."""
+    x = plane(x)
     ij = ((x[torch.isfinite(x).all(dim=1)].float().cpu() + hi) / (2 * hi) * res).floor().long()
     ij = ij[((ij >= 0) & (ij < res)).all(dim=1)]
     counts = torch.bincount((res - 1 - ij[:, 1]) * res + ij[:, 0], minlength=res * res).float()
@@ -1526,8 +1533,8 @@ def density_image(x, hi, res=160, zoom=2):
 
 def image_grid(x, ncol=8, zoom=4):
     """Images (N, C, H, W) in [-1, 1] -> uint8 grid picture (gray or RGB), 1 pixel of white
-    between images, each pixel shown as zoom x zoom."""
-    x = torch.cat([x.float().cpu(), x.new_full((-len(x) % ncol, *x.shape[1:]), -1).float().cpu()])
+    between images and white empty cells, each pixel shown as zoom x zoom."""
+    x = torch.cat([x.float().cpu(), x.new_full((-len(x) % ncol, *x.shape[1:]), 1).float().cpu()])
     grid = rearrange(F.pad(x.clamp(-1, 1), (1, 1, 1, 1), value=1.0),
                      "(r c) ch h w -> (r h) (c w) ch", c=ncol)
     img = ((grid + 1) * 127.5).round().to(torch.uint8)
@@ -1542,18 +1549,17 @@ def side_by_side(imgs, gap=6):
 
 
 def extent(x):
-    """Half-width of the square that shows 2-D points: 1.1 times the 99.5% quantile of |x|."""
+    """Half-width of the square that shows points: 1.1 times the 99.5% quantile of |plane(x)|."""
+    x = plane(x)
     return 1.1 * x[torch.isfinite(x).all(dim=1)].abs().quantile(0.995).item()
 
 
 def picture(samples, data):
-    """Samples (left) beside held-out data (right): 2-D points as densities on one square fixed
-    to the data (exploded samples fall outside it), images as two grids of up to 32."""
+    """Samples (left) beside held-out data (right): points as densities on one square fixed to
+    the data (exploded samples fall outside it), images as two grids of up to 32."""
     if samples.ndim == 4:
         n = min(32, len(samples), len(data))
         return side_by_side([image_grid(samples[:n]), image_grid(data[:n])])
-    if samples.shape[1] != 2:
-        raise ValueError(f"samples: can only picture 2-D points or images, found {samples.shape}")
     hi = extent(data)
     return side_by_side([density_image(samples, hi), density_image(data[:len(samples)], hi)])
 
@@ -1563,7 +1569,8 @@ def trajectory_picture(frames, data):
     held-out data: 2-D densities (each on a square that also holds the data), or for images a
     row per sample (the first 8)."""
     if data.ndim == 4:
-        rows = torch.stack([x[:8].cpu() for _, x in frames] + [data[:8]], 1)
+        n = min(8, len(frames[0][1]), len(data))
+        rows = torch.stack([x[:n].cpu() for _, x in frames] + [data[:n]], 1)
         img = image_grid(rearrange(rows, "b k ... -> (b k) ..."), ncol=len(frames) + 1)
         header, width = torch.full((14, *img.shape[1:]), 255, dtype=torch.uint8), img.shape[1]
         for j, (done, _) in enumerate(frames):
@@ -1579,14 +1586,19 @@ def trajectory_picture(frames, data):
 
 
 def sample_als(score_fn, sigmas, x, *, steps, generator=None, callback=None):
-    """Annealed Langevin dynamics, `steps` steps per noise level; callback sees each state. [F20]"""
+    """Annealed Langevin dynamics, `steps` steps per noise level; callback(i, x) sees the state
+    after i + 1 of its len(sigmas) * steps + 1 updates (the last: Tweedie's denoising). [F20]"""
     calls = iter(range(len(sigmas) * steps + 1))
 
-    def score(x, sigma):
-        if callback is not None:
-            callback(next(calls), x)
+    def score(x, sigma):  # the j-th call sees the state after j Langevin steps
+        j = next(calls)
+        if callback is not None and j > 0:
+            callback(j - 1, x)
         return score_fn(x, sigma)
-    return annealed_langevin(score, x, sigmas, n_steps_each=steps, generator=generator)
+    x = annealed_langevin(score, x, sigmas, n_steps_each=steps, generator=generator)
+    if callback is not None:
+        callback(len(sigmas) * steps, x)
+    return x
 
 
 def no_generator(sampler):
@@ -1598,8 +1610,11 @@ def noised(method, process, x0, generator):
     """(x at a random noise level, its time (B,)), read off the model's input in the method's
     loss (x_t and t, x0 + sigma z and sigma, x_s and s): a noise-conditional classifier's data."""
     seen = []
-    method.loss(lambda x, time: seen.append((x, time)) or torch.zeros_like(x), process, x0,
-                generator)
+
+    def model(x, time):  # records its input, predicts zeros
+        seen.append((x, time))
+        return torch.zeros_like(x)
+    method.loss(model, process, x0, generator)
     return seen[0]
 
 
@@ -1621,22 +1636,26 @@ SDE_SAMPLERS = {"em": Sampler(reverse_sde_sample, 500, inpaint=True),
 
 
 METHODS = {
-    "ddpm": Method(lambda c: Schedule.from_betas(BETAS[c.schedule](c.T)), eps_model_of,
-                   lambda m, p, x0, g: eps_loss(m, p, x0, generator=g),
-                   lambda p, t: 1000 * t.float() / p.T,
-                   lambda p, shape, g, dev: torch.randn(shape, generator=g, device=dev),
-                   {"ancestral": Sampler(ddpm_sample, 250, inpaint=True, clip=True),
-                    "ddim": Sampler(ddim_sample, 50, clip=True),
-                    "dpm++": Sampler(no_generator(dpm_solver_sample), 20, clip=True)}),
-    "ncsn": Method(lambda c: geometric_sigmas(c.sigma_max, c.sigma_min, c.n_sigmas),
-                   ncsn_score_of, lambda m, p, x0, g: dsm_loss(m, x0, p, generator=g),
-                   ncsn_level,
-                   lambda p, shape, g, dev: float(p.max()) * torch.randn(shape, generator=g,
-                                                                         device=dev),
-                   {"als": Sampler(sample_als, 100, states=lambda n, p: len(p) * n + 1)}),
-    **{name: Method(make, sde_score_of, lambda m, p, x0, g: sde_loss(m, p, x0, generator=g),
-                    lambda p, s: 1000 * s, lambda p, shape, g, dev: p.prior_sample(
-                        shape, generator=g, device=dev), SDE_SAMPLERS)
+    "ddpm": Method(
+        process=lambda c: Schedule.from_betas(BETAS[c.schedule](c.T)), model_of=eps_model_of,
+        loss=lambda m, sched, x0, g: eps_loss(m, sched, x0, generator=g),
+        level=lambda sched, t: 1000 * t.float() / sched.T,
+        prior=lambda sched, shape, g, dev: torch.randn(shape, generator=g, device=dev),
+        samplers={"ancestral": Sampler(ddpm_sample, 250, inpaint=True, clip=True),
+                  "ddim": Sampler(ddim_sample, 50, clip=True),
+                  "dpm++": Sampler(no_generator(dpm_solver_sample), 20, clip=True)}),
+    "ncsn": Method(
+        process=lambda c: geometric_sigmas(c.sigma_max, c.sigma_min, c.n_sigmas),
+        model_of=ncsn_score_of, loss=lambda m, sigmas, x0, g: dsm_loss(m, x0, sigmas, generator=g),
+        level=ncsn_level,
+        prior=lambda sigmas, shape, g, dev: sigmas.max().item() * torch.randn(
+            shape, generator=g, device=dev),
+        samplers={"als": Sampler(sample_als, 100, states=lambda n, sigmas: len(sigmas) * n + 1)}),
+    **{name: Method(
+        process=make, model_of=sde_score_of,
+        loss=lambda m, sde, x0, g: sde_loss(m, sde, x0, generator=g), level=lambda sde, s: 1000 * s,
+        prior=lambda sde, shape, g, dev: sde.prior_sample(shape, generator=g, device=dev),
+        samplers=SDE_SAMPLERS)
        for name, make in (("vp", lambda c: VPSDE()), ("subvp", lambda c: SubVPSDE()),
                           ("ve", lambda c: VESDE(c.sigma_min, c.sigma_max)))},
 }
@@ -1654,9 +1673,10 @@ def out_of_range(value, lo=None, above=None, below=None, **_):
     """Why a number is out of its range, or ''."""
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, got {value}"
-    wanted = [f"{op} {bound}" for op, bound, ok in
-              ((">=", lo, lambda: value >= lo), (">", above, lambda: value > above),
-               ("<", below, lambda: value < below)) if bound is not None and not ok()]
+    wanted = [f"{op} {bound}" for op, bound, ok in ((">=", lo, lo is None or value >= lo),
+                                                    (">", above, above is None or value > above),
+                                                    ("<", below, below is None or value < below))
+              if not ok]
     return f"must be {' and '.join(wanted)}, got {value}" if wanted else ""
 
 
@@ -1728,6 +1748,7 @@ def check_config(config):
         (config.channels % 8 == 0, f"channels: {config.channels} is not a multiple of 8"),
         (config.method != "ddpm" or config.sample_steps <= config.T,
          f"sample_steps: {config.sample_steps} is more than the T = {config.T} steps of the chain"),
+        (config.levels != 1, "levels: 1 grey level has no bins; use 0 (continuous) or K >= 2"),
         (not config.sigma_max or config.sigma_max > config.sigma_min,
          f"sigma_max: {config.sigma_max} must be > sigma_min = {config.sigma_min} (or 0: auto)"),
         (not labels or config.data not in DATASETS or DATASETS[config.data](2, rng(0))[1]
@@ -1737,7 +1758,6 @@ def check_config(config):
          "classifier: a classifier takes no labels in; drop --conditional"),
         (not (config.resume and config.overwrite), "resume: --resume and --overwrite exclude "
          "each other"),
-        (config.device != "cuda" or torch.cuda.is_available(), "device: cuda is not available"),
         (not config.amp or pick_device(config.device).type == "cuda",
          "amp: bf16 autocast is for CUDA, and the device is cpu"),
     ]
@@ -1784,7 +1804,9 @@ def resolve_config(config, data):
 
 
 def pick_device(name):
-    """'auto' -> cuda when available, else cpu."""
+    """'auto' -> cuda when available, else cpu; 'cuda' without a CUDA device is a ValueError."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda is not available")
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto"
                         else name)
 
@@ -1824,8 +1846,9 @@ def train(config, stop=None):
     k = int(data.y.max()) + 1 if config.conditional or config.classifier else None
     outputs = ("ckpt.pt", "config.json", "loss.csv", "samples*.p*", "trajectory_*.png",
                "inpaint_*.p*", "classifier")  # the run's own outputs: --overwrite deletes them
-    for path in (p for o in outputs for p in out.glob(o)) if rank == 0 and config.overwrite else ():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if rank == 0 and config.overwrite:
+        for path in [p for pattern in outputs for p in out.glob(pattern)]:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     if rank == 0 and config.data not in DATASETS:
         print(f"data: {len(data.x)} training and {len(data.x_test)} held-out examples of shape "
               f"{shape}, {config.levels or 'continuous'} levels", file=sys.stderr)
@@ -1850,6 +1873,8 @@ def train(config, stop=None):
             raise ValueError(f"{out / 'ckpt.pt'}: does not fit this config ({one_line(e)})")
         ema.n_averaged.copy_(state["ema_n"])
         step, log = int(state["step"]), state["loss_log"].tolist()
+        if step > config.steps:
+            raise ValueError(f"steps: {config.steps} is below the {step} steps done (the total)")
 
     # This rank's shard; each step: batch, loss, backward, clip, Adam, EMA, log, checkpoint.
     x, y = data.x[rank::world].to(device), None if k is None else data.y[rank::world].to(device)
@@ -1971,14 +1996,14 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
     if name not in method.samplers:
         raise ValueError(f"sampler: {name!r} is not one of {sorted(method.samplers)} for method "
                          f"{m.config.method}")
-    s = method.samplers[name]
-    if known is not None and not s.inpaint:
+    spec = method.samplers[name]
+    if known is not None and not spec.inpaint:
         can = [k for k, v in method.samplers.items() if v.inpaint] or "none"
         raise ValueError(f"sampler: {name} cannot inpaint; those of {m.config.method} that can: "
                          f"{can}")
-    cap = m.process.T if isinstance(m.process, Schedule) else s.steps    # a chain has T steps
-    steps = steps or m.config.sample_steps or min(s.steps, cap)
-    states, out = s.states(steps, m.process), []
+    cap = m.process.T if isinstance(m.process, Schedule) else spec.steps    # a chain has T steps
+    steps = steps or m.config.sample_steps or min(spec.steps, cap)
+    states, out = spec.states(steps, m.process), []
     g = rng(seed, "sample", device=torch.device(device).type)
     keep = {round(j * (states - 1) / (FRAMES - 1)) for j in range(FRAMES)}
     show = progress(f"sampling ({name}, {steps} steps) state", math.ceil(n / batch) * states)
@@ -1993,24 +2018,28 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
                 frames.append((i + 1, x.float().cpu()))
         part = slice(start, start + len(x))
         options = {"known": known[part], "mask": mask[part]} if known is not None else {}
-        if s.clip and len(m.shape) == 3:
+        if spec.clip and len(m.shape) == 3:
             options["clip_x0"] = (-1.0, 1.0)
         model = guided_model(m, None if y is None else y[part].to(device), w, classifier)
-        out.append(s.fn(model, m.process, x, steps=steps, generator=g, callback=callback,
+        out.append(spec.fn(model, m.process, x, steps=steps, generator=g, callback=callback,
                         **options).float().cpu())
     return torch.cat(out).clamp(-1, 1) if len(m.shape) == 3 else torch.cat(out)
 
 
 def final_samples(m, data, device):
     """Draw config.n_samples samples, write samples.png, print their MMD^2 to k = min(n, held-out
-    / 2) held-out points beside the prior's and the noise floor (the RMS MMD^2 between 10 pairs
-    of held-out sets of k: its std for a perfect model)."""
+    / 2) >= 2 held-out points beside the prior's and the noise floor (the RMS MMD^2 between 10
+    pairs of held-out sets of k: its std for a perfect model)."""
     n, out, seed, t0 = m.config.n_samples, Path(m.config.out), m.config.seed, time.time()
     y = None if m.num_classes is None else torch.arange(n) % m.num_classes
     samples = draw_samples(m, n, seed=seed, y=y, device=device)
     seconds, x_test = time.time() - t0, data.x_test
     write_png(out / "samples.png", picture(samples, x_test))
     k, h, g = min(n, len(x_test) // 2), mmd_bandwidths(x_test), rng(seed, "mmd")
+    if k < 2:  # the unbiased MMD^2 needs two points a side
+        print(f"samples: {out / 'samples.png'} ({n} in {seconds:.1f} s); too few samples or "
+              f"held-out points ({len(x_test)}) for an MMD")
+        return {"n": k}
     prior = METHODS[m.config.method].prior(m.process, (k, *m.shape), g, "cpu")
     pairs = [torch.randperm(len(x_test), generator=g)[:2 * k] for _ in range(10)]
     floor = math.sqrt(sum(mmd2_unbiased(x_test[i[:k]], x_test[i[k:]], h) ** 2 for i in pairs) / 10)
@@ -2090,6 +2119,11 @@ def bits_per_dim(m, x, *, levels=0, steps=100, batch=256, seed=0, device="cpu"):
     if m.config.method == "ncsn":
         raise ValueError("nll: method ncsn has discrete noise levels and no likelihood; "
                          "use ddpm, vp, ve or subvp")
+    if levels == 1:
+        raise ValueError("levels: 1 grey level has no bins; use 0 (continuous) or K >= 2")
+    if not steps and m.config.method != "ddpm":
+        raise ValueError(f"steps: 0 leaves {m.config.method} without a likelihood (its only one is "
+                         "the ODE's); use steps >= 1")
     ddpm, d, dev = m.config.method == "ddpm", x[0].numel(), torch.device(device)
     w, sde = 2 / (levels - 1) if levels else 1.0, DiscreteVPSDE(m.process) if ddpm else m.process
     calls = math.ceil(len(x) / batch) * ((m.process.T if ddpm else 0) + 4 * steps)
@@ -2216,7 +2250,8 @@ def train_command(args, argv):
     the process group (nccl on GPUs, gloo on CPUs); Ctrl-C stops after the current step."""
     config_path, run_path = Path(args.out) / "config.json", Path(args.out).parent / "config.json"
     if args.resume and config_path.exists():
-        args = make_parser(replace(read_config(config_path), resume=True)).parse_args(argv)
+        args = make_parser(replace(read_config(config_path), resume=True, overwrite=False)
+                           ).parse_args(argv)
     elif args.classifier and run_path.exists():  # RUN/classifier: RUN's config, as a classifier
         args = make_parser(replace(read_config(run_path), classifier=True, conditional=False,
                                    resume=False, overwrite=False, out=args.out)).parse_args(argv)
@@ -2373,6 +2408,9 @@ def main(argv=None):
     except (ValueError, FloatingPointError) as e:
         print(f"error: {one_line(e, 1000)}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ValueError) else 1)
+    except KeyboardInterrupt:  # Ctrl-C in sample or nll, or a second one in train
+        print("interrupted (files are written whole or not at all)", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

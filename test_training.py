@@ -134,12 +134,23 @@ def test_cuda_bf16_training_lowers_the_loss(tmp_path, method):
 
 
 def test_ema_with_decay_0_equals_the_live_model_and_averages_after_its_warm_up(tmp_path):
+    """Decay 0: the EMA is the live model. Decay 0.9 with a warm-up of 28 steps: the EMA equals
+    the live weights w_28 after step 28, and after step 30 it is 0.9 (0.9 w_28 + 0.1 w_29) +
+    0.1 w_30, with w_k read off the same run stopped at 28, 29, 30 steps (resume is exact);
+    tolerance: float32 rounding of three multiply-adds, rtol 1e-5."""
     result = ds.train(small_config(tmp_path / "a", steps=20, ema=0.0, ema_warmup=0))
     for (name, live), ema in zip(result.net.state_dict().items(), result.ema.state_dict().values()):
         assert torch.equal(live, ema), name
-    result = ds.train(small_config(tmp_path / "b", steps=30, ema=0.9, ema_warmup=10))
-    live, ema = result.net.inp.weight, result.ema.inp.weight
-    assert not torch.equal(live, ema) and torch.allclose(live, ema, atol=0.1)
+    config, w = small_config(tmp_path / "b", ema=0.9, ema_warmup=28, lr_decay=False), []
+    for steps in (28, 29, 30):
+        ds.train(replace(config, steps=steps, resume=steps > 28))
+        w.append(ds.load_checkpoint(tmp_path / "b" / "ckpt.pt"))
+    for name, ema in w[2]["ema"].items():
+        assert torch.equal(w[0]["ema"][name], w[0]["model"][name]), name
+        expected = 0.9 * (0.9 * w[0]["model"][name] + 0.1 * w[1]["model"][name]) \
+            + 0.1 * w[2]["model"][name]
+        torch.testing.assert_close(ema, expected, rtol=1e-5, atol=1e-7)
+        assert not torch.equal(ema, w[2]["model"][name]), name
 
 
 # --- checkpoints, resuming, DDP, nothing lost, nothing global ------------------------------------
@@ -158,13 +169,16 @@ def same_weights(ckpt_a, ckpt_b):
 
 def test_resume_gives_the_same_weights_as_training_straight(tmp_path):
     """N steps, then N more with resume, equals 2N straight (constant lr: the schedule does not
-    depend on the total). The checkpoint is tensors only and a DDP 'module.' prefix is stripped."""
+    depend on the total); a new total below the steps done is refused. The checkpoint is tensors
+    only and a DDP 'module.' prefix is stripped."""
     config = small_config(tmp_path / "a", steps=40, ckpt_every=7, log_every=10, lr_decay=False)
     straight = ds.train(config)
     ds.train(replace(config, steps=20, out=str(tmp_path / "b")))
     resumed = ds.train(replace(config, out=str(tmp_path / "b"), resume=True))
     a, b = same_weights(straight.paths["ckpt.pt"], resumed.paths["ckpt.pt"])
     assert int(b["step"]) == 40 and torch.equal(a["loss_log"][:, :2], b["loss_log"][:, :2])
+    with pytest.raises(ValueError, match="steps: 30 is below the 40 steps done"):
+        ds.train(replace(config, steps=30, out=str(tmp_path / "b"), resume=True))
     state = torch.load(straight.paths["ckpt.pt"], weights_only=True)
     state["model"] = {"module." + k: v for k, v in state["model"].items()}
     torch.save(state, tmp_path / "ddp.pt")
@@ -214,6 +228,13 @@ def test_ddp_two_gloo_processes_keep_identical_weights_and_write_one_checkpoint(
     assert int(ds.load_checkpoint(tmp_path / "cli" / "ckpt.pt")["step"]) == 5
 
 
+def test_too_few_samples_for_an_mmd_print_no_nan(tmp_path, capsys):
+    """One final sample: the unbiased MMD^2 needs two a side, so none is printed (it was nan)."""
+    result = ds.train(small_config(tmp_path, steps=2, n_samples=1, sample_steps=2))
+    out = capsys.readouterr().out
+    assert result.quality == {"n": 1} and "too few" in out and "nan" not in out, out
+
+
 def test_a_library_call_of_train_leaves_threads_signals_and_process_groups_as_found(tmp_path,
                                                                                     monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as inside torchrun: train must not join on its own
@@ -226,7 +247,7 @@ def test_a_library_call_of_train_leaves_threads_signals_and_process_groups_as_fo
 
 def test_a_run_folder_is_never_overwritten_silently(tmp_path, capsys):
     """A new run where a checkpoint is: exit 2, one line, nothing touched; --overwrite deletes the
-    run's own outputs (stale samples, the classifier) and nothing else."""
+    run's own outputs (stale samples, the classifier) and nothing else; the new run resumes."""
     out = tmp_path / "run"
     ds.train(small_config(out, steps=5))
     (out / "samples_ddim.png").write_bytes(b"stale")
@@ -240,6 +261,8 @@ def test_a_run_folder_is_never_overwritten_silently(tmp_path, capsys):
     ds.main([*argv, "--overwrite"])
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "config.json", "loss.csv",
                                                      "notes.txt"]
+    ds.main(["train", "--out", str(out), "--resume", "--steps", "6"])  # not refused as overwrite
+    assert int(ds.load_checkpoint(out / "ckpt.pt")["step"]) == 6
 
 
 def test_atomic_writes_leave_the_umask_alone_and_give_the_usual_mode(tmp_path, monkeypatch):
@@ -276,6 +299,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resuming_it_equals_training_straight(tmp_
     ds.train(replace(config, out=str(tmp_path / "r"), resume=True))
     ds.train(replace(config, out=str(tmp_path / "straight")))
     same_weights(tmp_path / "r" / "ckpt.pt", tmp_path / "straight" / "ckpt.pt")
+
+
+def test_ctrl_c_in_sample_is_one_line_and_exit_130(tiny_runs, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ds, "draw_samples", interrupted)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        ds.main(["sample", "--run", str(tiny_runs / "cond"), "--n", "4"])
+    err = capsys.readouterr().err.strip()
+    assert exit.value.code == 130 and err.startswith("interrupted") and "\n" not in err, err
 
 
 def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
@@ -358,6 +392,7 @@ def test_bad_flag_values_exit_2_with_one_line_naming_the_flag(capsys, tmp_path, 
     (["--resume", "--overwrite"], "exclude each other"),
     (["--amp", "--device", "cpu"], "amp: bf16 autocast is for CUDA"),
     (["--T", "100", "--sample-steps", "200"], "sample_steps: 200 is more than the T = 100"),
+    (["--levels", "1"], "levels: 1 grey level has no bins"),
 ])
 def test_bad_combinations_exit_2_before_any_work(capsys, tmp_path, argv, says):
     err = one_line_error(capsys, ["train", "--out", str(tmp_path / "never"), *argv])
@@ -746,6 +781,23 @@ def test_cli_bad_guidance_and_inpainting_exit_2_naming_the_problem(tiny_runs, ca
     assert problem in err, err
 
 
+def test_nll_with_no_ode_steps_or_one_grey_level_is_refused(tiny_runs, capsys):
+    """vp, ve and subvp have only the ODE likelihood: --steps 0 would print no number; one grey
+    level has no bins to dequantize over (bin width 2 / (K - 1))."""
+    err = one_line_error(capsys, ["nll", "--run", str(tiny_runs / "shapes_vp"), "--steps", "0"])
+    assert "steps: 0 leaves vp without a likelihood" in err, err
+    err = one_line_error(capsys, ["nll", "--run", str(tiny_runs / "shapes_vp"), "--levels", "1"])
+    assert "levels: 1 grey level has no bins" in err, err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line_naming_the_flag(tiny_runs, capsys):
+    for command in ("sample", "nll"):
+        err = one_line_error(capsys, [command, "--run", str(tiny_runs / "cond"), "--device",
+                                      "cuda"])
+        assert "device: cuda is not available" in err, err
+
+
 def test_bad_conditional_training_and_mismatched_classifier_are_clear_errors(tmp_path, capsys,
                                                                              tiny_runs):
     out = ["--out", str(tmp_path / "never")]
@@ -777,6 +829,43 @@ def test_trajectories_keep_a_bounded_number_of_states_and_pictures_fix_axes_to_t
     assert torch.equal(tame[:, 326:], wild[:, 326:]) and (tame[:, 326:] < 200).any()
     picture = ds.trajectory_picture(frames, data)
     assert picture.shape == (200, (len(frames) + 1) * 204 - 4)
+
+
+@pytest.mark.parametrize("method", sorted(ds.METHODS))
+def test_every_samplers_trajectory_runs_from_its_start_to_the_samples_it_returns(method):
+    """The first frame is the prior draw, the last (marked with all the sampler's states) is the
+    returned sample: for annealed Langevin, Tweedie's denoised end, not the state before it."""
+    config = ds.TrainConfig(method=method, sigma_max=3.0, width=16, depth=1)
+    m = ds.Model(config, ds.MLP(2, 16, 1), ds.METHODS[method].process(config), (2,), None)
+    for name, sampler in ds.METHODS[method].samplers.items():
+        frames = []
+        x = ds.draw_samples(m, 5, sampler=name, steps=3, seed=1, frames=frames)
+        start = ds.METHODS[method].prior(m.process, (5, 2), ds.rng(1, "sample"), "cpu")
+        assert torch.equal(frames[0][1], start) and torch.equal(frames[-1][1], x), name
+        assert frames[-1][0] == sampler.states(3, m.process), name
+
+
+def test_pictures_show_vectors_of_any_dimension_and_few_images():
+    """Vectors (N, d) are pictured by their first two coordinates (d = 1: on the line y = 0),
+    the same picture as for those coordinates alone; image trajectories of fewer than 8 samples
+    or held-out images show as many rows as both have, colour ones too; empty cells of a grid
+    are white, not black images."""
+    g = torch.Generator().manual_seed(0)
+    x, data = torch.randn(300, 2, generator=g), torch.randn(300, 2, generator=g)
+    zero = torch.zeros(300, 1)
+    as_2d = ds.picture(x, data)
+    assert torch.equal(ds.picture(torch.cat([x, zero], 1), torch.cat([data, zero], 1)), as_2d)
+    on_line = ds.picture(torch.cat([x[:, :1], zero], 1), torch.cat([data[:, :1], zero], 1))
+    assert torch.equal(ds.picture(x[:, :1], data[:, :1]), on_line)
+    images = torch.rand(6, 1, 8, 8, generator=g) * 2 - 1
+    picture = ds.trajectory_picture([(0, images[:3]), (1, images[:3])], images)
+    assert picture.shape == (14 + 3 * 10 * 4, 3 * 10 * 4)
+    rgb = images.expand(6, 3, 8, 8)  # colour frames get the same picture, in RGB
+    colour = ds.trajectory_picture([(0, rgb[:3]), (1, rgb[:3])], rgb)
+    assert torch.equal(colour, picture[..., None].expand(*picture.shape, 3))
+    grid = ds.image_grid(-torch.ones(6, 1, 8, 8))  # 8 cells a row: the last 2 empty, white
+    assert grid.shape == (40, 320) and (grid[:, 240:] == 255).all()
+    assert (grid[4:36, 4:36] == 0).all()
 
 
 def test_a_chain_shorter_than_the_default_steps_is_sampled_with_all_its_steps(tiny_runs):
