@@ -1782,8 +1782,9 @@ def check_out(config):
                          "replace it with --overwrite")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / ".write_test", b"")
-        (out / ".write_test").unlink()
+        probe = out / f".write_test.{os.getpid()}"   # one per process: DDP ranks check at once
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as e:
         raise ValueError(f"out: cannot write to {out} ({one_line(e)})")
 
