@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -935,18 +936,30 @@ SMALL = {"train": ["--steps", "3", "--n-train", "200", "--n-samples", "16", "--s
 @pytest.fixture(scope="module")
 def readme_runs(tmp_path_factory):
     """Every README command, in order, in a folder holding only ddpm_score.py, with small step
-    counts appended (later flags win) and without NumPy: (command, completed process) pairs."""
+    counts appended (later flags win) and without NumPy: (command, completed process) pairs.
+    Commands on one run folder (runs/NAME, and a line with none joins the next one's) run in
+    README order; different run folders run two at a time, one per core."""
     root = tmp_path_factory.mktemp("readme")
     shutil.copy(HERE / "ddpm_score.py", root / "ddpm_score.py")
-    env, done = env_without_numpy(tmp_path_factory.mktemp("env")), []
-    for line in readme_commands():
+    env, lines, chains, waiting = env_without_numpy(tmp_path_factory.mktemp("env")), [], {}, []
+    for i, line in enumerate(readme_commands()):
         argv = shlex.split(line)
         argv[0] = sys.executable
         if argv[1] == "ddpm_score.py":
             argv += SMALL[argv[2]] if "--inpaint" not in argv else ["--n", "2", "--steps", "3"]
-        done.append((line, subprocess.run(argv, cwd=root, env=env, capture_output=True,
-                                          text=True, timeout=120)))
-    return root, done
+        lines.append((line, argv))
+        match, waiting = re.search(r"runs/\w+", line), waiting + [i]
+        folder = match.group() if match else "runs/default" if argv[1] == "ddpm_score.py" else ""
+        if folder:
+            chains[folder], waiting = chains.get(folder, []) + waiting, []
+    assert not waiting, lines[waiting[0]][0]
+
+    def run(chain):
+        return [(i, subprocess.run(lines[i][1], cwd=root, env=env, capture_output=True,
+                                   text=True, timeout=120)) for i in chain]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = dict(pair for chain in pool.map(run, chains.values()) for pair in chain)
+    return root, [(lines[i][0], done[i]) for i in range(len(lines))]
 
 
 def test_every_example_of_the_help_is_a_readme_command():
