@@ -308,7 +308,8 @@ def diag_eps(mu, std, alpha, sigma):
 
 
 def diag_w2(out, mu, std):
-    """W2 of N(out[0], (out[1] - out[0])^2) per dimension (the pushes of 0 and 1) to N(mu, std^2)."""
+    """W2 of N(out[0], (out[1] - out[0])^2) per dimension (the pushes of 0 and 1) to
+    N(mu, std^2)."""
     a, b = out[0], (out[1] - out[0]).abs()
     return ((a - mu).square().sum() + (b - std).square().sum()).sqrt().item()
 
@@ -339,8 +340,8 @@ class Counter:
 
 
 def ours(mu, std):
-    """name -> (process, run(x, steps, counter-wrapped model) or None) for this project's
-    few-step samplers; order 3 only where the function takes `order=`."""
+    """name -> (process, exact model, run(x, steps, model)) for this project's few-step samplers;
+    order 3 only where the function takes `order=` (inspect.signature)."""
     eps = lambda x, t: diag_eps(mu, std, AB[t[0]].sqrt().item(),  # noqa: E731
                                 (1 - AB[t[0]]).sqrt().item())(x)
 
@@ -348,17 +349,15 @@ def ours(mu, std):
         m, sd = SDE.marginal_coefs(s[:1].double())
         return -diag_eps(mu, std, m.item(), sd.item())(x) / sd.item()
     rows = {}
-    for order in (2, 3):
-        has = {f: "order" in inspect.signature(f).parameters
-               for f in (ds.dpm_solver_sample, ds.dpm_solver_sde_sample)}
-        kw = {"order": order} if order != 2 or has[ds.dpm_solver_sample] else {}
-        if order == 2 or has[ds.dpm_solver_sample]:
-            rows[f"dpm_solver_sample order {order} (linear T = 1000, eps)"] = ("discrete", eps, (
-                lambda x, n, f, kw=kw: ds.dpm_solver_sample(f, SCHED, x, steps=n, **kw)))
-        kw = {"order": order} if has[ds.dpm_solver_sde_sample] else {}
-        if order == 2 or has[ds.dpm_solver_sde_sample]:
-            rows[f"dpm_solver_sde_sample order {order} (VP SDE, score)"] = ("vp", score, (
-                lambda x, n, f, kw=kw: ds.dpm_solver_sde_sample(f, SDE, x, steps=n, **kw)))
+    for fn, process, model, label in (
+            (ds.dpm_solver_sample, "discrete", eps, "linear T = 1000, eps"),
+            (ds.dpm_solver_sde_sample, "vp", score, "VP SDE, score")):
+        has_order = "order" in inspect.signature(fn).parameters
+        for order in (2, 3) if has_order else (2,):
+            kw = {"order": order} if has_order else {}
+            arg = SCHED if process == "discrete" else SDE
+            rows[f"{fn.__name__} order {order} ({label})"] = (process, model, (
+                lambda x, n, f, fn=fn, arg=arg, kw=kw: fn(f, arg, x, steps=n, **kw)))
     rows["ode_sample rk4 (VP SDE, default grid)"] = ("vp", score, (
         lambda x, n, f: ds.ode_sample(f, SDE, x, steps=n, method="rk4")))
     return rows
