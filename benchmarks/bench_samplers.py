@@ -475,13 +475,15 @@ def lambda_grid(n):
     return s
 
 
-def diffusers_on_grid(cls, kw, s, mu, std):
+def diffusers_on_grid(cls, kw, s, mu, std, exact_history=False):
     """diffusers' scheduler run through exactly the times s_0 > ... > s_n: a schedule of n + 1
     training steps whose alpha_bar[j] is m(s_{n-j})^2 (given as trained_betas), n inference steps
     with 'linspace' spacing (timesteps n, ..., 1) and final_sigmas_type 'sigma_min' where it has
     one (the last step lands on alpha_bar[0], i.e. s_n; DEIS always does). The model is exact at the
-    scheduler's own sigma of each timestep (its float32 value), so only the solver errs; returns
-    (output on the starts, exact flow output)."""
+    scheduler's own sigma of each timestep (its float32 value), so only the solver errs. With
+    exact_history, the state after the first two (lower-order start-up) steps is replaced by the
+    exact flow's and the stored data predictions by the exact ones at the first two times: the
+    steady multistep update alone. Returns (output on the starts, exact flow output)."""
     ab = SDE.marginal_coefs(s.flip(0))[0] ** 2                # alpha_bar[j] at s_{n-j}
     betas = 1 - ab / torch.cat([torch.ones(1, dtype=F64), ab[:-1]])
     extra = {"final_sigmas_type": "sigma_min"} if cls.__name__ != "DEISMultistepScheduler" else {}
@@ -498,7 +500,11 @@ def diffusers_on_grid(cls, kw, s, mu, std):
                                           ).sqrt() * z
     z = torch.stack([torch.zeros(D, dtype=F64), torch.ones(D, dtype=F64)])
     x = start(z, 0)
-    for t in sch.timesteps:
+    for i, t in enumerate(sch.timesteps):
+        if exact_history and i == 2:     # step() shifts the history, then appends this step's
+            x = start(z, 2)
+            sch.model_outputs[1:] = [(start(z, j) - (sig * alpha)[j] * model(
+                start(z, j), sch.timesteps[j])) / alpha[j] for j in (0, 1)]
         x = sch.step(model(x, t), t, x).prev_sample
     return x, start(z, -1)
 
@@ -557,6 +563,9 @@ def order_table():
         for label, (cls, kw) in picked.items():
             rows[f"diffusers {label.replace(', default grid', '')}"] = (
                 lambda s, cls=cls, kw=kw: diffusers_on_grid(cls, kw, s, mu, std))
+        rows["diffusers DPM++3M, exact history (its 2 start-up steps replaced by the exact "
+             "flow)"] = lambda s: diffusers_on_grid(DPMSolverMultistepScheduler,
+                                                    {"solver_order": 3}, s, mu, std, True)
     for label, run in rows.items():
         errs = [w2_to(*run(lambda_grid(n))) for n in ORDER_STEPS]
         slopes = [math.log2(a / b) for a, b in zip(errs, errs[1:])]
