@@ -454,7 +454,11 @@ def fewstep_table():
                 if v < best.get(k, (math.inf,))[0]:
                     best[k] = (v, label)
         row("**best diffusers configuration at each K**", {k: v for k, (v, _) in best.items()})
-        print("| (which) | " + " | ".join(best[k][1] if k in best else "" for k in FEW) + " |")
+        short = {", default grid": "", ", use_lu_lambdas": " lu", ", use_karras_sigmas": " Karras"}
+        which = [best[k][1] if k in best else "" for k in FEW]
+        for long, brief in short.items():
+            which = [w.replace(long, brief).replace("DPM++", "") for w in which]
+        print("| (which) | " + " | ".join(which) + " |")
 
 
 def lambda_grid(n):
