@@ -20,6 +20,8 @@ train: install
 sample: install
 	$(PYTHON) ddpm_score.py sample --run runs/default
 
+# diffusers (optional, `pip install diffusers`) adds its solvers to tables 4 and 5 of bench_samplers
 bench: install
-	$(PYTHON) benchmarks/bench_samplers.py
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/bench_samplers.py
 	$(PYTHON) benchmarks/bench_train.py
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/bench_trained.py

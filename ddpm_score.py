@@ -2028,26 +2028,31 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
 
 
 def final_samples(m, data, device):
-    """Draw config.n_samples samples, write samples.png, print their MMD^2 to k = min(n, held-out
-    / 2) >= 2 held-out points beside the prior's and the noise floor (the RMS MMD^2 between 10
-    pairs of held-out sets of k: its std for a perfect model)."""
+    """Draw config.n_samples samples, write samples.png and print their mmd_report."""
     n, out, seed, t0 = m.config.n_samples, Path(m.config.out), m.config.seed, time.time()
     y = None if m.num_classes is None else torch.arange(n) % m.num_classes
     samples = draw_samples(m, n, seed=seed, y=y, device=device)
-    seconds, x_test = time.time() - t0, data.x_test
-    write_png(out / "samples.png", picture(samples, x_test))
-    k, h, g = min(n, len(x_test) // 2), mmd_bandwidths(x_test), rng(seed, "mmd")
+    seconds = time.time() - t0
+    write_png(out / "samples.png", picture(samples, data.x_test))
+    print(f"samples: {out / 'samples.png'} ({n} in {seconds:.1f} s; left samples, right held-out "
+          "data)")
+    return mmd_report(m, samples, data.x_test, seed)
+
+
+def mmd_report(m, samples, x_test, seed):
+    """Print the MMD^2 of k = min(n, held-out / 2) >= 2 samples to as many held-out points beside
+    the prior's and the noise floor (the RMS MMD^2 between 10 pairs of held-out sets of k: its
+    std for a perfect model); return them as a dict."""
+    k, h, g = min(len(samples), len(x_test) // 2), mmd_bandwidths(x_test), rng(seed, "mmd")
     if k < 2:  # the unbiased MMD^2 needs two points a side
-        print(f"samples: {out / 'samples.png'} ({n} in {seconds:.1f} s); too few samples or "
-              f"held-out points ({len(x_test)}) for an MMD")
+        print(f"too few samples ({len(samples)}) or held-out points ({len(x_test)}) for an MMD")
         return {"n": k}
     prior = METHODS[m.config.method].prior(m.process, (k, *m.shape), g, "cpu")
     pairs = [torch.randperm(len(x_test), generator=g)[:2 * k] for _ in range(10)]
     floor = math.sqrt(sum(mmd2_unbiased(x_test[i[:k]], x_test[i[k:]], h) ** 2 for i in pairs) / 10)
     quality = {"mmd2": mmd2_unbiased(samples[:k], x_test[:k], h), "floor": floor,
                "prior_mmd2": mmd2_unbiased(prior, x_test[:k], h), "n": k}
-    print(f"samples: {out / 'samples.png'} ({n} in {seconds:.1f} s; left samples, right held-out "
-          f"data)\nMMD^2 to held-out data {quality['mmd2']:.2e}, noise floor {quality['floor']:.2e}"
+    print(f"MMD^2 to held-out data {quality['mmd2']:.2e}, noise floor {quality['floor']:.2e}"
           f" (std of MMD^2 between two held-out sets of {k}), prior {quality['prior_mmd2']:.2e}"
           + (f"; only {k} per set: the MMD says little" if k < 200 else ""))
     return quality
@@ -2364,6 +2369,8 @@ def sample_command(args):
     write_png(f"{stem}.png", picture(x, data.x_test))
     print(f"wrote {stem}.pt (a dict: 'x' the samples, 'y' their labels or None) and {stem}.png "
           "(left samples, right held-out data)")
+    if args.label is None:  # samples of one class are not the data's law
+        mmd_report(m, x, data.x_test, args.seed)
     if frames:
         write_png(out / f"trajectory_{name}{tag}.png", trajectory_picture(frames, data.x_test))
         print(f"wrote {out / f'trajectory_{name}{tag}.png'} (noise on the left, each frame "

@@ -747,6 +747,35 @@ def test_cli_guided_sampling_writes_samples_of_the_class(tiny_runs, capsys):
         assert read_png(f"{stem}.png")[:3] == (2 * 320 + 6, 320, 1)  # samples | data
 
 
+def test_cli_sample_prints_the_mmd_line_of_train_computed_from_its_saved_samples(tiny_runs,
+                                                                                 capsys):
+    """`sample` on 2-D data prints train's "MMD^2 to held-out data ..., noise floor ..." line; its
+    MMD^2 is recomputed here from samples_ddim.pt and the first k = 300 held-out points: unbiased
+    MMD^2 (Gretton et al. 2012, eq. 3), the mean of 4 RBF kernels with bandwidths 1/8, 1/4, 1/2, 1
+    of the median pairwise distance of the first 1,000 held-out points; equal to the printed 3
+    significant digits."""
+    capsys.readouterr()
+    ds.main(["sample", "--run", str(tiny_runs / "uncond"), "--sampler", "ddim", "--steps", "5",
+             "--n", "300"])
+    out = capsys.readouterr().out
+    printed = re.search(r"MMD\^2 to held-out data (\S+), noise floor (\S+) \(std of MMD\^2 "
+                        r"between two held-out sets of 300\), prior (\S+)", out)
+    assert printed, out
+    x = torch.load(tiny_runs / "uncond" / "samples_ddim.pt", weights_only=True)["x"].double()
+    y = ds.get_data(ds.load_run(tiny_runs / "uncond").config).x_test[:1000].double()
+    d = (y[:, None] - y[None]).square().sum(-1).sqrt()
+    med = d[torch.triu_indices(1000, 1000, 1).unbind()].median().item()
+    x, y = x[:300], y[:300]
+
+    def k(a, b):
+        d2 = (a[:, None] - b[None]).square().sum(-1)
+        return sum(torch.exp(-d2 / (2 * (med * f) ** 2)) for f in (1 / 8, 1 / 4, 1 / 2, 1)) / 4
+    off = 1 - torch.eye(300, dtype=F64)
+    mine = ((k(x, x) * off).sum() + (k(y, y) * off).sum()) / (300 * 299) - 2 * k(x, y).mean()
+    assert float(printed[1]) == pytest.approx(mine.item(), rel=6e-3), (printed[0], mine)
+    assert 0 < float(printed[2]) < float(printed[3])
+
+
 @pytest.mark.parametrize("run, sampler", [("shapes", "ancestral"), ("shapes_vp", "em")])
 def test_cli_inpaint_keeps_the_known_pixels_and_pictures_rows(tiny_runs, run, sampler):
     """sample --inpaint --mask centre: 3 held-out images, 2 completions each. The known pixels

@@ -1,6 +1,6 @@
 """Sampler benchmark: exact accuracy per score evaluation (NFE) and the cost of the loops.
 
-    python benchmarks/bench_samplers.py            (or `make bench`; a few minutes on 2 cores)
+    python benchmarks/bench_samplers.py            (or `make bench`; a minute or two on 1 core)
 
 The data is a 16-d Gaussian N(MU, COV) (eigenvalues 0.01 .. 3.16, a random rotation and mean)
 with its exact score on the VP SDE (beta in [0.1, 20]) or the exact eps on the linear T = 1000
@@ -11,7 +11,21 @@ schedule, so the model error is zero and only the solver differs. Three tables (
    is affine in its start and its noise, so its law is read off by pushing a basis through it).
 3. Loop overhead per NFE with a free model (returns its input), beside a bare loop that does the
    same arithmetic with precomputed floats, at batch N = 100 and N = 10,000.
+4. Few-step sampling (issue 14), K = 4..20 network evaluations, counted by a wrapper around the
+   model: this project's dpm_solver_sample, dpm_solver_sde_sample (order 2, and 3 when they take
+   `order=`) and ode_sample rk4 beside diffusers' multistep solvers with their grid options
+   (DPM++2M/3M on the default, Lu-lambda and Karras grids; UniPC bh1/bh2 of order 2 and 3; DEIS
+   2 and 3), every one fed the exact eps of two diagonal 16-d Gaussians, G1 (mean -2..2, std
+   0.1..2) and G2 (mean -1..3, std 0.05..3), with each one's prior floor F (the exact flow's W2
+   from N(0, I)) and the target F + 0.75 / K^2; the best diffusers configuration at each K.
+   diffusers is optional: without it those rows are skipped with a note.
+5. Observed order of each solver: from the exact marginal at s = 0.5 (VP SDE) to s = 1e-3 on the
+   same log-SNR-uniform times for all, 25..400 steps, the W2 error to the exact flow's output.
+   diffusers' schedulers are run through exactly those times by giving them a schedule of n + 1
+   training steps whose alpha_bar are the grid's (trained_betas) and n inference steps.
+Run one table with e.g. `python benchmarks/bench_samplers.py fewstep order`.
 """
+import inspect
 import math
 import os
 import sys
@@ -272,13 +286,309 @@ def overhead_table():
         print(f"| {name} | " + " | ".join(cells) + " | <= 1.5 |", flush=True)
 
 
+# --- 4 and 5: few-step samplers beside diffusers, and their orders (issue 14) -------------------
+# Two diagonal 16-d Gaussians, neither used to tune anything: G1 mean -2..2, std log-spaced
+# 0.1..2; G2 mean -1..3, std log-spaced 0.05..3. With the exact eps every deterministic sampler is
+# affine per dimension, out = a + b x_T, so pushing x_T = 0 and x_T = 1 gives its output law
+# N(a, b^2) exactly, and W2^2 to N(mu, std^2) is sum (a - mu)^2 + (|b| - std)^2.
+GAUSSIANS = {"G1": (torch.linspace(-2, 2, D, dtype=F64), torch.logspace(-1, math.log10(2), D,
+                                                                         dtype=F64)),
+             "G2": (torch.linspace(-1, 3, D, dtype=F64), torch.logspace(math.log10(0.05),
+                                                                         math.log10(3), D,
+                                                                         dtype=F64))}
+FEW = range(4, 21)                   # NFE budgets of table 4
+ORDER_STEPS = (25, 50, 100, 200, 400)
+S_START, S_END = 0.5, 1e-3           # table 5: exact start at s = 0.5 on the VP SDE, end at 1e-3
+
+
+def diag_eps(mu, std, alpha, sigma):
+    """Exact eps of N(mu, diag std^2) at x_t = alpha x0 + sigma eps: sigma (x - alpha mu) / var."""
+    var = alpha ** 2 * std ** 2 + sigma ** 2
+    return lambda x: sigma * (x - alpha * mu) / var
+
+
+def diag_w2(out, mu, std):
+    """W2 of N(out[0], (out[1] - out[0])^2) per dimension (the pushes of 0 and 1) to
+    N(mu, std^2)."""
+    a, b = out[0], (out[1] - out[0]).abs()
+    return ((a - mu).square().sum() + (b - std).square().sum()).sqrt().item()
+
+
+def pushed(run):
+    """run(x) on the two starts x_T = 0 and x_T = 1 (a batch of 2), float64."""
+    return run(torch.stack([torch.zeros(D, dtype=F64), torch.ones(D, dtype=F64)]))
+
+
+def flow_floor(mu, std, ab_start, ab_end):
+    """W2 of the exact probability-flow ODE from N(0, I) at alpha_bar = ab_start to ab_end, to the
+    data: the flow is the monotone map between the Gaussian marginals, x -> m1 mu + sd1 / sd0
+    (x - m0 mu), so x ~ N(0, 1) lands on N(m1 mu - sd1 / sd0 m0 mu, (sd1 / sd0)^2)."""
+    m0, m1 = math.sqrt(ab_start), math.sqrt(ab_end)
+    sd0, sd1 = (m0 ** 2 * std ** 2 + 1 - ab_start).sqrt(), (m1 ** 2 * std ** 2 + 1 - ab_end).sqrt()
+    a, b = m1 * mu - sd1 / sd0 * m0 * mu, sd1 / sd0
+    return ((a - mu).square().sum() + (b - std).square().sum()).sqrt().item()
+
+
+class Counter:
+    """A model that counts its calls (the NFE) and returns fn(x, time)."""
+    def __init__(self, fn):
+        self.fn, self.n = fn, 0
+
+    def __call__(self, x, time):
+        self.n += 1
+        return self.fn(x, time)
+
+
+def ours(mu, std):
+    """name -> (process, exact model, run(x, steps, model)) for this project's few-step samplers;
+    order 3 only where the function takes `order=` (inspect.signature)."""
+    eps = lambda x, t: diag_eps(mu, std, AB[t[0]].sqrt().item(),  # noqa: E731
+                                (1 - AB[t[0]]).sqrt().item())(x)
+
+    def score(x, s):
+        m, sd = SDE.marginal_coefs(s[:1].double())
+        return -diag_eps(mu, std, m.item(), sd.item())(x) / sd.item()
+    rows = {}
+    for fn, process, model, label in (
+            (ds.dpm_solver_sample, "discrete", eps, "linear T = 1000, eps"),
+            (ds.dpm_solver_sde_sample, "vp", score, "VP SDE, score")):
+        has_order = "order" in inspect.signature(fn).parameters
+        for order in (2, 3) if has_order else (2,):
+            kw = {"order": order} if has_order else {}
+            arg = SCHED if process == "discrete" else SDE
+            rows[f"{fn.__name__} order {order} ({label})"] = (process, model, (
+                lambda x, n, f, fn=fn, arg=arg, kw=kw: fn(f, arg, x, steps=n, **kw)))
+    rows["ode_sample rk4 (VP SDE, default grid)"] = ("vp", score, (
+        lambda x, n, f: ds.ode_sample(f, SDE, x, steps=n, method="rk4")))
+    return rows
+
+
+def diffusers_configs():
+    """name -> (scheduler class, keyword arguments): diffusers' multistep solvers on its linear
+    T = 1000 betas (1e-4..0.02, the same schedule), eps prediction, every other setting its
+    default (final_sigmas_type 'zero' and lower_order_final=True where it has them), except UniPC
+    bh1, which returns nan with a final step to sigma = 0 (B(h) = h is infinite there) and is run
+    with final_sigmas_type 'sigma_min' (its last step lands on alpha_bar_1, sigma ~ 0.01)."""
+    try:
+        from diffusers import (DEISMultistepScheduler, DPMSolverMultistepScheduler,
+                               UniPCMultistepScheduler)
+    except ImportError:
+        return None
+    out = {}
+    for order in (2, 3):
+        for grid, kw in (("default grid", {}), ("use_lu_lambdas", {"use_lu_lambdas": True}),
+                         ("use_karras_sigmas", {"use_karras_sigmas": True})):
+            out[f"DPM++{order}M, {grid}"] = (DPMSolverMultistepScheduler,
+                                             {"solver_order": order, **kw})
+    for order in (2, 3):
+        for kind in ("bh1", "bh2"):
+            final = {"final_sigmas_type": "sigma_min"} if kind == "bh1" else {}
+            out[f"UniPC-{order} {kind}"] = (UniPCMultistepScheduler,
+                                            {"solver_order": order, "solver_type": kind, **final})
+    for order in (2, 3):
+        out[f"DEIS-{order}"] = (DEISMultistepScheduler, {"solver_order": order})
+    return out
+
+
+def run_diffusers(scheduler, x, model, n):
+    """The standard diffusers loop with n inference steps; model(x, t) sees each timestep."""
+    scheduler.set_timesteps(n)
+    x = x * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, t), t, x).prev_sample
+    return x
+
+
+def by_nfe(run, steps_range):
+    """{counted NFE: W2} over the step counts in steps_range (the first step count that reaches an
+    NFE keeps it); run(steps) -> (W2, counted NFE) or None."""
+    cells = {}
+    for n in steps_range:
+        got = run(n)
+        if got is not None and got[1] not in cells:
+            cells[got[1]] = got[0]
+    return cells
+
+
+def fewstep_table():
+    """Table 4: exact W2 at K = 4..20 counted NFE, beside each Gaussian's floor F + 0.75 / K^2."""
+    peers = diffusers_configs()
+    print("\n4. Few-step samplers: exact W2 to the data at K NFE (counted: each model wraps a call "
+          "counter; a column holds the first step count giving that many calls)")
+    if peers is None:
+        print("(diffusers is not installed: its rows are skipped; `pip install diffusers`)")
+    # diffusers' timestep t in 0..999 is this project's step t + 1 (alpha_bar[0] = 1 here)
+    ab_T, ab_vp_end = AB[-1].item(), SDE.marginal_coefs(torch.tensor(1e-3, dtype=F64))[0] ** 2
+    head = "| sampler | " + " | ".join(str(k) for k in FEW) + " |\n|---|" + "---|" * len(FEW)
+    for name, (mu, std) in GAUSSIANS.items():
+        floors = {"discrete": flow_floor(mu, std, ab_T, 1.0),
+                  "vp": flow_floor(mu, std, SDE.marginal_coefs(torch.ones((), dtype=F64))[0]
+                                   .item() ** 2, ab_vp_end.item())}
+        print(f"\n{name}: mean {mu[0]:g}..{mu[-1]:g}, std {std[0]:g}..{std[-1]:g} (log-spaced); "
+              f"prior floor F = {floors['discrete']:.4f} (linear T = 1000, t = T to 0), "
+              f"{floors['vp']:.4f} (VP SDE, s = 1 to 1e-3)\n{head}")
+        for kind in ("discrete", "vp"):
+            print(f"| target F + 0.75 / K^2 ({kind}) | " + " | ".join(
+                f"{floors[kind] + 0.75 / k ** 2:.3f}" for k in FEW) + " |")
+
+        def row(label, cells):
+            print(f"| {label} | " + " | ".join(
+                f"{cells[k]:.3f}" if k in cells else "" for k in FEW) + " |", flush=True)
+        for label, (_, model, sampler) in ours(mu, std).items():
+            def run(n):
+                f = Counter(model)
+                return diag_w2(pushed(lambda x: sampler(x, n, f)), mu, std), f.n
+            row(label, by_nfe(run, range(1, 25)))
+        if peers is None:
+            continue
+        best = {}
+        eps_at = lambda x, t: diag_eps(mu, std, AB[int(t) + 1].sqrt().item(),  # noqa: E731
+                                       (1 - AB[int(t) + 1]).sqrt().item())(x)
+        for label, (cls, kw) in peers.items():
+            def run(n):
+                f = Counter(eps_at)
+                return diag_w2(pushed(lambda x: run_diffusers(cls(**kw), x, f, n)), mu, std), f.n
+            cells = by_nfe(run, range(1, 25))
+            row(f"diffusers {label}", cells)
+            for k, v in cells.items():
+                if v < best.get(k, (math.inf,))[0]:
+                    best[k] = (v, label)
+        row("**best diffusers configuration at each K**", {k: v for k, (v, _) in best.items()})
+        short = {", default grid": "", ", use_lu_lambdas": " lu", ", use_karras_sigmas": " Karras"}
+        which = [best[k][1] if k in best else "" for k in FEW]
+        for long, brief in short.items():
+            which = [w.replace(long, brief).replace("DPM++", "") for w in which]
+        print("| (which) | " + " | ".join(which) + " |")
+
+
+def lambda_grid(n):
+    """n + 1 times from S_START to S_END on the VP SDE, uniform in lambda = log(m / std)
+    (bisection in float64 on each target)."""
+    def lam(s):
+        m, sd = SDE.marginal_coefs(s)
+        return torch.log(m / sd)
+    ends = lam(torch.tensor([S_START, S_END], dtype=F64))
+    targets = ends[0] + torch.linspace(0, 1, n + 1, dtype=F64) * (ends[1] - ends[0])
+    lo, hi = torch.zeros_like(targets), torch.ones_like(targets)
+    for _ in range(100):                             # lambda falls as s grows
+        mid = (lo + hi) / 2
+        big = lam(mid) > targets
+        lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
+    s = (lo + hi) / 2
+    s[0], s[-1] = S_START, S_END
+    return s
+
+
+def diffusers_on_grid(cls, kw, s, mu, std, exact_history=False):
+    """diffusers' scheduler run through exactly the times s_0 > ... > s_n: a schedule of n + 1
+    training steps whose alpha_bar[j] is m(s_{n-j})^2 (given as trained_betas), n inference steps
+    with 'linspace' spacing (timesteps n, ..., 1) and final_sigmas_type 'sigma_min' where it has
+    one (the last step lands on alpha_bar[0], i.e. s_n; DEIS always does). The model is exact at the
+    scheduler's own sigma of each timestep (its float32 value), so only the solver errs. With
+    exact_history, the state after the first two (lower-order start-up) steps is replaced by the
+    exact flow's and the stored data predictions by the exact ones at the first two times: the
+    steady multistep update alone. Returns (output on the starts, exact flow output)."""
+    ab = SDE.marginal_coefs(s.flip(0))[0] ** 2                # alpha_bar[j] at s_{n-j}
+    betas = 1 - ab / torch.cat([torch.ones(1, dtype=F64), ab[:-1]])
+    extra = {"final_sigmas_type": "sigma_min"} if cls.__name__ != "DEISMultistepScheduler" else {}
+    sch = cls(num_train_timesteps=len(s), trained_betas=betas.tolist(), lower_order_final=False,
+              **{**kw, **extra})
+    sch.set_timesteps(len(s) - 1)
+    assert sch.timesteps.tolist() == list(range(len(s) - 1, 0, -1)), sch.timesteps
+    sig = sch.sigmas.double()                                  # sigma / alpha, float32 values
+    alpha = 1 / (1 + sig ** 2).sqrt()
+    index = {int(t): i for i, t in enumerate(sch.timesteps)}
+    model = lambda x, t: diag_eps(mu, std, alpha[index[int(t)]].item(),  # noqa: E731
+                                  (sig * alpha)[index[int(t)]].item())(x)
+    start = lambda z, i: alpha[i] * mu + (alpha[i] ** 2 * std ** 2 + (sig * alpha)[i] ** 2  # noqa
+                                          ).sqrt() * z
+    z = torch.stack([torch.zeros(D, dtype=F64), torch.ones(D, dtype=F64)])
+    x = start(z, 0)
+    for i, t in enumerate(sch.timesteps):
+        if exact_history and i == 2:     # step() shifts the history, then appends this step's
+            x = start(z, 2)
+            sch.model_outputs[1:] = [(start(z, j) - (sig * alpha)[j] * model(
+                start(z, j), sch.timesteps[j])) / alpha[j] for j in (0, 1)]
+        x = sch.step(model(x, t), t, x).prev_sample
+    return x, start(z, -1)
+
+
+def order_table():
+    """Table 5: W2 error against the exact flow from an exact start, and the observed order."""
+    mu, std = GAUSSIANS["G1"]
+    print(f"\n5. Observed order: from the exact marginal at s = {S_START} to s = {S_END} on the VP "
+          "SDE (G1), n steps uniform in log-SNR (the same times for every solver), W2 of the "
+          "output law to the exact flow's; order = log2(error(n) / error(2n)); fitted: least "
+          "squares over n = 25..200 (diffusers computes in float32: its sigmas, lambdas and "
+          "DPM-Solver's sample, so its errors near 1e-5 are rounding)")
+    print("| solver | " + " | ".join(f"n = {n}" for n in ORDER_STEPS) + " | order per doubling"
+          " | fitted order (25..200) |\n|---|" + "---|" * (len(ORDER_STEPS) + 2))
+    z = torch.stack([torch.zeros(D, dtype=F64), torch.ones(D, dtype=F64)])
+
+    def score(x, s):
+        m, sd = SDE.marginal_coefs(s[:1].double())
+        return -diag_eps(mu, std, m.item(), sd.item())(x) / sd.item()
+
+    def exact(s):
+        m, sd = SDE.marginal_coefs(torch.tensor(s, dtype=F64))
+        return lambda z: m * mu + (m ** 2 * std ** 2 + sd ** 2).sqrt() * z
+
+    def w2_to(out, ref):
+        a, b = out[0] - ref[0], (out[1] - out[0]).abs() - (ref[1] - ref[0]).abs()
+        return (a.square().sum() + b.square().sum()).sqrt().item()
+
+    def ours_run(fn, **kw):
+        def run(s):
+            grid = s.tolist()
+            return fn(score, SDE, exact(grid[0])(z), steps=grid, **kw), exact(grid[-1])(z)
+        return run
+    rows = {}
+    orders = (1, 2, 3) if "order" in inspect.signature(ds.dpm_solver_sde_sample).parameters \
+        else (None,)
+    for order in orders:                             # dpm_solver_sample runs the same solver
+        try:                                         # but only from t = T: not measurable here
+            ds.dpm_solver_sde_sample(score, SDE, exact(S_START)(z), steps=[S_START, S_END],
+                                     **({} if order is None else {"order": order}))
+        except (TypeError, ValueError) as error:
+            print(f"(dpm_solver_sde_sample order {order}: {error})")
+            continue
+        label = "dpm_solver_sde_sample" + ("" if order is None else f" order {order}") + \
+            (" (2M; no order= yet)" if order is None else "")
+        rows[label] = ours_run(ds.dpm_solver_sde_sample, **({} if order is None else
+                                                           {"order": order}))
+    rows["ode_sample rk4 (4 NFE per step)"] = ours_run(ds.ode_sample, method="rk4")
+    peers = diffusers_configs()
+    if peers is None:
+        print("(diffusers is not installed: its rows are skipped)")
+    else:
+        from diffusers import DPMSolverMultistepScheduler
+        picked = {"DPM++1 (DDIM)": (DPMSolverMultistepScheduler, {"solver_order": 1}),
+                  **{k: v for k, v in peers.items() if "," not in k or "default" in k}}
+        for label, (cls, kw) in picked.items():
+            rows[f"diffusers {label.replace(', default grid', '')}"] = (
+                lambda s, cls=cls, kw=kw: diffusers_on_grid(cls, kw, s, mu, std))
+        rows["diffusers DPM++3M, exact history (its 2 start-up steps replaced by the exact "
+             "flow)"] = lambda s: diffusers_on_grid(DPMSolverMultistepScheduler,
+                                                    {"solver_order": 3}, s, mu, std, True)
+    for label, run in rows.items():
+        errs = [w2_to(*run(lambda_grid(n))) for n in ORDER_STEPS]
+        slopes = [math.log2(a / b) for a, b in zip(errs, errs[1:])]
+        logn = torch.tensor([math.log2(n) for n in ORDER_STEPS[:-1]], dtype=F64)
+        loge = torch.tensor([math.log2(e) for e in errs[:-1]], dtype=F64)
+        fit = -((logn - logn.mean()) * (loge - loge.mean())).sum() / (logn - logn.mean()).square(
+        ).sum()
+        print(f"| {label} | " + " | ".join(f"{e:.2e}" for e in errs) + " | " +
+              ", ".join(f"{p:.2f}" for p in slopes) + f" | {fit:.2f} |", flush=True)
+
+
 def main():
     load = os.getloadavg()[0]
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, 1 thread, "
           f"load average {load:.1f} ({os.cpu_count()} cores)")
-    only = sys.argv[1:] or ["likelihood", "w2", "overhead"]
-    for name in only:
-        {"likelihood": likelihood_table, "w2": w2_table, "overhead": overhead_table}[name]()
+    tables = {"likelihood": likelihood_table, "w2": w2_table, "overhead": overhead_table,
+              "fewstep": fewstep_table, "order": order_table}
+    for name in sys.argv[1:] or tables:
+        tables[name]()
 
 
 if __name__ == "__main__":
