@@ -1791,7 +1791,7 @@ def test_F7_F29_F32_clip_x0_clips_x0_hat_in_every_discrete_sampler():
     taus = ref_logsnr_steps(ab, 10) + [0]
     a, sg = [ab[t].sqrt().item() for t in taus], [(1 - ab[t]).sqrt().item() for t in taus]
     x0_of = lambda y, i: ((y - sg[i] * em(y, torch.full((len(y),), taus[i]))) / a[i]).clamp(lo, hi)
-    assert torch.allclose(ds.dpm_solver_sample(em, sched, x, steps=10, clip_x0=(lo, hi)),
+    assert torch.allclose(ds.dpm_solver_sample(em, sched, x, steps=taus, order=2, clip_x0=(lo, hi)),
                           ref_dpm_pp_2m(x0_of, x, a, sg), rtol=1e-10, atol=1e-10)
     for sample in (lambda **kw: ds.ddpm_sample(em, sched, x, steps=20, generator=_gen(9), **kw),
                    lambda **kw: ds.ddim_sample(em, sched, x, steps=20, **kw)):
@@ -2333,25 +2333,26 @@ def ref_logsnr_steps(ab, S):
 
 @pytest.mark.parametrize("S", [10, 20])
 def test_F32_dpm_solver_pp_2m_is_the_paper_update_and_near_the_data(S):
-    """[F32, F21] dpm_solver_sample (eps model on the linear T = 1000 schedule) visits S steps
-    uniform in log-SNR (computed here), its output on mixture points equals the paper's update
-    transcribed here (1e-10), and its exact law on N(MU, SIGMA) is near the data: W2 measured
-    0.055 (S = 10), 0.023 (20), against DDIM's 0.30, 0.15. dpm_solver_sde_sample on the VP SDE
-    equals the transcription on the lambda-uniform grid (inverted here in closed form) with
+    """[F32, F21] dpm_solver_sample with order = 2 (eps model on the linear T = 1000 schedule) on
+    the grid of S steps uniform in log-SNR then t = 0 (computed here; the default before issue 14)
+    visits those steps, its output on mixture points equals the paper's update transcribed here
+    (1e-10), and its exact law on N(MU, SIGMA) is near the data: W2 measured 0.055 (S = 10), 0.023
+    (20), against DDIM's 0.30, 0.15. dpm_solver_sde_sample (order 2, spacing 'logsnr') on the VP
+    SDE equals the transcription on the lambda-uniform grid (inverted here in closed form) with
     Tweedie's x0: W2 to p_{eps_s} 0.054, 0.021."""
     sched, ab = _linear_sched()
     calls = []
     x = torch.randn(64, 2, generator=_gen(38), dtype=F64)
-    out = ds.dpm_solver_sample(ref_eps_model(ref_mix_score, ab, calls), sched, x, steps=S)
-    grid = _visited(calls)
-    assert grid == ref_logsnr_steps(ab, S) and len(grid) == S
-    taus = grid + [0]
+    taus = ref_logsnr_steps(ab, S) + [0]
+    out = ds.dpm_solver_sample(ref_eps_model(ref_mix_score, ab, calls), sched, x, steps=taus,
+                               order=2)
+    assert _visited(calls) == taus[:-1] and len(calls) == S
     em = ref_eps_model(ref_mix_score, ab)
     a, sg = [ab[t].sqrt().item() for t in taus], [(1 - ab[t]).sqrt().item() for t in taus]
     x0_of = lambda y, i: (y - sg[i] * em(y, torch.full((len(y),), taus[i]))) / a[i]
     assert torch.allclose(out, ref_dpm_pp_2m(x0_of, x, a, sg), rtol=1e-10, atol=1e-10)
     law = ref_affine_law(lambda y: ds.dpm_solver_sample(ref_eps_model(ref_gauss_score, ab), sched,
-                                                        y, steps=S), 3)
+                                                        y, steps=taus, order=2), 3)
     eg = ref_eps_model(ref_gauss_score, ab)               # the transcription's exact law, too
     x0_gauss = lambda y, i: (y - sg[i] * eg(y, torch.full((len(y),), taus[i]))) / a[i]
     ref_assert_same_law(law, ref_affine_law(lambda y: ref_dpm_pp_2m(x0_gauss, y, a, sg), 3))
@@ -2364,11 +2365,12 @@ def test_F32_dpm_solver_pp_2m_is_the_paper_update_and_near_the_data(S):
     m, v, _, _ = ref_sde_coefs("vp", s)
     score_fn = ref_sde_score(ref_mix_score, "vp")
     x0_of = lambda y, i: (y + v[i] * score_fn(y, s[i].expand(len(y)))) / m[i]
-    out = ds.dpm_solver_sde_sample(score_fn, ds.VPSDE(**VP), x, steps=S)
+    out = ds.dpm_solver_sde_sample(score_fn, ds.VPSDE(**VP), x, steps=S, order=2, spacing="logsnr")
     ref = ref_dpm_pp_2m(x0_of, x, m.tolist(), v.sqrt().tolist())
     assert torch.allclose(out, ref, rtol=1e-9, atol=1e-9)
     law = ref_affine_law(lambda y: ds.dpm_solver_sde_sample(
-        ref_sde_score(ref_gauss_score, "vp"), ds.VPSDE(**VP), y, steps=S), 3)
+        ref_sde_score(ref_gauss_score, "vp"), ds.VPSDE(**VP), y, steps=S, order=2,
+        spacing="logsnr"), 3)
     assert ref_w2(*law, *ref_sde_target("vp", 1e-3)) < {10: 0.07, 20: 0.03}[S]
 
 
