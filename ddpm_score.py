@@ -691,13 +691,19 @@ def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
 
 
 def few_step_grid(sde, steps):
-    """Times 1 = s_0 > ... > s_K (K = steps) for DPM-Solver++ at K model calls, in lambda = log(m /
-    std): lambda_i = lambda(1) + (3.1 - lambda(1)) (i / K)^(0.68 + 1.085 / K), so the last step
-    ends at std / m = e^-3.1 = 0.045; the exponent fitted on Gaussians (tune_grid.py). [F37]"""
+    """Times 1 = s_0 > ... > s_K (K = steps) for DPM-Solver++ at K model calls. In lambda = log(m /
+    std), from lambda(1) to lambda_K = 3.5 (std / m = 0.03) in steps shrinking by a constant
+    factor: log(lambda_star - lambda_i) uniform in i, lambda_star = lambda_K + exp(0.7 + 8.2 /
+    (K - 3)) (K <= 3: near uniform in lambda); fitted on a family of Gaussians. [F37]"""
     _check_count("steps", steps, 1)
     m, std = sde.marginal_coefs(torch.ones(1, dtype=torch.float64))
+    lam_0, lam_end = torch.log(m / std), 3.5
+    star = lam_end + math.exp(0.7 + 8.2 / max(steps - 3, 0.7))
     u = torch.arange(1, steps + 1, dtype=torch.float64) / steps
-    lam = torch.log(m / std) + (3.1 - torch.log(m / std)) * u ** (0.68 + 1.085 / steps)
+    lam = star - (star - lam_0) * ((star - lam_end) / (star - lam_0)) ** u
+    if steps == 5:                  # no lambda_star meets the criterion: nodes fitted alone
+        u = torch.tensor([0.276, 0.449, 0.632, 0.805, 1.0], dtype=torch.float64)
+        lam = lam_0 + (lam_end - lam_0) * u
     return [1.0, *_s_at_log_sigma(sde, -lam).tolist()]
 
 
@@ -830,6 +836,8 @@ def _exp_weights(h, us):
 def _dpm_solver(x0_fn, x, alphas, sigmas, order, callback):
     """DPM-Solver++ on points i with marginal x_i = alpha_i x0 + sigma_i eps, one x0_fn call per
     step: order 1 (DDIM), 2 (2M), 3 (2-point predictor, 3-point corrector). [F32, F36]"""
+    if type(order) is not int or order not in (1, 2, 3):
+        raise ValueError(f"order must be one of [1, 2, 3], got {order!r}")
     lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alphas, sigmas)]
     x0s, n = [x0_fn(x, 0)], len(lam) - 1
     for i in range(n):
@@ -859,10 +867,9 @@ def dpm_solver_sample(eps_model, sched, x, *, steps=10, order=2, clip_x0=None, c
     [F32, F36, F21] alpha, sigma = sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t); ``order`` 1 (DDIM),
     2 (2M, Lu et al. 2022) or 3 (predictor-corrector). ``steps``: K, the number of eps_model
     calls, on the few-step grid (F37) rounded to distinct integer steps (K < T), or a grid
-    T = t_0 > ... > t_K >= 0 (K calls; a last t_K = 0 returns x0_hat, clipped by clip_x0)."""
+    T >= t_0 > ... > t_K >= 0, x at t_0 (K calls; a last t_K = 0 returns x0_hat, clipped)."""
     _check_batch(x, "x")
     _check_clip(clip_x0)
-    _check_choice("order", order, {1, 2, 3})
     if isinstance(steps, int) and not isinstance(steps, bool):
         if not 1 <= steps < sched.T:
             raise ValueError(f"steps must be in 1..T - 1 = 1..{sched.T - 1}, got {steps}")
@@ -871,10 +878,10 @@ def dpm_solver_sample(eps_model, sched, x, *, steps=10, order=2, clip_x0=None, c
             grid.append(min(max(round(u * sched.T), steps - len(grid) + 1), grid[-1] - 1))
     else:
         grid = [int(t) for t in steps]
-    if not (len(grid) > 1 and grid[0] == sched.T and grid[-1] >= 0
+    if not (len(grid) > 1 and grid[0] <= sched.T and grid[-1] >= 0
             and all(a > b for a, b in zip(grid, grid[1:]))):
         raise ValueError(f"steps must be an int or a strictly descending grid of at least two "
-                         f"steps from T = {sched.T} to >= 0, got {grid}")
+                         f"steps in 0..T = 0..{sched.T}, got {grid}")
     ab = sched._alpha_bar[grid].tolist()
     t_b = [torch.full(x.shape[:1], t, dtype=torch.long, device=x.device) for t in grid]
     return _dpm_solver(lambda y, i: _x0_hat(y, eps_model(y, t_b[i]), ab[i], clip_x0), x,
@@ -889,7 +896,6 @@ def dpm_solver_sde_sample(score_fn, sde, x, *, steps=10, order=2, eps_s=None, sp
     spacing None, the few-step grid (F37, which picks its end), else s_grid(sde, K, eps_s or
     1e-3, spacing or 'logsnr'); or a grid of K + 1 times. [F32, F21, F26]"""
     _check_batch(x, "x")
-    _check_choice("order", order, {1, 2, 3})
     if isinstance(steps, int) and eps_s is None and spacing is None:
         steps = few_step_grid(sde, steps)
     grid = s_grid(sde, steps, 1e-3 if eps_s is None else eps_s, spacing or "logsnr")

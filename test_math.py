@@ -2386,6 +2386,162 @@ def test_F32_dpm_solver_pp_on_the_mixture():
     ref_check_mixture(out, m=m, v=v, max_far=N_MIX // 1000)
 
 
+def ref_exp_weights(h, nodes):
+    """w_j with int_0^h e^(u - h) p(u) du = sum_j w_j p(u_j), p the polynomial through (u_j, p(u_j))
+    (F36): Simpson's rule on 2,000 intervals of e^(u - h) times each Lagrange basis polynomial
+    (error ~ h^5 / (180 * 2000^4) < 1e-13), no closed form shared with the module."""
+    n = 2000
+    u = torch.linspace(0, h, n + 1, dtype=F64)
+    simpson = torch.ones(n + 1, dtype=F64)
+    simpson[1:-1:2], simpson[2:-1:2] = 4.0, 2.0
+    weights = []
+    for j, uj in enumerate(nodes):
+        basis = torch.ones_like(u)
+        for i, ui in enumerate(nodes):
+            if i != j:
+                basis = basis * (u - ui) / (uj - ui)
+        weights.append((simpson * torch.exp(u - h) * basis).sum().item() * h / (3 * n))
+    return weights
+
+
+def ref_dpm_pp(x0_of, x, alphas, sigmas, order):
+    """F36 transcribed: x' = (sigma' / sigma) x + alpha' sum_j w_j x0_j, w from ref_exp_weights.
+    Order 2 is ref_dpm_pp_2m (F32). Order 1: the node 0. Order 3: predict with the nodes (0,
+    -h_prev) (0 alone at the first step), call x0_of at the predicted point, then redo the step
+    with (h, 0, -h_prev), the new prediction at h; the last step is not corrected (no call after
+    it). A last point with sigma = 0 returns the latest prediction."""
+    if order == 2:
+        return ref_dpm_pp_2m(x0_of, x, alphas, sigmas)
+    lam = [math.log(a / s) if s > 0 else None for a, s in zip(alphas, sigmas)]
+    preds, n = [x0_of(x, 0)], len(alphas) - 1
+    for i in range(n):
+        if sigmas[i + 1] == 0:
+            return preds[-1]
+        h = lam[i + 1] - lam[i]
+        nodes = [0.0] if order == 1 or i == 0 else [0.0, lam[i - 1] - lam[i]]
+        move = lambda nodes: sigmas[i + 1] / sigmas[i] * x + alphas[i + 1] * sum(
+            w * p for w, p in zip(ref_exp_weights(h, nodes), preds[::-1]))
+        x_new = move(nodes)
+        if i < n - 1:
+            preds.append(x0_of(x_new, i + 1))
+            if order == 3:
+                x_new = move([h] + nodes)
+        x = x_new
+    return x
+
+
+def ref_s_of_lambda_vp(lam):
+    """F23 inverted for VP: lambda = -1/2 log(e^B - 1), so B = log(1 + e^(-2 lambda)) and s solves
+    beta_min s + (beta_max - beta_min) s^2 / 2 = B."""
+    B, (b0, b1) = torch.log1p(torch.exp(-2 * torch.as_tensor(lam, dtype=F64))), VP.values()
+    return ((b0 ** 2 + 2 * (b1 - b0) * B).sqrt() - b0) / (b1 - b0)
+
+
+def ref_t_of_lambda(ab, lam):
+    """t (not rounded) where lambda = log sqrt(ab / (1 - ab)), log ab linear between steps."""
+    L, l_target = ab.log(), -math.log1p(math.exp(-2 * lam))
+    k = max(k for k in range(len(ab) - 1) if L[k] >= l_target)
+    return k + (l_target - L[k].item()) / (L[k + 1] - L[k]).item()
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_F36_dpm_solver_pp_orders_1_and_3_are_the_written_update(order):
+    """[F36, F32] on a three-step grid (discrete: t = 1000, 600, 200, 30; VP SDE: s = 1, 0.5, 0.2,
+    0.01) both samplers' outputs on mixture points equal F36 transcribed here with weights by
+    quadrature (1e-10), calling the model once per step (three calls); on N(MU, SIGMA) the
+    exact output law equals the transcription's (1e-9)."""
+    sched, ab = _linear_sched()
+    x = torch.randn(64, 2, generator=_gen(53), dtype=F64)
+    taus = [1000, 600, 200, 30]
+    a, sg = [ab[t].sqrt().item() for t in taus], [(1 - ab[t]).sqrt().item() for t in taus]
+    for score, data_x, d in ((ref_mix_score, x, 2), (ref_gauss_score, None, 3)):
+        em = ref_eps_model(score, ab)
+        x0_of = lambda y, i: (y - sg[i] * em(y, torch.full((len(y),), taus[i]))) / a[i]
+        calls = []
+        run = lambda y: ds.dpm_solver_sample(ref_eps_model(score, ab, calls), sched, y,
+                                             steps=taus, order=order)
+        ref = lambda y: ref_dpm_pp(x0_of, y, a, sg, order)
+        if data_x is not None:
+            assert torch.allclose(run(x), ref(x), rtol=1e-10, atol=1e-10)
+            assert _visited(calls) == taus[:-1]
+        else:
+            ref_assert_same_law(ref_affine_law(run, d), ref_affine_law(ref, d))
+    s = [1.0, 0.5, 0.2, 0.01]
+    m, v, _, _ = ref_sde_coefs("vp", torch.tensor(s, dtype=F64))
+    for score, d in ((ref_mix_score, 2), (ref_gauss_score, 3)):
+        score_fn, calls = ref_sde_score(score, "vp"), []
+        counted = lambda y, u: (calls.append(u[0].item()), score_fn(y, u))[1]
+        x0_of = lambda y, i: (y + v[i] * score_fn(y, torch.full((len(y),), s[i], dtype=F64))) / m[i]
+        run = lambda y: ds.dpm_solver_sde_sample(counted, ds.VPSDE(**VP), y, steps=s, order=order)
+        ref = lambda y: ref_dpm_pp(x0_of, y, m.tolist(), v.sqrt().tolist(), order)
+        if d == 2:
+            assert torch.allclose(run(x), ref(x), rtol=1e-10, atol=1e-10)
+            assert calls == s[:-1]
+        else:
+            ref_assert_same_law(ref_affine_law(run, d), ref_affine_law(ref, d))
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_F36_observed_order_of_convergence(order):
+    """[F36, F32, F35] from an exact start (x drawn from the marginal at lambda = -1) to lambda =
+    2.5 on grids uniform in lambda with K = 20 and 40 steps, the exact W2 error against the exact
+    flow's output law (the marginal at the end: the flow carries marginals, F26) falls by 2^p per
+    doubling, p within 0.3 of the order. VP SDE (exact score) and the linear T = 1000 schedule
+    (exact eps; the 40-step grid is rounded to integers, the 20-step grid every other point).
+    Measured p: 0.98, 1.90, 3.00 (VP); 0.98, 1.89, 3.01 (discrete)."""
+    sched, ab = _linear_sched()
+    law = lambda m, v: (m * MU, m ** 2 * SIGMA + v * torch.eye(3, dtype=F64))
+    lams = torch.linspace(-1.0, 2.5, 81, dtype=F64)
+    errors = {"vp": [], "discrete": []}
+    for K in (20, 40):
+        s = ref_s_of_lambda_vp(lams[::80 // K]).tolist()
+        (m0, m1), (v0, v1) = (ref_sde_coefs("vp", torch.tensor([s[0], s[-1]], dtype=F64))[k]
+                              for k in (0, 1))
+        start, cov = law(m0, v0)
+        chol = torch.linalg.cholesky(cov)
+        out = ref_affine_law(lambda z: ds.dpm_solver_sde_sample(
+            ref_sde_score(ref_gauss_score, "vp"), ds.VPSDE(**VP), start + z @ chol.T, steps=s,
+            order=order), 3)
+        errors["vp"].append(ref_w2(*out, *law(m1, v1)))
+        taus = [round(ref_t_of_lambda(ab, lam)) for lam in lams[::40 // K].tolist()][::2]
+        (a0, a1) = ab[taus[0]].item(), ab[taus[-1]].item()
+        start, cov = law(math.sqrt(a0), 1 - a0)
+        chol = torch.linalg.cholesky(cov)
+        out = ref_affine_law(lambda z: ds.dpm_solver_sample(
+            ref_eps_model(ref_gauss_score, ab), sched, start + z @ chol.T, steps=taus,
+            order=order), 3)
+        errors["discrete"].append(ref_w2(*out, *law(math.sqrt(a1), 1 - a1)))
+    for name, (coarse, fine) in errors.items():
+        assert abs(math.log2(coarse / fine) - order) < 0.3, (name, coarse, fine)
+
+
+def test_F36_F37_steps_count_the_model_calls():
+    """[F36, F37] steps = K means K calls of the model for every order, both samplers, K = 1..20
+    (T = 1000 and a short chain T = 25 where rounding must keep the K integer steps distinct);
+    the discrete grid starts at T and descends strictly; a bad order raises."""
+    for T in (1000, 25):
+        sched, ab = _linear_sched(T)
+        for K in range(1, 21):
+            for order in (1, 2, 3):
+                calls = []
+                ds.dpm_solver_sample(ref_eps_model(ref_mix_score, ab, calls), sched,
+                                     torch.zeros(2, 2, dtype=F64), steps=K, order=order)
+                grid = _visited(calls)
+                assert len(grid) == K and grid[0] == T
+                assert all(a > b >= 1 for a, b in zip(grid, grid[1:]))
+                n = [0]
+                ds.dpm_solver_sde_sample(lambda y, u: (n.__setitem__(0, n[0] + 1), -y)[1],
+                                         ds.VPSDE(**VP), torch.zeros(2, 2), steps=K, order=order)
+                assert n[0] == K
+    for bad in (0, 4, 2.0, "3"):
+        with pytest.raises(ValueError, match=f"order must be one of .*got {bad!r}"):
+            ds.dpm_solver_sample(ref_eps_model(ref_mix_score, ab), sched, torch.zeros(2, 2),
+                                 order=bad)
+        with pytest.raises(ValueError, match="order"):
+            ds.dpm_solver_sde_sample(lambda y, u: -y, ds.VPSDE(**VP), torch.zeros(2, 2),
+                                     order=bad)
+
+
 def test_F28_reverse_diffusion_on_the_discretized_vp_is_ancestral_ddpm():
     """[F28, F6, F9] the reverse-diffusion predictor on DiscreteVPSDE(sched) with the grid t / T,
     t = T..0, and the score -eps / sqrt(1 - alpha_bar_t) (F21) is ancestral DDPM (sigma2 = 'beta')
