@@ -866,16 +866,16 @@ def dpm_solver_sample(eps_model, sched, x, *, steps=10, order=2, clip_x0=None, c
     """DPM-Solver++: x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} sum_j w_j x0_hat_j.
     [F32, F36, F21] alpha, sigma = sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t); ``order`` 1 (DDIM),
     2 (2M, Lu et al. 2022) or 3 (predictor-corrector). ``steps``: K, the number of eps_model
-    calls, on the few-step grid (F37) rounded to distinct integer steps (K < T), or a grid
+    calls, on the few-step grid (F37) rounded to distinct integer steps (K <= T), or a grid
     T >= t_0 > ... > t_K >= 0, x at t_0 (K calls; a last t_K = 0 returns x0_hat, clipped)."""
     _check_batch(x, "x")
     _check_clip(clip_x0)
     if isinstance(steps, int) and not isinstance(steps, bool):
-        if not 1 <= steps < sched.T:
-            raise ValueError(f"steps must be in 1..T - 1 = 1..{sched.T - 1}, got {steps}")
+        if not 1 <= steps <= sched.T:
+            raise ValueError(f"steps must be in 1..T = 1..{sched.T}, got {steps}")
         grid = [sched.T]                            # rounded; room left for the later points
         for u in few_step_grid(DiscreteVPSDE(sched), steps)[1:]:
-            grid.append(min(max(round(u * sched.T), steps - len(grid) + 1), grid[-1] - 1))
+            grid.append(min(max(round(u * sched.T), steps - len(grid)), grid[-1] - 1))
     else:
         grid = [int(t) for t in steps]
     if not (len(grid) > 1 and grid[0] <= sched.T and grid[-1] >= 0

@@ -2548,9 +2548,10 @@ def test_F37_default_grids_reach_the_prior_floor(K):
 
 def test_F36_F37_steps_count_the_model_calls():
     """[F36, F37] steps = K means K calls of the model for every order, both samplers, K = 1..20
-    (T = 1000 and a short chain T = 25 where rounding must keep the K integer steps distinct);
-    the discrete grid starts at T and descends strictly; a bad order raises."""
-    for T in (1000, 25):
+    (T = 1000, and short chains T = 25 and 20 where rounding must keep the integer steps distinct
+    and K = T = 20 ends at t = 0); the discrete grid starts at T and descends strictly; a bad
+    order raises."""
+    for T in (1000, 25, 20):
         sched, ab = _linear_sched(T)
         for K in range(1, 21):
             for order in (1, 2, 3):
