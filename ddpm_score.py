@@ -27,6 +27,7 @@ References
     Dhariwal, Nichol 2021, Diffusion Models Beat GANs (classifier guidance), arXiv:2105.05233
     Ho, Salimans 2022, Classifier-Free Diffusion Guidance, arXiv:2207.12598
     Lu et al. 2022, DPM-Solver++, arXiv:2211.01095; Karras et al. 2022, EDM, arXiv:2206.00364
+    Zhao et al. 2023, UniPC (the corrector of DPM-Solver++ order 3), arXiv:2302.04867
     Dormand, Prince 1980, embedded Runge-Kutta formulae, J. Comput. Appl. Math. 6 (rk45)
 
 Three ways in
@@ -2240,7 +2241,8 @@ RUN_FLAGS = [  # (subcommands, flag, argparse keywords) of sample and nll
     ("sample nll", "--seed", dict(type=number(int, lo=0), default=0, help="(%(default)s)")),
     ("sample nll", "--device", dict(default="auto", choices=["auto", "cpu", "cuda"])),
     ("sample", "--sampler", dict(default="", choices=["", *SAMPLERS], help="('': the run's)")),
-    ("sample", "--steps", dict(type=number(int, lo=0), default=0, help="(0: its default)")),
+    ("sample", "--steps", dict(type=number(int, lo=0), default=0,
+                               help="(0: its default; for dpm++ the number of model calls)")),
     ("sample", "--n", dict(type=number(int, lo=1), help="samples (default: the run's n_samples, "
                            "2000 points or 64 images; --inpaint: 8 images)")),
     ("sample", "--trajectory", dict(action="store_true", help=f"picture {FRAMES} states too")),
