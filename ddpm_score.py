@@ -693,12 +693,12 @@ def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
 
 def few_step_grid(sde, steps):
     """Times 1 = s_0 > ... > s_K (K = steps) for DPM-Solver++ at K model calls. In lambda = log(m /
-    std), from lambda(1) to lambda_K = 3.5 (std / m = 0.03) in steps shrinking by a constant
-    factor: log(lambda_star - lambda_i) uniform in i, lambda_star = lambda_K + exp(0.7 + 8.2 /
-    (K - 3)) (K <= 3: near uniform in lambda); fitted on a family of Gaussians. [F37]"""
+    std), from lambda_0 = max(lambda(1), -5.03) to lambda_K = 3.5 (std / m = 0.03) in steps
+    shrinking by a constant factor: log(lambda_star - lambda_i) uniform in i, lambda_star =
+    lambda_K + exp(0.7 + 8.2 / (K - 3)) (K <= 3: near uniform); fitted on Gaussians. [F37]"""
     _check_count("steps", steps, 1)
     m, std = sde.marginal_coefs(torch.ones(1, dtype=torch.float64))
-    lam_0, lam_end = torch.log(m / std), 3.5
+    lam_0, lam_end = torch.log(m / std).clamp(min=-5.03), 3.5
     star = lam_end + math.exp(0.7 + 8.2 / max(steps - 3, 0.7))
     u = torch.arange(1, steps + 1, dtype=torch.float64) / steps
     lam = star - (star - lam_0) * ((star - lam_end) / (star - lam_0)) ** u
