@@ -712,8 +712,8 @@ def _time_grid(sched, steps, x):
     """Descending integer steps tau_S = T > ... > tau_1 >= 1 (all T, S evenly spaced, or given)
     and each as a (B,) LongTensor on x's device, made before the loop."""
     steps = sched.T if steps is None else steps
-    if isinstance(steps, int) and not isinstance(steps, bool):
-        if not 1 <= steps <= sched.T:
+    if isinstance(steps, int):
+        if isinstance(steps, bool) or not 1 <= steps <= sched.T:
             raise ValueError(f"steps must be in 1..T = 1..{sched.T}, got {steps}")
         steps = torch.linspace(sched.T, 1, steps, dtype=torch.float64).round().long().tolist()
     grid = [int(t) for t in steps]
@@ -854,7 +854,7 @@ def _dpm_solver(x0_fn, x, alphas, sigmas, order, callback):
         else:                                       # the interpolant through the nodes
             x = step(_exp_weights(h, nodes))
         if i < n - 1:
-            x0s.append(x0_fn(x, i + 1))
+            x0s = [*x0s[-2:], x0_fn(x, i + 1)]      # the last three predictions are enough
             if order == 3:                          # corrector: the new x0_hat joins the nodes
                 x = step(_exp_weights(h, [h] + nodes))
         if callback is not None:
@@ -871,8 +871,8 @@ def dpm_solver_sample(eps_model, sched, x, *, steps=10, order=2, clip_x0=None, c
     T >= t_0 > ... > t_K >= 0, x at t_0 (K calls; a last t_K = 0 returns x0_hat, clipped)."""
     _check_batch(x, "x")
     _check_clip(clip_x0)
-    if isinstance(steps, int) and not isinstance(steps, bool):
-        if not 1 <= steps <= sched.T:
+    if isinstance(steps, int):
+        if isinstance(steps, bool) or not 1 <= steps <= sched.T:
             raise ValueError(f"steps must be in 1..T = 1..{sched.T}, got {steps}")
         grid = [sched.T]                            # rounded; room left for the later points
         for u in few_step_grid(DiscreteVPSDE(sched), steps)[1:]:
