@@ -164,9 +164,9 @@ def main():
         ok = [c for c in torch.linspace(-0.5, 6, 66).tolist()
               if worst(geometric(c, K, lam0)).max() < 0.8]
         rule = 0.7 + 8.2 / (K - 3)
+        at_rule = worst(geometric(rule, K, lam0)).max()
         print(f"K = {K:2d}: {f'{min(ok):.1f} .. {max(ok):.1f}' if ok else 'none'}; the rule "
-              f"0.7 + 8.2 / (K - 3) = {rule:.2f}, worst {worst(geometric(rule, K, lam0)).max():.2f}",
-              flush=True)
+              f"0.7 + 8.2 / (K - 3) = {rule:.2f}, worst {at_rule:.2f}", flush=True)
     frac, loss = fit_nodes(5, lam0)
     print(f"K = 5 fitted alone: fractions {[round(f, 3) for f in frac.tolist()]}, "
           f"worst {loss:.2f}")
