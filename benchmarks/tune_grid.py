@@ -1,6 +1,6 @@
 """Fit the few-step time grid of DPM-Solver++ (FORMULAS.md F37) once, on a family of Gaussians.
 
-    OMP_NUM_THREADS=1 python benchmarks/tune_grid.py          (about two minutes on one core)
+    OMP_NUM_THREADS=1 python benchmarks/tune_grid.py          (under a minute on one core)
 
 The criterion (issue 14): at K model calls, W2(output, data) <= F + 0.75 / K^2, F the W2 to the
 data of the exact probability-flow ODE from N(0, I) at s = 1 to the same end time (the prior
