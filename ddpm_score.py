@@ -695,7 +695,7 @@ def few_step_grid(sde, steps):
     """Times 1 = s_0 > ... > s_K (K = steps) for DPM-Solver++ at K model calls. In lambda = log(m /
     std), from lambda_0 = max(lambda(1), -5.03) to lambda_K = 3.5 (std / m = 0.03) in steps
     shrinking by a constant factor: log(lambda_star - lambda_i) uniform in i, lambda_star =
-    lambda_K + exp(0.7 + 8.2 / (K - 3)) (K <= 3: near uniform); fitted on Gaussians. [F37]"""
+    lambda_K + exp(0.7 + 8.2 / (K - 3)) (K <= 3: near uniform); fitted on Gaussians. [F38]"""
     _check_count("steps", steps, 1)
     m, std = sde.marginal_coefs(torch.ones(1, dtype=torch.float64))
     lam_0, lam_end = torch.log(m / std).clamp(min=-5.03), 3.5
@@ -823,7 +823,7 @@ def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, clip_x0=None, generat
 
 def _exp_weights(h, us):
     """w_j with int_0^h e^{u - h} p(u) du = sum_j w_j p(u_j), p the polynomial through the nodes
-    u_j (at most three): the exactly integrated interpolant of DPM-Solver++. [F36]"""
+    u_j (at most three): the exactly integrated interpolant of DPM-Solver++. [F37]"""
     k = (-math.expm1(-h), h + math.expm1(-h), h * h - 2 * h - 2 * math.expm1(-h))  # u^0, u^1, u^2
     weights = []
     for j, uj in enumerate(us):
@@ -836,7 +836,7 @@ def _exp_weights(h, us):
 
 def _dpm_solver(x0_fn, x, alphas, sigmas, order, callback):
     """DPM-Solver++ on points i with marginal x_i = alpha_i x0 + sigma_i eps, one x0_fn call per
-    step: order 1 (DDIM), 2 (2M), 3 (2-point predictor, 3-point corrector). [F32, F36]"""
+    step: order 1 (DDIM), 2 (2M), 3 (2-point predictor, 3-point corrector). [F32, F37]"""
     if type(order) is not int or order not in (1, 2, 3):
         raise ValueError(f"order must be one of [1, 2, 3], got {order!r}")
     lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alphas, sigmas)]
@@ -865,9 +865,9 @@ def _dpm_solver(x0_fn, x, alphas, sigmas, order, callback):
 @torch.no_grad()
 def dpm_solver_sample(eps_model, sched, x, *, steps=10, order=2, clip_x0=None, callback=None):
     """DPM-Solver++: x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} sum_j w_j x0_hat_j.
-    [F32, F36, F21] alpha, sigma = sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t); ``order`` 1 (DDIM),
+    [F32, F37, F21] alpha, sigma = sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t); ``order`` 1 (DDIM),
     2 (2M, Lu et al. 2022) or 3 (predictor-corrector). ``steps``: K, the number of eps_model
-    calls, on the few-step grid (F37) rounded to distinct integer steps (K <= T), or a grid
+    calls, on the few-step grid (F38) rounded to distinct integer steps (K <= T), or a grid
     T >= t_0 > ... > t_K >= 0, x at t_0 (K calls; a last t_K = 0 returns x0_hat, clipped)."""
     _check_batch(x, "x")
     _check_clip(clip_x0)
@@ -892,9 +892,9 @@ def dpm_solver_sample(eps_model, sched, x, *, steps=10, order=2, clip_x0=None, c
 @torch.no_grad()
 def dpm_solver_sde_sample(score_fn, sde, x, *, steps=10, order=2, eps_s=None, spacing=None,
                           callback=None):
-    """DPM-Solver++ (F32, F36) for a score on a linear SDE: alpha = m(s), sigma = std(s), Tweedie's
+    """DPM-Solver++ (F32, F37) for a score on a linear SDE: alpha = m(s), sigma = std(s), Tweedie's
     x0_hat = (x + std^2 score) / m. ``steps``: K, the number of score_fn calls; with eps_s and
-    spacing None, the few-step grid (F37, which picks its end), else s_grid(sde, K, eps_s or
+    spacing None, the few-step grid (F38, which picks its end), else s_grid(sde, K, eps_s or
     1e-3, spacing or 'logsnr'); or a grid of K + 1 times. [F32, F21, F26]"""
     _check_batch(x, "x")
     if isinstance(steps, int) and eps_s is None and spacing is None:

@@ -2388,7 +2388,7 @@ def test_F32_dpm_solver_pp_on_the_mixture():
 
 def ref_exp_weights(h, nodes):
     """w_j with int_0^h e^(u - h) p(u) du = sum_j w_j p(u_j), p the polynomial through (u_j, p(u_j))
-    (F36): Simpson's rule on 2,000 intervals of e^(u - h) times each Lagrange basis polynomial
+    (F37): Simpson's rule on 2,000 intervals of e^(u - h) times each Lagrange basis polynomial
     (error ~ h^5 / (180 * 2000^4) < 1e-13), no closed form shared with the module."""
     n = 2000
     u = torch.linspace(0, h, n + 1, dtype=F64)
@@ -2405,7 +2405,7 @@ def ref_exp_weights(h, nodes):
 
 
 def ref_dpm_pp(x0_of, x, alphas, sigmas, order):
-    """F36 transcribed: x' = (sigma' / sigma) x + alpha' sum_j w_j x0_j, w from ref_exp_weights.
+    """F37 transcribed: x' = (sigma' / sigma) x + alpha' sum_j w_j x0_j, w from ref_exp_weights.
     Order 2 is ref_dpm_pp_2m (F32). Order 1: the node 0. Order 3: predict with the nodes (0,
     -h_prev) (0 alone at the first step), call x0_of at the predicted point, then redo the step
     with (h, 0, -h_prev), the new prediction at h; the last step is not corrected (no call after
@@ -2445,9 +2445,9 @@ def ref_t_of_lambda(ab, lam):
 
 
 @pytest.mark.parametrize("order", [1, 3])
-def test_F36_dpm_solver_pp_orders_1_and_3_are_the_written_update(order):
-    """[F36, F32] on a three-step grid (discrete: t = 1000, 600, 200, 30; VP SDE: s = 1, 0.5, 0.2,
-    0.01) both samplers' outputs on mixture points equal F36 transcribed here with weights by
+def test_F37_dpm_solver_pp_orders_1_and_3_are_the_written_update(order):
+    """[F37, F32] on a three-step grid (discrete: t = 1000, 600, 200, 30; VP SDE: s = 1, 0.5, 0.2,
+    0.01) both samplers' outputs on mixture points equal F37 transcribed here with weights by
     quadrature (1e-10), calling the model once per step (three calls); on N(MU, SIGMA) the
     exact output law equals the transcription's (1e-9)."""
     sched, ab = _linear_sched()
@@ -2482,8 +2482,8 @@ def test_F36_dpm_solver_pp_orders_1_and_3_are_the_written_update(order):
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
-def test_F36_observed_order_of_convergence(order):
-    """[F36, F32, F35] from an exact start (x drawn from the marginal at lambda = -1) to lambda =
+def test_F37_observed_order_of_convergence(order):
+    """[F37, F32, F35] from an exact start (x drawn from the marginal at lambda = -1) to lambda =
     2.5 on grids uniform in lambda with K = 20 and 40 steps, the exact W2 error against the exact
     flow's output law (the marginal at the end: the flow carries marginals, F26) falls by 2^p per
     doubling, p within 0.3 of the order. VP SDE (exact score) and the linear T = 1000 schedule
@@ -2526,11 +2526,11 @@ def ref_flow_floor(m0, v0, m1, v1, mu=MU, cov=SIGMA):
 
 
 @pytest.mark.parametrize("K", [5, 10, 20])
-def test_F37_default_grids_reach_the_prior_floor(K):
-    """[F37, F36, F32] at K model calls both samplers' defaults (eps on the linear T = 1000
+def test_F38_default_grids_reach_the_prior_floor(K):
+    """[F38, F37, F32] at K model calls both samplers' defaults (eps on the linear T = 1000
     schedule; VP score) give an exact output law on N(MU, SIGMA) (not in the grid's fitting family)
     within W2 <= F + 0.75 / K^2 of the data, F the exact flow's W2 from N(0, I) to the same end
-    (F37: lambda = log(m / std) = 3.5, for the discrete schedule rounded to an integer step).
+    (F38: lambda = log(m / std) = 3.5, for the discrete schedule rounded to an integer step).
     Measured W2 - F at K = 5, 10, 20: 0.017, -5e-5, -2e-5 (discrete); 0.019, -5e-5, -2e-5 (VP),
     against 0.03, 0.0075, 0.0019 allowed."""
     sched, ab = _linear_sched()
@@ -2546,8 +2546,8 @@ def test_F37_default_grids_reach_the_prior_floor(K):
     assert ref_w2(*law, MU, SIGMA) <= ref_flow_floor(m0, v0, m1, v1) + 0.75 / K ** 2
 
 
-def test_F36_F37_steps_count_the_model_calls():
-    """[F36, F37] steps = K means K calls of the model for every order, both samplers, K = 1..20
+def test_F37_F38_steps_count_the_model_calls():
+    """[F37, F38] steps = K means K calls of the model for every order, both samplers, K = 1..20
     (T = 1000, and short chains T = 25 and 20 where rounding must keep the integer steps distinct
     and K = T = 20 ends at t = 0); the discrete grid starts at T and descends strictly; a bad
     order raises."""

@@ -1,4 +1,4 @@
-"""Fit the few-step time grid of DPM-Solver++ (FORMULAS.md F37) once, on a family of Gaussians.
+"""Fit the few-step time grid of DPM-Solver++ (FORMULAS.md F38) once, on a family of Gaussians.
 
     OMP_NUM_THREADS=1 python benchmarks/tune_grid.py          (under a minute on one core)
 
@@ -19,7 +19,7 @@ data, are exact and differentiable in the grid. The family: 16-d diagonal Gaussi
 commutes with rotations, so a diagonal covariance loses nothing), stds from 0.02 to 5 and means
 from -4 to 4 in eight pairings, none of them the benchmark Gaussians (mean linspace(-2, 2) with
 std logspace 0.1..2; mean linspace(-1, 3) with std logspace 0.05..3) or test_math.py's 3-d one.
-The solver here is written from F32 and F36 in torch, not taken from ddpm_score; the result is
+The solver here is written from F32 and F37 in torch, not taken from ddpm_score; the result is
 then checked with ddpm_score.dpm_solver_sde_sample (VP SDE) on the family.
 """
 import math
@@ -60,7 +60,7 @@ def alpha_sigma(lam):
 
 
 def weights(h, nodes):
-    """int_0^h e^{u - h} p(u) du = sum_j w_j p(u_j), p through the nodes (F36), written out."""
+    """int_0^h e^{u - h} p(u) du = sum_j w_j p(u_j), p through the nodes (F37), written out."""
     e = torch.exp(-h)
     k = (1 - e, h - 1 + e, h * h - 2 * h + 2 - 2 * e)
     if len(nodes) == 1:
