@@ -27,6 +27,7 @@ References
     Dhariwal, Nichol 2021, Diffusion Models Beat GANs (classifier guidance), arXiv:2105.05233
     Ho, Salimans 2022, Classifier-Free Diffusion Guidance, arXiv:2207.12598
     Lu et al. 2022, DPM-Solver++, arXiv:2211.01095; Karras et al. 2022, EDM, arXiv:2206.00364
+    Zhao et al. 2023, UniPC (the corrector of DPM-Solver++ order 3), arXiv:2302.04867
     Dormand, Prince 1980, embedded Runge-Kutta formulae, J. Comput. Appl. Math. 6 (rk45)
 
 Three ways in
@@ -690,12 +691,29 @@ def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
     return [1.0, *_s_at_log_sigma(sde, log_sigma[1:-1]).tolist(), eps_s]
 
 
+def few_step_grid(sde, steps):
+    """Times 1 = s_0 > ... > s_K (K = steps) for DPM-Solver++ at K model calls. In lambda = log(m /
+    std), from lambda_0 = max(lambda(1), -5.03) to lambda_K = 3.5 (std / m = 0.03) in steps
+    shrinking by a constant factor: log(lambda_star - lambda_i) uniform in i, lambda_star =
+    lambda_K + exp(0.7 + 8.2 / (K - 3)) (K <= 3: near uniform); fitted on Gaussians. [F38]"""
+    _check_count("steps", steps, 1)
+    m, std = sde.marginal_coefs(torch.ones(1, dtype=torch.float64))
+    lam_0, lam_end = torch.log(m / std).clamp(min=-5.03), 3.5
+    star = lam_end + math.exp(0.7 + 8.2 / max(steps - 3, 0.7))
+    u = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+    lam = star - (star - lam_0) * ((star - lam_end) / (star - lam_0)) ** u
+    if steps == 5:                  # no lambda_star meets the criterion: nodes fitted alone
+        u = torch.tensor([0.276, 0.449, 0.632, 0.805, 1.0], dtype=torch.float64)
+        lam = lam_0 + (lam_end - lam_0) * u
+    return [1.0, *_s_at_log_sigma(sde, -lam).tolist()]
+
+
 def _time_grid(sched, steps, x):
     """Descending integer steps tau_S = T > ... > tau_1 >= 1 (all T, S evenly spaced, or given)
     and each as a (B,) LongTensor on x's device, made before the loop."""
     steps = sched.T if steps is None else steps
-    if isinstance(steps, int) and not isinstance(steps, bool):
-        if not 1 <= steps <= sched.T:
+    if isinstance(steps, int):
+        if isinstance(steps, bool) or not 1 <= steps <= sched.T:
             raise ValueError(f"steps must be in 1..T = 1..{sched.T}, got {steps}")
         steps = torch.linspace(sched.T, 1, steps, dtype=torch.float64).round().long().tolist()
     grid = [int(t) for t in steps]
@@ -803,53 +821,89 @@ def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, clip_x0=None, generat
     return x
 
 
-def _dpm_solver_2m(x0_fn, x, alphas, sigmas, callback):
-    """DPM-Solver++(2M) on points i with marginal x_i = alpha_i x0 + sigma_i eps. [F32]"""
+def _exp_weights(h, us):
+    """w_j with int_0^h e^{u - h} p(u) du = sum_j w_j p(u_j), p the polynomial through the nodes
+    u_j (at most three): the exactly integrated interpolant of DPM-Solver++. [F37]"""
+    k = (-math.expm1(-h), h + math.expm1(-h), h * h - 2 * h - 2 * math.expm1(-h))  # u^0, u^1, u^2
+    weights = []
+    for j, uj in enumerate(us):
+        poly, den = [1.0], 1.0                      # prod_{i != j} (u - u_i), lowest power first
+        for ui in us[:j] + us[j + 1:]:
+            poly, den = [b - ui * a for a, b in zip(poly + [0.0], [0.0] + poly)], den * (uj - ui)
+        weights.append(sum(c * kn for c, kn in zip(poly, k)) / den)
+    return weights
+
+
+def _dpm_solver(x0_fn, x, alphas, sigmas, order, callback):
+    """DPM-Solver++ on points i with marginal x_i = alpha_i x0 + sigma_i eps, one x0_fn call per
+    step: order 1 (DDIM), 2 (2M), 3 (2-point predictor, 3-point corrector). [F32, F37]"""
+    if type(order) is not int or order not in (1, 2, 3):
+        raise ValueError(f"order must be one of [1, 2, 3], got {order!r}")
     lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alphas, sigmas)]
-    h = [b - a for a, b in zip(lam, lam[1:])]
-    x0_prev = None
-    for i in range(len(h)):
-        x0 = x0_fn(x, i)
-        if sigmas[i + 1] == 0:                   # a step to sigma = 0 lands on x0 (h -> inf)
-            x = x0
-        else:
-            D = x0 if i == 0 else x0 + h[i] / (2 * h[i - 1]) * (x0 - x0_prev)
-            x = sigmas[i + 1] / sigmas[i] * x - alphas[i + 1] * math.expm1(-h[i]) * D
-        x0_prev = x0
+    x0s, n = [x0_fn(x, 0)], len(lam) - 1
+    for i in range(n):
+        if sigmas[i + 1] == 0:                      # a step to sigma = 0 lands on x0_hat (h -> inf)
+            x = x0s[-1]
+            continue
+        h, ratio, x_cur = lam[i + 1] - lam[i], sigmas[i + 1] / sigmas[i], x
+        step = lambda w: ratio * x_cur + alphas[i + 1] * sum(c * y for c, y in zip(w, x0s[::-1]))
+        nodes = [lam[j] - lam[i] for j in range(i, max(i - 2, -1), -1)][:order]   # u = 0, -h_prev
+        if order == 2 and i > 0:                    # 2M: D = x0_hat + (h / 2 h_prev) difference
+            r = -h / (2 * nodes[1])
+            x = step([-math.expm1(-h) * (1 + r), math.expm1(-h) * r])
+        else:                                       # the interpolant through the nodes
+            x = step(_exp_weights(h, nodes))
+        if i < n - 1:
+            x0s = [*x0s[-2:], x0_fn(x, i + 1)]      # the last three predictions are enough
+            if order == 3:                          # corrector: the new x0_hat joins the nodes
+                x = step(_exp_weights(h, [h] + nodes))
         if callback is not None:
             callback(i, x)
     return x
 
 
 @torch.no_grad()
-def dpm_solver_sample(eps_model, sched, x, *, steps=10, clip_x0=None, callback=None):
-    """DPM-Solver++(2M): x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_i.
-    [F32, F21] alpha, sigma = sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t); h_i the step in lambda =
-    log(alpha / sigma); D = x0_hat, after the first step (1 + 1/(2 r)) x0_hat - 1/(2 r) x0_hat_prev,
-    r = h_{i-1} / h_i (Lu et al. 2022). ``steps`` S: uniform in lambda from T to 1, rounded (any
-    repeat dropped), or a grid; the last step (to sigma = 0) returns x0_hat, clipped by clip_x0."""
+def dpm_solver_sample(eps_model, sched, x, *, steps=10, order=2, clip_x0=None, callback=None):
+    """DPM-Solver++: x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} sum_j w_j x0_hat_j.
+    [F32, F37, F21] alpha, sigma = sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t); ``order`` 1 (DDIM),
+    2 (2M, Lu et al. 2022) or 3 (predictor-corrector). ``steps``: K, the number of eps_model
+    calls, on the few-step grid (F38) rounded to distinct integer steps (K <= T), or a grid
+    T >= t_0 > ... > t_K >= 0, x at t_0 (K calls; a last t_K = 0 returns x0_hat, clipped)."""
     _check_batch(x, "x")
     _check_clip(clip_x0)
-    if isinstance(steps, int) and not isinstance(steps, bool) and 2 <= steps <= sched.T:
-        s = s_grid(DiscreteVPSDE(sched), steps - 1, 1 / sched.T, "logsnr")
-        steps = list(dict.fromkeys(max(1, round(u * sched.T)) for u in s))
-    grid, t_b = _time_grid(sched, steps, x)
-    ab = sched._alpha_bar[grid + [0]].tolist()
-    return _dpm_solver_2m(lambda y, i: _x0_hat(y, eps_model(y, t_b[i]), ab[i], clip_x0), x,
-                          [math.sqrt(a) for a in ab], [math.sqrt(1 - a) for a in ab], callback)
+    if isinstance(steps, int):
+        if isinstance(steps, bool) or not 1 <= steps <= sched.T:
+            raise ValueError(f"steps must be in 1..T = 1..{sched.T}, got {steps}")
+        grid = [sched.T]                            # rounded; room left for the later points
+        for u in few_step_grid(DiscreteVPSDE(sched), steps)[1:]:
+            grid.append(min(max(round(u * sched.T), steps - len(grid)), grid[-1] - 1))
+    else:
+        grid = [int(t) for t in steps]
+    if not (len(grid) > 1 and grid[0] <= sched.T and grid[-1] >= 0
+            and all(a > b for a, b in zip(grid, grid[1:]))):
+        raise ValueError(f"steps must be an int or a strictly descending grid of at least two "
+                         f"steps in 0..T = 0..{sched.T}, got {grid}")
+    ab = sched._alpha_bar[grid].tolist()
+    t_b = [torch.full(x.shape[:1], t, dtype=torch.long, device=x.device) for t in grid]
+    return _dpm_solver(lambda y, i: _x0_hat(y, eps_model(y, t_b[i]), ab[i], clip_x0), x,
+                       [math.sqrt(a) for a in ab], [math.sqrt(1 - a) for a in ab], order, callback)
 
 
 @torch.no_grad()
-def dpm_solver_sde_sample(score_fn, sde, x, *, steps=10, eps_s=1e-3, spacing="logsnr",
+def dpm_solver_sde_sample(score_fn, sde, x, *, steps=10, order=2, eps_s=None, spacing=None,
                           callback=None):
-    """DPM-Solver++(2M) for a score on a linear SDE, s = 1 to eps_s: alpha = m(s), sigma = std(s),
-    Tweedie's x0_hat = (x + std^2 score) / m; uniform in lambda by default. [F32, F21, F26]"""
+    """DPM-Solver++ (F32, F37) for a score on a linear SDE: alpha = m(s), sigma = std(s), Tweedie's
+    x0_hat = (x + std^2 score) / m. ``steps``: K, the number of score_fn calls; with eps_s and
+    spacing None, the few-step grid (F38, which picks its end), else s_grid(sde, K, eps_s or
+    1e-3, spacing or 'logsnr'); or a grid of K + 1 times. [F32, F21, F26]"""
     _check_batch(x, "x")
-    grid = s_grid(sde, steps, eps_s, spacing)
+    if isinstance(steps, int) and eps_s is None and spacing is None:
+        steps = few_step_grid(sde, steps)
+    grid = s_grid(sde, steps, 1e-3 if eps_s is None else eps_s, spacing or "logsnr")
     _, _, m, std = zip(*_coefs(sde, grid).values())
     s_b = [_full(x, s) for s in grid]
-    return _dpm_solver_2m(lambda y, i: (y + std[i] ** 2 * score_fn(y, s_b[i])) / m[i], x, m, std,
-                          callback)
+    return _dpm_solver(lambda y, i: (y + std[i] ** 2 * score_fn(y, s_b[i])) / m[i], x, m, std,
+                       order, callback)
 
 
 @torch.no_grad()
@@ -2192,7 +2246,8 @@ RUN_FLAGS = [  # (subcommands, flag, argparse keywords) of sample and nll
     ("sample nll", "--seed", dict(type=number(int, lo=0), default=0, help="(%(default)s)")),
     ("sample nll", "--device", dict(default="auto", choices=["auto", "cpu", "cuda"])),
     ("sample", "--sampler", dict(default="", choices=["", *SAMPLERS], help="('': the run's)")),
-    ("sample", "--steps", dict(type=number(int, lo=0), default=0, help="(0: its default)")),
+    ("sample", "--steps", dict(type=number(int, lo=0), default=0,
+                               help="(0: its default; for dpm++ the number of model calls)")),
     ("sample", "--n", dict(type=number(int, lo=1), help="samples (default: the run's n_samples, "
                            "2000 points or 64 images; --inpaint: 8 images)")),
     ("sample", "--trajectory", dict(action="store_true", help=f"picture {FRAMES} states too")),

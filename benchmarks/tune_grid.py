@@ -1,0 +1,178 @@
+"""Fit the few-step time grid of DPM-Solver++ (FORMULAS.md F38) once, on a family of Gaussians.
+
+    OMP_NUM_THREADS=1 python benchmarks/tune_grid.py          (under a minute on one core)
+
+The criterion (issue 14): at K model calls, W2(output, data) <= F + 0.75 / K^2, F the W2 to the
+data of the exact probability-flow ODE from N(0, I) at s = 1 to the same end time (the prior
+floor). The grid lives in lambda = log(alpha / sigma) (half the log-SNR), from lambda_0 = lambda(1)
+of VP(0.1, 20), -5.03 (the module starts at max(lambda(1), -5.03)) to LAM_END = 3.5 (sigma / alpha
+= 0.03; the end is fixed, not fitted: stopping earlier raises F as fast as it lowers the error, so
+the criterion alone would push the end back towards the noise). Between them the steps shrink by a
+constant factor: log(lambda_star - lambda_i) is uniform in i, and c = log(lambda_star - LAM_END)
+is scanned per K, printing the interval of c that meets the criterion with margin (worst
+(W2 - F) K^2 / 0.75 below 0.8) on every family member; the rule c = 0.7 + 8.2 / (K - 3) lies in
+every interval for K = 6..20. No c works at K = 5, so its four interior nodes are fitted alone
+(Adam on a smooth maximum over the family) and stored as fractions of [lambda_0, LAM_END].
+
+For Gaussian data the solver is affine in its start, so its output law, and its W2 distance to the
+data, are exact and differentiable in the grid. The family: 16-d diagonal Gaussians (the solver
+commutes with rotations, so a diagonal covariance loses nothing), stds from 0.02 to 5 and means
+from -4 to 4 in eight pairings, none of them the benchmark Gaussians (mean linspace(-2, 2) with
+std logspace 0.1..2; mean linspace(-1, 3) with std logspace 0.05..3) or test_math.py's 3-d one.
+The solver here is written from F32 and F37 in torch, not taken from ddpm_score; the result is
+then checked with ddpm_score.dpm_solver_sde_sample (VP SDE) on the family.
+"""
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import ddpm_score as ds  # noqa: E402
+
+F64 = torch.float64
+D, KS, LAM_END = 16, range(5, 21), 3.5
+
+
+def logspace(a, b):
+    return torch.logspace(math.log10(a), math.log10(b), D, dtype=F64)
+
+
+def linspace(a, b):
+    return torch.linspace(a, b, D, dtype=F64)
+
+
+FAMILY = [(linspace(-3, 3), logspace(0.02, 5)),
+          (linspace(-3, 3), logspace(0.02, 5).flip(0)),
+          (torch.zeros(D, dtype=F64), logspace(0.03, 1)),
+          (linspace(-3, 3), logspace(0.3, 5)),
+          (linspace(0, 4), logspace(0.02, 0.5)),
+          (linspace(-4, 0), logspace(0.5, 4)),
+          (linspace(-1, 1), torch.full((D,), 0.1, dtype=F64)),
+          (torch.full((D,), 2.0, dtype=F64), torch.ones(D, dtype=F64))]
+MU, STD = torch.stack([m for m, _ in FAMILY]), torch.stack([s for _, s in FAMILY])   # (8, D)
+
+
+def alpha_sigma(lam):
+    """VP: alpha^2 = sigmoid(2 lambda), sigma^2 = sigmoid(-2 lambda)."""
+    return torch.sigmoid(2 * lam).sqrt(), torch.sigmoid(-2 * lam).sqrt()
+
+
+def weights(h, nodes):
+    """int_0^h e^{u - h} p(u) du = sum_j w_j p(u_j), p through the nodes (F37), written out."""
+    e = torch.exp(-h)
+    k = (1 - e, h - 1 + e, h * h - 2 * h + 2 - 2 * e)
+    if len(nodes) == 1:
+        return [k[0]]
+    if len(nodes) == 2:
+        u0, u1 = nodes
+        return [(k[1] - u1 * k[0]) / (u0 - u1), (k[1] - u0 * k[0]) / (u1 - u0)]
+    u0, u1, u2 = nodes
+    lagrange = lambda a, b, uj: (k[2] - (a + b) * k[1] + a * b * k[0]) / ((uj - a) * (uj - b))
+    return [lagrange(u1, u2, u0), lagrange(u0, u2, u1), lagrange(u0, u1, u2)]
+
+
+def solve(lam, order, mu=MU, std=STD):
+    """(A, b): the solver's output is A x + b per entry, x the N(0, 1) start at lam[0]."""
+    alpha, sigma = alpha_sigma(lam)
+    gain = lambda i: alpha[i] * std ** 2 / (alpha[i] ** 2 * std ** 2 + sigma[i] ** 2)
+    x0 = lambda i, A, b: (gain(i) * A, mu + gain(i) * (b - alpha[i] * mu))     # E[x0 | x], affine
+    A, b = torch.ones_like(std), torch.zeros_like(std)
+    preds, K = [x0(0, A, b)], len(lam) - 1
+    for i in range(K):
+        h, ratio = lam[i + 1] - lam[i], sigma[i + 1] / sigma[i]
+        nodes = [lam[j] - lam[i] for j in range(i, max(i - 2, -1), -1)][:order]
+        if order == 2 and i > 0:
+            r = -h / (2 * nodes[1])
+            w = [(1 - torch.exp(-h)) * (1 + r), -(1 - torch.exp(-h)) * r]
+        else:
+            w = weights(h, nodes)
+        step = lambda w: [ratio * v + alpha[i + 1] * sum(c * p[n] for c, p in zip(w, preds[::-1]))
+                          for n, v in enumerate((A, b))]
+        A_new, b_new = step(w)
+        if i < K - 1:
+            preds.append(x0(i + 1, A_new, b_new))
+            if order == 3:
+                A_new, b_new = step(weights(h, [h] + nodes))
+        A, b = A_new, b_new
+    return A, b
+
+
+def w2(A, b, mu=MU, std=STD):
+    """W2 from N(b, A^2) (per entry) to N(mu, std^2), per family member."""
+    return ((b - mu) ** 2 + (A.abs() - std) ** 2).sum(-1).sqrt()
+
+
+def floor(lam0, lamK, mu=MU, std=STD):
+    """W2 to the data of the exact flow from N(0, 1) at lam0 to lamK: x -> m_K mu + r (x - m_0 mu),
+    r = sqrt(C_K / C_0), C = alpha^2 std^2 + sigma^2 (the monotone map between the marginals)."""
+    (a0, s0), (a1, s1) = alpha_sigma(lam0), alpha_sigma(lamK)
+    r = ((a1 ** 2 * std ** 2 + s1 ** 2) / (a0 ** 2 * std ** 2 + s0 ** 2)).sqrt()
+    return w2(r, a1 * mu - r * a0 * mu, mu, std)
+
+
+def geometric(c, K, lam0):
+    """lambda_0..lambda_K: log(lambda_star - lambda_i) uniform in i; lambda_star = LAM_END + e^c."""
+    star = LAM_END + math.exp(c)
+    u = torch.arange(K + 1, dtype=F64) / K
+    return star - (star - lam0) * ((star - LAM_END) / (star - lam0)) ** u
+
+
+def worst(lam, order=2, mu=MU, std=STD):
+    """Per family member, (W2 - F) K^2 / 0.75: at most 1 where the criterion holds."""
+    K = len(lam) - 1
+    error = w2(*solve(lam, order, mu, std), mu, std) - floor(lam[0], lam[-1], mu, std)
+    return error * K * K / 0.75
+
+
+def fit_nodes(K, lam0, iters=300):
+    """Interior nodes as fractions of [lambda_0, LAM_END], Adam on a smooth maximum of worst()."""
+    theta = torch.zeros(K, dtype=F64, requires_grad=True)
+    opt = torch.optim.Adam([theta], lr=0.05)
+    for _ in range(iters):
+        frac = torch.cat([torch.zeros(1, dtype=F64), torch.softmax(theta, 0).cumsum(0)])
+        loss = torch.logsumexp(20 * worst(lam0 + (LAM_END - lam0) * frac), 0) / 20
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return frac.detach()[1:-1], loss.item()
+
+
+def module_worst(K):
+    """worst() of ddpm_score.dpm_solver_sde_sample's default at K calls on the family (VP SDE)."""
+    sde, out = ds.VPSDE(), []
+    s_end = torch.tensor(ds.few_step_grid(sde, K)[-1:], dtype=F64)
+    (m0, m1), (sd0, sd1) = sde.marginal_coefs(torch.tensor([1.0, s_end.item()], dtype=F64))
+    for mu, std in FAMILY:
+        def score(x, s):
+            m, sd = sde.marginal_coefs(s[:1].double())
+            return -(x - m * mu) / (m * m * std ** 2 + sd ** 2)
+        x = torch.cat([torch.zeros(1, D, dtype=F64), torch.eye(D, dtype=F64)])
+        y = ds.dpm_solver_sde_sample(score, sde, x, steps=K)
+        A, b = (y[1:] - y[0]).diagonal(), y[0]
+        F = floor(torch.log(m0 / sd0), torch.log(m1 / sd1), mu, std)
+        out.append(((w2(A, b, mu, std) - F) * K * K / 0.75).item())
+    return max(out)
+
+
+def main():
+    torch.set_num_threads(1)
+    lam0 = torch.tensor(-5.025, dtype=F64)
+    print(f"c = log(lambda_star - {LAM_END}) meeting the criterion with margin on every member:")
+    for K in KS:
+        ok = [c for c in torch.linspace(-0.5, 6, 66).tolist()
+              if worst(geometric(c, K, lam0)).max() < 0.8]
+        rule = 0.7 + 8.2 / (K - 3)
+        at_rule = worst(geometric(rule, K, lam0)).max()
+        print(f"K = {K:2d}: {f'{min(ok):.1f} .. {max(ok):.1f}' if ok else 'none'}; the rule "
+              f"0.7 + 8.2 / (K - 3) = {rule:.2f}, worst {at_rule:.2f}", flush=True)
+    frac, loss = fit_nodes(5, lam0)
+    print(f"K = 5 fitted alone: fractions {[round(f, 3) for f in frac.tolist()]}, "
+          f"worst {loss:.2f}")
+    print("ddpm_score's default, worst over the family per K:",
+          {K: round(module_worst(K), 2) for K in KS})
+
+
+if __name__ == "__main__":
+    main()
