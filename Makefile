@@ -23,3 +23,4 @@ sample: install
 bench: install
 	$(PYTHON) benchmarks/bench_samplers.py
 	$(PYTHON) benchmarks/bench_train.py
+	$(PYTHON) benchmarks/bench_nll.py
