@@ -688,6 +688,52 @@ def test_f36_nll_of_independent_17_level_pixels_with_the_exact_eps_is_the_bound_
     assert gap.mean().item() > -5 * se
 
 
+@pytest.mark.parametrize("levels", [2, 17, 256])
+def test_f27_ode_bits_per_dim_of_grid_data_is_the_dequantized_density_minus_log2_bin_width(levels):
+    """Data on K levels, d = 4, scored under a known density: the model N(0.3, 0.5^2 I) (its exact
+    eps at every continuous time, gaussian_eps_net), T = 100. The ODE of a ddpm run starts at s =
+    1 / T, so it returns log p_{1/T}(y) of the dequantized y = x + w (u - 1/2), w = 2 / (K - 1),
+    u ~ U(0, 1), with p_{1/T} = N(a m, v I), a^2 = alpha_bar_1, v = a^2 c^2 + 1 - a^2. Averaged
+    over u, per example: sum_i [1/2 log(2 pi v) + ((x_i - a m)^2 + w^2 / 12) / (2 v)] nats, and
+    the printed bits/dim subtract d log w: expected = (that - d ln w) / (d ln 2) (F27). The mean
+    difference must be within 5 paired SE (spread from u) + 2e-3 bits (RK4, 20 steps). The sign
+    of the offset is worth 2 |log2 w| = 2, 8 and 16 bits at K = 2, 17, 256."""
+    T, mean, std0, d, n = 100, 0.3, 0.5, 4, 200
+    sched = ds.Schedule.from_betas(ds.linear_betas(T))
+    z = torch.randn(n, d, generator=torch.Generator().manual_seed(1), dtype=F64)
+    k = ((mean + std0 * z + 1) * (levels - 1) / 2).round().clamp(0, levels - 1)
+    x, w = 2 * k / (levels - 1) - 1, 2 / (levels - 1)
+    m = as_model(ds.TrainConfig(method="ddpm", T=T), gaussian_eps_net(sched, mean, std0), sched,
+                 (d,))
+    bpd, _ = ds.bits_per_dim(m, x, levels=levels, steps=20, batch=n)
+    a2 = alpha_bars(sched)[1].item()
+    v = a2 * std0 ** 2 + 1 - a2
+    nats = (0.5 * math.log(2 * math.pi * v) + ((x - math.sqrt(a2) * mean) ** 2 + w ** 2 / 12)
+            / (2 * v)).sum(1)
+    expected = (nats - d * math.log(w)) / (d * math.log(2))
+    diff = bpd["ode"].double() - expected
+    se = diff.std().item() / math.sqrt(n)
+    assert abs(diff.mean().item()) < 5 * se + 2e-3, (diff.mean(), se)
+
+
+def test_f35_ode_likelihood_of_a_ddpm_run_queries_the_network_only_at_trained_noise_levels():
+    """A ddpm network is trained at t = 1..T only, i.e. c = 1000 t / T >= 1000 / T: bits_per_dim
+    (the ELBO and the ODE through DiscreteVPSDE, which must start at s = 1 / T, not at the SDEs'
+    1e-5) never calls it below c = 1000 / T, nor above 1000. Recorded at every call, T = 10."""
+    T, seen = 10, []
+    sched = ds.Schedule.from_betas(ds.linear_betas(T))
+
+    def net(x, c, y=None):
+        seen.append(c.detach().double())
+        return 0.1 * x
+    m = as_model(ds.TrainConfig(method="ddpm", T=T), net, sched, (1, 2, 2))
+    x = torch.linspace(-1, 1, 12).reshape(3, 1, 2, 2)
+    ds.bits_per_dim(m, x, levels=3, steps=2)
+    c = torch.cat(seen)
+    assert len(seen) == T + 4 * 2  # T calls for the ELBO; RK4: 4 stages x 2 steps
+    assert c.min() >= 1000 / T * (1 - 1e-6) and c.max() <= 1000 * (1 + 1e-6), (c.min(), c.max())
+
+
 def test_nll_of_a_trained_run_is_vlb_bpd_computed_directly_in_bounded_batches(tiny_runs, capsys):
     """`nll` on the trained ring run prints the mean of vlb_bpd (F10) over fixed-size batches with
     the generators rng(seed, 'elbo', batch): recomputed here, it agrees to the printed 6
@@ -950,7 +996,7 @@ def test_trajectory_frames_are_never_wider_than_the_starting_noise():
 def test_your_own_images_with_labels_end_to_end(tmp_path, capsys):
     """A user's file of 17-level 8x8 images with labels in a .pt dict: held-out share set by
     --holdout, image defaults, levels detected, the absolute data path stored (the run works
-    from another folder), samples clipped to [-1, 1], nll --data in dequantized bits/dim."""
+    from another folder), samples clipped to [-1, 1], nll --data in bits per 17-level value."""
     k = torch.randint(0, 17, (200, 1, 8, 8), generator=torch.Generator().manual_seed(0))
     torch.save({"x": k / 8 - 1, "y": torch.arange(200) % 3}, tmp_path / "mine.pt")
     cwd = os.getcwd()
@@ -971,7 +1017,8 @@ def test_your_own_images_with_labels_end_to_end(tmp_path, capsys):
     ds.main(["nll", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "mine.pt"), "--n",
              "4", "--steps", "0"])
     out = capsys.readouterr().out
-    assert "elbo bits/dim" in out and "17-level data dequantized" in out and "n=4" in out
+    assert "elbo bits/dim" in out and "17-level data: bits per 17-level value" in out
+    assert "n=4" in out
 
 
 # --- the README, verbatim ------------------------------------------------------------------------
