@@ -236,6 +236,61 @@ def test_too_few_samples_for_an_mmd_print_no_nan(tmp_path, capsys):
     assert result.quality == {"n": 1} and "too few" in out and "nan" not in out, out
 
 
+def test_mmd2_unbiased_is_the_u_statistic_written_out():
+    """mmd2_unbiased (printed by train as 'MMD^2 to held-out data', and for the prior and the
+    noise floor) is Gretton et al.'s unbiased estimate, written here with explicit loops over
+    pairs i != j and the mean of the Gaussian kernels over the bandwidths; float64, 1e-12."""
+    g = torch.Generator().manual_seed(0)
+    x, y, bandwidths = torch.randn(5, 2, generator=g), torch.randn(4, 2, generator=g), [0.5, 2]
+    y = y + 0.5
+
+    def k(a, b):
+        d2 = sum((float(u) - float(v)) ** 2 for u, v in zip(a, b))
+        return sum(math.exp(-d2 / (2 * h * h)) for h in bandwidths) / len(bandwidths)
+
+    def within(a):
+        pairs = [(i, j) for i in range(len(a)) for j in range(len(a)) if i != j]
+        return sum(k(a[i], a[j]) for i, j in pairs) / len(pairs)
+    cross = sum(k(a, b) for a in x for b in y) / (len(x) * len(y))
+    expected = within(x) + within(y) - 2 * cross
+    assert abs(ds.mmd2_unbiased(x, y, bandwidths) - expected) < 1e-12
+
+
+def test_progress_prints_the_rate_since_start_and_the_time_left(monkeypatch, capsys):
+    """The progress line (train, sample, nll): 'label done/total  rate/s  N s left' with rate =
+    (done - start) / seconds since the call (start: the steps a resumed run had done) and the
+    time left (total - done) / rate; printed at multiples of `every` and at the end."""
+    clock = iter([100.0, 100.0, 105.0, 110.0])  # progress() reads the clock twice, then per show
+    monkeypatch.setattr(ds.time, "time", lambda: next(clock))
+    show = ds.progress("step", 100, every=10, start=20)
+    show(30, "  loss 0.5000")
+    show(100)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["step 30/100  loss 0.5000  2.0/s  35 s left", "step 100/100  8.0/s  0 s left"]
+
+
+def test_classifier_accuracy_is_overall_and_on_the_least_noisy_tenth(tmp_path, capsys):
+    """classifier_accuracy (printed after training a classifier): a stand-in classifier that is
+    right exactly when its noise level c is below 100 (of 1000) scores the share of such levels
+    overall and 100% on the least noisy tenth; chance is 1 / (number of classes)."""
+    config = ds.TrainConfig(data="ring", classifier=True, T=1000, out=str(tmp_path))
+    process = ds.METHODS["ddpm"].process(config)
+    n, k = 2000, 8
+    y = torch.arange(n) % k
+
+    def net(x, c):  # the true class where c < 100, the next one elsewhere
+        right = (c < 100).long()
+        return torch.nn.functional.one_hot((y + 1 - right) % k, k).float()
+    m = ds.Model(config, net, process, (2,), k)
+    data = ds.Data(None, None, torch.randn(n, 2), y)
+    quality = ds.classifier_accuracy(m, data, torch.device("cpu"), n=n)
+    t_share = 99 / 1000  # c = t < 100 for t = 1..99 of 1..1000, uniform
+    se = math.sqrt(t_share * (1 - t_share) / n)
+    assert abs(quality["accuracy"] - t_share) < 5 * se, quality
+    assert quality["low_noise_accuracy"] == 1.0 and quality["n"] == n
+    assert "(chance 12.5%)" in capsys.readouterr().out
+
+
 def test_a_library_call_of_train_leaves_threads_signals_and_process_groups_as_found(tmp_path,
                                                                                     monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as inside torchrun: train must not join on its own
@@ -736,14 +791,17 @@ def test_f35_ode_likelihood_of_a_ddpm_run_queries_the_network_only_at_trained_no
 
 def test_nll_of_a_trained_run_is_vlb_bpd_computed_directly_in_bounded_batches(tiny_runs, capsys):
     """`nll` on the trained ring run prints the mean of vlb_bpd (F10) over fixed-size batches with
-    the generators rng(seed, 'elbo', batch): recomputed here, it agrees to the printed 6
-    decimals. Memory does not grow with --n: the network never sees more than --batch examples
-    and no autograd graph is kept."""
+    the generators rng(seed, 'elbo', batch), its standard error and n: recomputed here, they agree
+    to the printed 6 decimals. Memory does not grow with --n: the network never sees more than
+    --batch examples and no autograd graph is kept."""
     capsys.readouterr()
     ds.main(["nll", "--run", str(tiny_runs / "cond"), "--n", "30", "--batch", "16", "--steps", "1"])
     captured = capsys.readouterr()
-    printed = {m[1]: float(m[2]) for m in re.finditer(r"^(\w+) bits/dim (\S+)", captured.out,
-                                                       re.M)}
+    found = re.finditer(r"^(\w+) bits/dim (\S+) \+- (\S+) \(n=(\d+)\)", captured.out, re.M)
+    printed, se = {}, {}
+    for m in found:
+        printed[m[1]], se[m[1]] = float(m[2]), float(m[3])
+        assert m[4] == "30"
     assert printed.keys() == {"elbo", "ode"} and "continuous data" in captured.out
     assert "nll network calls 2008/2008" in captured.err  # 2 batches of T + 4 x 1 RK4 stages
     m = ds.load_run(tiny_runs / "cond")
@@ -758,6 +816,10 @@ def test_nll_of_a_trained_run_is_vlb_bpd_computed_directly_in_bounded_batches(ti
                                        decoder="gaussian", generator=ds.rng(0, "elbo", b))["total"]
                             for b, i in enumerate(range(0, 30, 16))])
     assert abs(direct.mean().item() - printed["elbo"]) < 2e-6
+    # the standard error printed beside it: sample std (n - 1) over sqrt(n), by hand
+    mean = sum(direct.tolist()) / 30
+    by_hand = math.sqrt(sum((v - mean) ** 2 for v in direct.tolist()) / 29 / 30)
+    assert abs(by_hand - se["elbo"]) < 2e-6, (by_hand, se)
     seen.clear()
     bpd, _ = ds.bits_per_dim(m._replace(net=net), x, steps=1, batch=16)
     assert max(seen) <= 16 and all(v.grad_fn is None and not v.requires_grad for v in bpd.values())
