@@ -256,6 +256,44 @@ def test_mmd2_unbiased_is_the_u_statistic_written_out():
     assert abs(ds.mmd2_unbiased(x, y, bandwidths) - expected) < 1e-12
 
 
+def test_final_samples_print_mmd2_beside_the_noise_floor_and_the_prior(tmp_path, monkeypatch,
+                                                                       capsys):
+    """final_samples (the MMD line train prints): with k = min(n, held-out / 2), the samples'
+    MMD^2 to the first k held-out points; the noise floor, the RMS of the MMD^2 between the two
+    halves (k each, disjoint) of 10 random subsets of 2k held-out points; the prior's MMD^2 to
+    the same first k held-out points. mmd2_unbiased is replaced by a recorder that returns 1, 2,
+    3, ... so the floor must be sqrt(mean of the squares of the 10 pair values), by hand."""
+    calls = []
+
+    def mmd2(x, y, bandwidths):
+        calls.append((x, y))
+        return float(len(calls))
+    n, x_test = 30, torch.randn(100, 2, generator=torch.Generator().manual_seed(0))
+    samples = torch.full((n, 2), 7.0)
+    monkeypatch.setattr(ds, "mmd2_unbiased", mmd2)
+    monkeypatch.setattr(ds, "draw_samples", lambda *args, **kwargs: samples)
+    config = ds.TrainConfig(data="ring", n_samples=n, out=str(tmp_path))
+    m = ds.Model(config, None, ds.METHODS["ddpm"].process(config), (2,), None)
+    quality = ds.final_samples(m, ds.Data(None, None, x_test, None), torch.device("cpu"))
+    k = 30
+    value = {i: float(i + 1) for i in range(len(calls))}
+    rows = {tuple(r.tolist()) for r in x_test}
+    pairs = [i for i, (x, y) in enumerate(calls) if all(tuple(r.tolist()) in rows for r in x)]
+    assert len(calls) == 12 and len(pairs) == 10
+    for i in pairs:
+        x, y = calls[i]
+        assert len(x) == len(y) == k
+        assert not ({tuple(r.tolist()) for r in x} & {tuple(r.tolist()) for r in y})
+    floor = math.sqrt(sum(value[i] ** 2 for i in pairs) / 10)
+    (i_samples,) = [i for i, (x, _) in enumerate(calls) if torch.equal(x, samples[:k])]
+    (i_prior,) = set(range(12)) - set(pairs) - {i_samples}
+    assert torch.equal(calls[i_samples][1], x_test[:k])
+    assert torch.equal(calls[i_prior][1], x_test[:k]) and calls[i_prior][0].shape == (k, 2)
+    assert quality == {"mmd2": value[i_samples], "floor": floor, "prior_mmd2": value[i_prior],
+                       "n": k}
+    assert f"noise floor {floor:.2e}" in capsys.readouterr().out
+
+
 def test_progress_prints_the_rate_since_start_and_the_time_left(monkeypatch, capsys):
     """The progress line (train, sample, nll): 'label done/total  rate/s  N s left' with rate =
     (done - start) / seconds since the call (start: the steps a resumed run had done) and the
