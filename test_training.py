@@ -294,6 +294,30 @@ def test_final_samples_print_mmd2_beside_the_noise_floor_and_the_prior(tmp_path,
     assert f"noise floor {floor:.2e}" in capsys.readouterr().out
 
 
+def test_printed_and_logged_losses_are_the_means_over_each_log_window(tmp_path, monkeypatch,
+                                                                     capsys):
+    """The loss on train's progress lines ('step 5/10  loss L'), in the loss log (loss.csv and the
+    checkpoint) and in result.loss (printed as 'final loss') is the mean of the per-step losses
+    since the previous log row: recorded here by wrapping eps_loss, two windows of 5 steps."""
+    seen, eps_loss = [], ds.eps_loss
+
+    def recorded(*args, **kwargs):
+        out = eps_loss(*args, **kwargs)
+        seen.append(out.mean().item())
+        return out
+    monkeypatch.setattr(ds, "eps_loss", recorded)
+    result = ds.train(small_config(tmp_path, steps=10, log_every=5))
+    windows = [sum(seen[:5]) / 5, sum(seen[5:]) / 5]
+    assert len(seen) == 10
+    printed = re.findall(r"^step (5|10)/10  loss (\S+)", capsys.readouterr().err, re.M)
+    assert [int(step) for step, _ in printed] == [5, 10]
+    assert all(abs(float(v) - w) <= 5e-5 + 1e-6 for (_, v), w in zip(printed, windows)), printed
+    log = ds.load_checkpoint(result.paths["ckpt.pt"])["loss_log"]
+    assert log[:, 0].tolist() == [5, 10]
+    torch.testing.assert_close(log[:, 1], torch.tensor(windows, dtype=F64), rtol=1e-6, atol=0)
+    assert abs(result.loss - windows[-1]) <= 1e-6 * abs(windows[-1])
+
+
 def test_progress_prints_the_rate_since_start_and_the_time_left(monkeypatch, capsys):
     """The progress line (train, sample, nll): 'label done/total  rate/s  N s left' with rate =
     (done - start) / seconds since the call (start: the steps a resumed run had done) and the
