@@ -8,8 +8,8 @@
 2. Two ddpm runs with the command line (`train --data train.pt --threads 1 --n-samples 0`), of N
    and 2N steps, and `nll --data test.pt` on each: the ELBO with the K-level discretized decoder
    (F36) and the dequantized ODE (F27, 20 RK4 steps: 100 agree within 1e-4 bits on these runs),
-   both bits per 17-level value; beside them the old number, the ELBO of a Gaussian decoder on dequantized data minus log2(2/16), on the same
-   model and examples.
+   both bits per 17-level value; beside them the old number, the ELBO of a Gaussian decoder on
+   dequantized data minus log2(2/16), on the same model and examples.
 3. For the longer run: the share of the bound from t <= 20 (per-t split of vlb_bpd's terms over
    the test set) and the network's eps error, the RMS of eps_theta - eps per value, at t = 1..5.
 Prints the date, torch, threads and the load average (the machine is shared) with the numbers.
