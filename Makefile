@@ -25,3 +25,4 @@ bench: install
 	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/bench_samplers.py
 	$(PYTHON) benchmarks/bench_train.py
 	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/bench_trained.py
+	OMP_NUM_THREADS=1 $(PYTHON) benchmarks/bench_nll.py

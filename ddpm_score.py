@@ -288,34 +288,39 @@ def reverse_var(sched, t, kind="beta"):
     return torch.where(t == 1, floor, sched._beta_tilde[t])
 
 
-def discretized_gaussian_logp(x0, mean, var):
-    """log P(x0) of 8-bit data under N(mean, var) over the pixel's bin, in nats. [F10, L_0]
-    k in 0..255 is x0 = 2 k / 255 - 1: P = Phi((x0 + 1/255 - mean) / std) - Phi((x0 - 1/255 -
-    mean) / std), edge bins open (the masses sum to 1), floored at 1e-12."""
+def discretized_gaussian_logp(x0, mean, var, levels=256):
+    """log P(x0) = log int_bin N(y; mean, var) dy for data on K = levels levels, in nats. [F36]
+    x0 = 2 k / (K - 1) - 1, bin x0 +- 1 / (K - 1), the bottom bin open to -inf and the top bin to
+    +inf (the K masses sum to 1). As Ho et al.'s code: log Phi at k = 0, log(1 - Phi) at k = K - 1,
+    log of the CDF difference between, each mass floored at 1e-12 (K = 256: their decoder)."""
     _check_shape(mean, x0.shape, "mean")
+    _check_count("levels", levels, 2)
     var = torch.as_tensor(var, dtype=x0.dtype, device=x0.device)
     if not (var > 0).all():
         raise ValueError(f"var must be > 0, got min {var.min().item()}")
+    h = 1 / (levels - 1)  # half a bin
     phi = lambda u: 0.5 * (1 + torch.erf((u - mean) / (var * 2).sqrt()))  # noqa: E731
-    upper = torch.where(x0 > 1 - 1e-3, 1.0, phi(x0 + 1 / 255))       # k = 255: up to +inf
-    return torch.log((upper - torch.where(x0 < -1 + 1e-3, 0.0, phi(x0 - 1 / 255))).clamp(min=1e-12))
+    upper = torch.where(x0 > 1 - h / 2, 1.0, phi(x0 + h))            # k = K - 1: up to +inf
+    return torch.log((upper - torch.where(x0 < -1 + h / 2, 0.0, phi(x0 - h))).clamp(min=1e-12))
 
 
 def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized",
-            decoder_var="published", generator=None):
+            decoder_var="published", levels=256, generator=None):
     """The variational bound (F10) of an eps-model per example, in bits per dimension:
     KL(q(x_T|x0) || N(0, I)) + sum_{t>=2} KL(q(x_{t-1} | x_t, x0) || N(mu_theta, sigma_t^2 I)) - log
     p(x0 | x1) [F7, F9, F11, F13], sigma_t^2 = reverse_var(t, sigma2), one x_t ~ q(x_t | x0) per t;
-    decoder 'discretized' (8-bit data in [-1, 1]) or 'gaussian', with sigma_1^2 = beta_tilde_2 by
-    ``decoder_var='published'`` (Ho et al.'s and improved DDPM's code: bits/dim as in papers) or
-    reverse_var(1, sigma2) by 'sigma2'. Returns (B,) 'total', 'prior'; (B, T) 'terms'."""
+    decoder 'discretized' (data on K = levels levels in [-1, 1], F36; 256: 8-bit) or 'gaussian',
+    with sigma_1^2 = beta_tilde_2 by ``decoder_var='published'`` (Ho et al.'s and improved DDPM's
+    code: bits/dim as in papers) or reverse_var(1, sigma2) by 'sigma2'. Returns (B,) 'total',
+    'prior'; (B, T) 'terms'."""
     _check_batch(x0, "x0")
     _check_choice("decoder", decoder, {"discretized", "gaussian"})
     _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
     _check_choice("decoder_var", decoder_var, {"published", "sigma2"})
     if decoder == "discretized" and not ((x0 >= -1) & (x0 <= 1)).all():
-        raise ValueError(f"x0 must be 8-bit data scaled to [-1, 1] for decoder='discretized', got "
-                         f"values in {x0.min().item():.4g}..{x0.max().item():.4g} (PITFALLS #12)")
+        raise ValueError(f"x0 must be {levels}-level data scaled to [-1, 1] for decoder='"
+                         f"discretized', got values in {x0.min().item():.4g}.."
+                         f"{x0.max().item():.4g} (PITFALLS #12)")
     B, d = x0.shape[0], x0[0].numel()
     terms = x0.new_zeros(B, sched.T)
     for step in range(1, sched.T + 1):
@@ -327,7 +332,7 @@ def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized",
         if step > 1:
             nll = gaussian_kl(*posterior_mean_var(sched, x0, xt, t), mu, var)
         elif decoder == "discretized":
-            nll = -discretized_gaussian_logp(x0, mu, var)
+            nll = -discretized_gaussian_logp(x0, mu, var, levels)
         else:
             nll = 0.5 * (torch.log(2 * math.pi * var) + (x0 - mu) ** 2 / var)
         terms[:, step - 1] = _sum_flat(nll)
@@ -2171,11 +2176,12 @@ def inpainting_mask(shape, kind):
 @torch.no_grad()
 def bits_per_dim(m, x, *, levels=0, steps=100, batch=256, seed=0, device="cpu"):
     """({'elbo': (N,), 'ode': (N,)}, convention): bits/dim of each example of x under run m, in
-    batches, without autograd. elbo (ddpm): vlb_bpd [F10-F13]; ode (steps > 0, not ncsn): F27,
-    RK4, for ddpm through DiscreteVPSDE from s = 1 / T (the c of training). levels = K > 0:
-    dequantized, bpd = (-log p(x + w (u - 1/2)) - d log w) / (d ln 2), w = 2 / (K - 1), u ~ U(0,
-    1), bits per K-level value (K = 256: the ELBO uses the discretized decoder, as published);
-    levels = 0: -log2 p(x) / d, a continuous density."""
+    batches, without autograd. levels = K >= 2, data on K levels: elbo (ddpm) = vlb_bpd with the
+    K-level discretized decoder [F10-F13, F36] on x as it is, -log2 P(x) / d bounded above; ode
+    (steps > 0, not ncsn) = F27, RK4, dequantized: (-log p(x + w (u - 1/2)) - d log w) / (d ln 2),
+    w = 2 / (K - 1), u ~ U(0, 1); both bits per K-level value (K = 256: as published). levels =
+    0: -log2 p(x) / d of a continuous density (elbo: Gaussian decoder). For ddpm the ODE runs
+    through DiscreteVPSDE from s = 1 / T (the lowest noise level of training)."""
     if m.config.method == "ncsn":
         raise ValueError("nll: method ncsn has discrete noise levels and no likelihood; "
                          "use ddpm, vp, ve or subvp")
@@ -2195,26 +2201,26 @@ def bits_per_dim(m, x, *, levels=0, steps=100, batch=256, seed=0, device="cpu"):
         return m.net(*args)
     for b, start in enumerate(range(0, len(x), batch)):
         xb = x[start:start + batch].to(dev)
-        u = torch.rand(xb.shape, generator=rng(seed, "dequantize", b, device=dev.type), device=dev)
-        yb = xb + w * (u - 0.5) if levels else xb
         if ddpm:
-            exact = levels == 256  # the discretized decoder: no dequantization needed
-            elbo = vlb_bpd(eps_model_of(net, m.process), m.process, xb if exact else yb,
-                           decoder="discretized" if exact else "gaussian",
+            elbo = vlb_bpd(eps_model_of(net, m.process), m.process, xb, levels=levels or 256,
+                           decoder="discretized" if levels else "gaussian",
                            generator=rng(seed, "elbo", b, device=dev.type))["total"]
-            out["elbo"].append(elbo.cpu() - (0 if exact else math.log2(w)))
+            out["elbo"].append(elbo.cpu())
         if steps:
-            ode = ode_likelihood(sde_score_of(net, sde), sde, yb, steps=steps,
-                                 eps_s=1 / m.process.T if ddpm else 1e-5,
+            u = torch.rand(xb.shape, generator=rng(seed, "dequantize", b, device=dev.type),
+                           device=dev)
+            ode = ode_likelihood(sde_score_of(net, sde), sde, xb + w * (u - 0.5) if levels else xb,
+                                 steps=steps, eps_s=1 / m.process.T if ddpm else 1e-5,
                                  divergence="exact" if d <= 16 else "hutchinson",
                                  generator=rng(seed, "ode", b, device=dev.type))
             out["ode"].append(ode["bpd"].cpu() - math.log2(w))
-    convention = (f"{levels}-level data dequantized over bins of width 2/{levels - 1}: bits per "
-                  f"{levels}-level value" if levels else "continuous data: -log2 density per "
-                  "dimension, not comparable with image bits/dim (can be negative)")
-    if levels == 256:
-        convention = ("8-bit data: bits per 8-bit value as published (ode: dequantized"
-                      + ("; elbo: discretized decoder)" if ddpm else ")"))
+    convention = ("continuous data: -log2 density per dimension, not comparable with image "
+                  "bits/dim (can be negative)")
+    if levels:
+        name = "8-bit" if levels == 256 else f"{levels}-level"
+        convention = (f"{name} data: bits per {name} value, upper bounds on the discrete NLL ("
+                      + ("elbo: discretized decoder over the bins, F36; " if ddpm else "")
+                      + f"ode: dequantized over bins of width 2/{levels - 1})")
     return {k: torch.cat(v) for k, v in out.items() if v}, convention
 
 

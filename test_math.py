@@ -680,6 +680,107 @@ def test_F10_discretized_logp_is_the_normal_mass_of_the_bin(seed):
     assert torch.isfinite(logp).all() and (logp <= 1e-15).all()
 
 
+def ref_k_level_bin_masses(levels, mean, std):
+    """(M, K) masses of N(mean, std^2) (mean, std: (M, 1)) over the K bins of F36, written out:
+    edges halfway between the levels 2k/(K-1) - 1, i.e. at (2k + 1)/(K-1) - 1, k = 0..K-2,
+    with -inf below the bottom bin and +inf above the top one; Normal CDF differences taken on
+    the side of the bin's tail (upper-tail CDFs above the mean), so small masses keep their
+    relative accuracy."""
+    inner = torch.tensor([(2 * k + 1) / (levels - 1) - 1 for k in range(levels - 1)], dtype=F64)
+    edges = torch.cat([torch.tensor([-math.inf], dtype=F64), inner,
+                       torch.tensor([math.inf], dtype=F64)])
+    lo, hi = (edges[:-1] - mean) / std, (edges[1:] - mean) / std
+    unit = Normal(torch.tensor(0.0, dtype=F64), torch.tensor(1.0, dtype=F64))
+    return torch.where(lo > 0, unit.cdf(-lo) - unit.cdf(-hi), unit.cdf(hi) - unit.cdf(lo))
+
+
+def simpson_normal_mass(lo, hi, mean, std, n=2000):
+    """int_lo^hi N(y; mean, std^2) dy by Simpson's rule on n intervals, the limits clipped to
+    mean +- 12 std (the rest weighs < 1e-32): the bin masses a third way, by integration."""
+    lo, hi = torch.maximum(lo, mean - 12 * std), torch.minimum(hi, mean + 12 * std)
+    hi = torch.maximum(hi, lo)
+    u = torch.linspace(0, 1, n + 1, dtype=F64)
+    y = lo[..., None] + (hi - lo)[..., None] * u
+    f = torch.exp(-0.5 * ((y - mean[..., None]) / std[..., None]) ** 2) / (
+        std[..., None] * math.sqrt(2 * math.pi))
+    simpson = torch.ones(n + 1, dtype=F64)
+    simpson[1:-1:2], simpson[2:-1:2] = 4.0, 2.0
+    return (f * simpson).sum(-1) * (hi - lo) / (3 * n)
+
+
+@given(seed=seeds, levels=st.sampled_from([2, 3, 5, 17, 256]))
+def test_F36_k_level_decoder_is_the_normal_mass_of_each_bin_and_the_masses_sum_to_one(seed,
+                                                                                     levels):
+    """[F36] exp(discretized_gaussian_logp(x0, mean, var, levels=K)) at each of the K levels
+    2k/(K-1) - 1 is the mass of N(mean, var) over its bin, the outer bins open: against Normal
+    CDF differences on edges written out here (atol 1e-9 in the log where the mass is > 1e-6:
+    the module's 0.5 (1 + erf) CDFs have absolute error ~2e-16, 2e-10 in a log of 1e-6) and
+    against Simpson integration of the density (a third, CDF-free computation: 2,000
+    intervals, error < 1e-10 here; checked to 1e-8). The K masses sum to 1 (floors of 1e-12
+    per bin allowed). Means within and outside [-1, 1], std 0.01..1."""
+    M = 6
+    u, w = randn(seed, (M, 1), (M, 1))
+    mean, std = 1.3 * torch.tanh(u), 10 ** (-(1 + torch.tanh(w)))
+    grid = (2 * torch.arange(levels, dtype=F64) / (levels - 1) - 1).expand(M, levels)
+    logp = ds.discretized_gaussian_logp(grid, mean.expand(M, levels), std ** 2, levels=levels)
+    mass = ref_k_level_bin_masses(levels, mean, std)
+    ok = mass > 1e-6
+    assert ok.any()
+    torch.testing.assert_close(logp[ok], mass[ok].log(), rtol=0, atol=1e-9)
+    assert ((logp.exp().sum(1) - 1).abs() <= levels * 1e-12 + 1e-13).all()
+    h = 1 / (levels - 1)
+    lo = torch.where(grid == -1, -math.inf, grid - h)
+    hi = torch.where(grid == 1, math.inf, grid + h)
+    integral = simpson_normal_mass(lo, hi, mean.expand(M, levels), std.expand(M, levels))
+    torch.testing.assert_close(logp.exp(), integral, rtol=0, atol=1e-8)
+    if levels == 2:  # two bins split at 0: P(x0 = -1) = Phi(-mean / std), floored at 1e-12
+        torch.testing.assert_close(logp[:, 0].exp(), Normal(mean[:, 0], std[:, 0]).cdf(
+            torch.zeros(M, dtype=F64)).clamp(min=1e-12), rtol=0, atol=1e-15)
+
+
+def ho_et_al_decoder_logp(x, mean, log_scale):
+    """Ho et al.'s discretized_gaussian_log_likelihood (diffusion_utils_2.py), written as in
+    their code with the exact normal CDF in place of its tanh approximation: 8-bit data in
+    [-1, 1], bins 1/255 either side, x < -0.999 the bottom bin, x > 0.999 the top bin."""
+    centered_x, inv_stdv = x - mean, torch.exp(-log_scale)
+    cdf = Normal(torch.tensor(0.0, dtype=F64), torch.tensor(1.0, dtype=F64)).cdf
+    cdf_plus = cdf(inv_stdv * (centered_x + 1 / 255))
+    cdf_min = cdf(inv_stdv * (centered_x - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
+    log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta))
+
+
+@given(seed=seeds)
+def test_F36_F10_256_levels_is_ho_et_al_decoder_and_the_default(seed):
+    """[F36, F10] K = 256 is the decoder as published: discretized_gaussian_logp(levels=256)
+    equals Ho et al.'s code written out above (atol 1e-9 where the mass is > 1e-6, as in the
+    F36 test above; exactly the 1e-12 floor where theirs is floored), and vlb_bpd with
+    levels=256 is vlb_bpd without the argument, bit for bit (today's numbers)."""
+    M = 8
+    jitter, u, w = randn(seed, (M, 256), (M, 256), (M, 1))
+    k = torch.randint(0, 256, (M, 256), generator=torch.Generator().manual_seed(seed))
+    x0 = 2 * k.double() / 255 - 1
+    x0[:, :2] = torch.tensor([-1.0, 1.0], dtype=F64)  # both edge bins in every row
+    mean = x0 + 0.05 * jitter + 0.5 * torch.tanh(u)
+    log_scale = -3 * (1 + torch.tanh(w)) * math.log(10) / 2
+    logp = ds.discretized_gaussian_logp(x0, mean, torch.exp(2 * log_scale), levels=256)
+    ref = ho_et_al_decoder_logp(x0, mean, log_scale)
+    mass = ref_bin_mass(x0, mean, log_scale.exp())
+    ok = mass > 1e-6
+    torch.testing.assert_close(logp[ok], ref[ok], rtol=0, atol=1e-9)
+    floored = ref == math.log(1e-12)
+    assert (logp[floored] == math.log(1e-12)).all()
+    sched = ds.Schedule.from_betas(ds.linear_betas(20))
+    x8 = x0[:4].reshape(4, 4, 8, 8)
+    runs = [ds.vlb_bpd(fake_eps_model(20), sched, x8, generator=torch.Generator().manual_seed(
+        seed), **kw) for kw in ({}, {"levels": 256})]
+    for key in ("total", "prior", "terms"):
+        assert torch.equal(runs[0][key], runs[1][key]), key
+
+
 # --- parameterizations: eps, score, x0 [F21] -----------------------------------------------------
 
 
