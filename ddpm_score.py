@@ -1830,8 +1830,8 @@ def train(config, stop=None):
     """Train as `config` says; rank 0 writes ckpt.pt (tensors only), config.json, loss.csv and
     samples.png (a classifier: prints its accuracy). Returns TrainResult. Leaves threads, signal
     handlers and process groups as found; in a joined process group it trains with DDP. Once the
-    threading.Event `stop` is set it ends after the step, with a checkpoint. A non-finite loss
-    raises FloatingPointError and leaves the last checkpoint as it was."""
+    threading.Event `stop` is set (on any DDP rank) every rank ends after the same step, with a
+    checkpoint. A non-finite loss raises FloatingPointError and leaves the last checkpoint."""
     check_config(config)
     check_out(config)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -1913,7 +1913,11 @@ def train(config, stop=None):
         if step <= config.ema_warmup:
             ema.n_averaged.zero_()  # AveragedModel copies the weights when n_averaged == 0
         ema.update_parameters(net)
-        stopped = stop is not None and stop.is_set()  # read once: a later Ctrl-C is seen next step
+        stopped = stop is not None and stop.is_set()  # read once: a later signal is seen next step
+        if world > 1:  # a stop on any rank stops every rank after this same step
+            flag = torch.tensor(float(stopped), device=device)
+            dist.all_reduce(flag, dist.ReduceOp.MAX)
+            stopped = bool(flag)
         total, count = total + loss.item(), count + 1
         if rank == 0:
             show(step, f"  loss {total / count:.4f}")
@@ -2248,7 +2252,8 @@ def make_parser(defaults=TrainConfig()):
 def train_command(args, argv):
     """`train`: with --resume the run's config.json supplies the defaults; with --classifier
     and --out RUN/classifier, RUN's config.json does (flags still win). Under torchrun it joins
-    the process group (nccl on GPUs, gloo on CPUs); Ctrl-C stops after the current step."""
+    the process group (nccl on GPUs, gloo on CPUs). SIGINT (Ctrl-C) or SIGTERM stops every rank
+    after the same step, with a checkpoint: exit 130 or 143; a second Ctrl-C stops at once."""
     config_path, run_path = Path(args.out) / "config.json", Path(args.out).parent / "config.json"
     if args.resume and config_path.exists():
         args = make_parser(replace(read_config(config_path), resume=True, overwrite=False)
@@ -2263,25 +2268,29 @@ def train_command(args, argv):
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
-    stop = threading.Event()
+    stop, received = threading.Event(), []
 
-    def on_sigint(signum, frame):  # the first Ctrl-C stops after this step, a second at once
-        if stop.is_set():
+    def on_signal(signum, frame):  # stop after this step (every rank); a second Ctrl-C at once
+        if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        received.append(signum)
         stop.set()
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    signals = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
+    previous = {signum: signal.signal(signum, on_signal) for signum in signals}
+    rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         result = train(config, stop)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
-    if result.interrupted:
-        print(f'interrupted at step {result.step}; checkpoint {result.paths["ckpt.pt"]}; '
-              "continue with --resume", file=sys.stderr)
-        sys.exit(130)
+    if result.interrupted:  # exit 128 + signal: 130 SIGINT, 143 SIGTERM or another rank's signal
+        if rank == 0:
+            print(f"interrupted at step {result.step}: checkpoint saved to "
+                  f"{result.paths['ckpt.pt']}; continue with --resume", file=sys.stderr)
+        sys.exit(128 + (received[0] if received else signal.SIGTERM))
     print(f"trained {result.step} steps, final loss {result.loss:.4f}; run folder {config.out}")
 
 

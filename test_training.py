@@ -302,6 +302,108 @@ def test_ctrl_c_saves_a_checkpoint_and_resuming_it_equals_training_straight(tmp_
     same_weights(tmp_path / "r" / "ckpt.pt", tmp_path / "straight" / "ckpt.pt")
 
 
+# Tiny runs for the stop tests: far more steps than they get to, about a millisecond each (so
+# ranks a few ms apart see a signal at different steps), a constant lr (a resume to any total
+# then equals training straight to it), a progress line every 5 steps.
+STOP_ARGS = ["train", "--steps", "100000", "--no-lr-decay", "--width", "16", "--depth", "1",
+             "--batch-size", "16", "--n-train", "500", "--n-samples", "0", "--log-every", "5",
+             "--out", "run"]
+
+
+def stop_once_training(procs, signums):
+    """Send each process its signal once rank 0 has logged a step; return their stderr."""
+    for proc, signum in zip(procs, signums):
+        lines = iter(proc.stderr.readline, "")
+        assert any(re.search(r"(^|\]:)step \d+/", line) for line in lines), "never trained"
+        proc.send_signal(signum)
+    return [proc.communicate(timeout=120)[1] for proc in procs]
+
+
+def check_stopped(run, err, codes, signum):
+    """Every process exits 128 + signum, one line names the step, no traceback, and the
+    checkpoint is of that step: returns it."""
+    assert codes == [128 + signum] * len(codes) and "Traceback" not in err, (codes, err)
+    lines = re.findall(r"interrupted at step (\d+): checkpoint saved to (.*);", err)
+    assert len(lines) == 1 and err.count("interrupted") == 1, err
+    assert lines[0][1] == "run/ckpt.pt", err
+    step = int(ds.load_checkpoint(run / "ckpt.pt")["step"])
+    assert step == int(lines[0][0]), err
+    return step
+
+
+def resume_each(folders, steps, straight=None):
+    """Resume each stopped run (in this process) to a common total; with `straight`, check that
+    each then has the weights of a run trained straight to it there."""
+    config = ds.read_config(folders[0] / "run" / "config.json")
+    total = max(steps) + 5
+    if straight:
+        ds.train(replace(config, steps=total, out=str(straight)))
+    for folder in folders:
+        result = ds.train(replace(config, steps=total, out=str(folder / "run"), resume=True))
+        assert result.step == total and not result.interrupted
+        if straight:
+            same_weights(folder / "run" / "ckpt.pt", straight / "ckpt.pt")
+
+
+def test_sigint_and_sigterm_stop_a_process_after_a_step_and_resume_bit_for_bit(tmp_path):
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's), twice each, at whatever step: exit 130 / 143,
+    one line naming the step, no traceback, a checkpoint of that step; each resumed to a common
+    total has exactly the weights of a run trained straight to it."""
+    shutil.copy(HERE / "ddpm_score.py", tmp_path / "ddpm_score.py")
+    signums, folders = [signal.SIGINT, signal.SIGTERM] * 2, [tmp_path / str(i) for i in range(4)]
+    procs = []
+    for folder in folders:
+        folder.mkdir()
+        procs.append(subprocess.Popen(
+            [sys.executable, str(tmp_path / "ddpm_score.py"), *STOP_ARGS], cwd=folder,
+            env=env_without_numpy(tmp_path), text=True, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE))
+    errs = stop_once_training(procs, signums)
+    steps = [check_stopped(folder / "run", err, [proc.returncode], signum)
+             for folder, err, proc, signum in zip(folders, errs, procs, signums)]
+    resume_each(folders, steps, straight=tmp_path / "straight")
+
+
+def test_torchrun_stops_both_gloo_ranks_at_the_same_step_on_sigint_and_sigterm(tmp_path):
+    """torchrun forwards a signal to each rank on its own, a few ms apart: the ranks agree on the
+    step, rank 0 saves it and prints one line, both exit 130 / 143 without a traceback; twice
+    per signal (a race: ranks used to stop a step apart, one failing in its all-reduce); each
+    checkpoint then resumes to the final step."""
+    worker = tmp_path / "worker.py"  # main() of ddpm_score, keeping its exit code in exit_RANK
+    worker.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "import ddpm_score\n"
+        "try:\n"
+        "    ddpm_score.main()\n"
+        "    code = 0\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "open('exit_' + os.environ['RANK'], 'w').write(str(code))\n"
+        "sys.exit(code)\n")
+    # Each rank's stderr goes to logs/.../attempt_0/RANK/stderr.log and, prefixed
+    # [defaultRANK]:, to the console, which also holds torchrun's own report: after forwarding a
+    # signal torchrun exits 1 with a SignalException traceback. That one is torchrun's, so the
+    # checks read the ranks' logs.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node=2", "--log-dir", "logs", "--tee", "3", str(worker), *STOP_ARGS]
+    signums, folders = [signal.SIGINT, signal.SIGTERM] * 2, [tmp_path / str(i) for i in range(4)]
+    procs, env = [], {**os.environ, "OMP_NUM_THREADS": "1"}
+    for folder in folders:
+        folder.mkdir()
+        procs.append(subprocess.Popen(torchrun, cwd=folder, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    stop_once_training(procs, signums)
+    steps = []
+    for folder, signum in zip(folders, signums):
+        logs = sorted(folder.glob("logs/*/attempt_0/*/stderr.log"))
+        err = "".join(log.read_text() for log in logs)
+        codes = [int((folder / f"exit_{rank}").read_text()) for rank in (0, 1)]
+        assert len(logs) == 2 and "interrupted" in logs[0].read_text(), err
+        steps.append(check_stopped(folder / "run", err, codes, signum))
+    resume_each(folders, steps)  # on one rank: 2-rank resumes cost 5 s each here
+
+
 def test_ctrl_c_in_sample_is_one_line_and_exit_130(tiny_runs, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
