@@ -2407,6 +2407,10 @@ def main(argv=None):
       python ddpm_score.py train --data shapes --out runs/shapes           # image defaults
       python ddpm_score.py sample --run runs/shapes --inpaint --mask centre
       torchrun --nproc_per_node=2 ddpm_score.py train --out runs/ddp
+
+    exit codes: 0 done, 1 non-finite loss, 2 bad input, 130 SIGINT (Ctrl-C), 143 SIGTERM; either
+    signal stops training after the current step, every rank at the same one, with a checkpoint
+    (train --resume continues it); a second Ctrl-C stops at once
     """
     args = make_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
