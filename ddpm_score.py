@@ -2291,7 +2291,8 @@ def train_command(args, argv):
             print(f"interrupted at step {result.step}: checkpoint saved to "
                   f"{result.paths['ckpt.pt']}; continue with --resume", file=sys.stderr)
         sys.exit(128 + (received[0] if received else signal.SIGTERM))
-    print(f"trained {result.step} steps, final loss {result.loss:.4f}; run folder {config.out}")
+    if rank == 0:
+        print(f"trained {result.step} steps, final loss {result.loss:.4f}; run folder {config.out}")
 
 
 def open_run(args):

@@ -7,6 +7,7 @@ every bad flag is one line and exit 2 before any work.
 Kept small: the whole file runs in about 90 s on 2 CPU cores (the CLI runs are shared between
 tests through module-scoped fixtures).
 """
+import contextlib
 import json
 import math
 import os
@@ -14,7 +15,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -215,18 +215,32 @@ def test_ddp_two_gloo_processes_keep_identical_weights_and_write_one_checkpoint(
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ckpt.pt", "config.json",
                                                                   "loss.csv"]
     assert int(ds.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"]) == 20
-    with socket.socket() as s:  # a free port for the rendezvous torchrun would set up
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    ranks = [subprocess.Popen(
-        [sys.executable, str(HERE / "ddpm_score.py"), "train", "--steps", "5", "--width", "16",
-         "--n-train", "500", "--n-samples", "0", "--out", str(tmp_path / "cli")],
-        env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    errs = [proc.communicate(timeout=120)[1] for proc in ranks]
+    cli = [sys.executable, str(HERE / "ddpm_score.py"), "train", "--steps", "5", "--width", "16",
+           "--n-train", "500", "--n-samples", "0", "--out", str(tmp_path / "cli")]
+    with two_ranks(cli, env) as ranks:
+        errs = [proc.communicate(timeout=120)[1] for proc in ranks]
     assert [proc.returncode for proc in ranks] == [0, 0] and "step 5/5" in errs[0], errs
     assert int(ds.load_checkpoint(tmp_path / "cli" / "ckpt.pt")["step"]) == 5
+
+
+@contextlib.contextmanager
+def two_ranks(argv, env, cwd=None):
+    """Two processes running argv with the environment torchrun gives its workers, killed on
+    leaving (none is left behind by a failed test). They meet at a TCPStore served here, as
+    torchrun's agent serves one, on a port the OS picks and that stays bound: a free port picked
+    here and bound later by rank 0 (after its seconds of imports) can be taken in between."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    env = {**env, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    procs = [subprocess.Popen(argv, cwd=cwd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for r in (0, 1)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
 
 
 def test_too_few_samples_for_an_mmd_print_no_nan(tmp_path, capsys):
@@ -310,19 +324,24 @@ STOP_ARGS = ["train", "--steps", "100000", "--no-lr-decay", "--width", "16", "--
              "--out", "run"]
 
 
+def wait_for_a_step(proc):
+    """Read proc's stderr until rank 0's progress line (maybe prefixed by torchrun) shows a step."""
+    lines = iter(proc.stderr.readline, "")
+    assert any(re.search(r"(^|\]:)step \d+/", line) for line in lines), "never trained"
+
+
 def stop_once_training(procs, signums):
     """Send each process its signal once rank 0 has logged a step; return their stderr."""
     for proc, signum in zip(procs, signums):
-        lines = iter(proc.stderr.readline, "")
-        assert any(re.search(r"(^|\]:)step \d+/", line) for line in lines), "never trained"
+        wait_for_a_step(proc)
         proc.send_signal(signum)
     return [proc.communicate(timeout=120)[1] for proc in procs]
 
 
-def check_stopped(run, err, codes, signum):
-    """Every process exits 128 + signum, one line names the step, no traceback, and the
-    checkpoint is of that step: returns it."""
-    assert codes == [128 + signum] * len(codes) and "Traceback" not in err, (codes, err)
+def check_stopped(run, err, codes, expected):
+    """The processes exit with the expected codes, one line names the step, no traceback, and
+    the checkpoint is of that step: returns it."""
+    assert codes == expected and "Traceback" not in err, (codes, err)
     lines = re.findall(r"interrupted at step (\d+): checkpoint saved to (.*);", err)
     assert len(lines) == 1 and err.count("interrupted") == 1, err
     assert lines[0][1] == "run/ckpt.pt", err
@@ -359,7 +378,7 @@ def test_sigint_and_sigterm_stop_a_process_after_a_step_and_resume_bit_for_bit(t
             env=env_without_numpy(tmp_path), text=True, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE))
     errs = stop_once_training(procs, signums)
-    steps = [check_stopped(folder / "run", err, [proc.returncode], signum)
+    steps = [check_stopped(folder / "run", err, [proc.returncode], [128 + signum])
              for folder, err, proc, signum in zip(folders, errs, procs, signums)]
     resume_each(folders, steps, straight=tmp_path / "straight")
 
@@ -400,8 +419,30 @@ def test_torchrun_stops_both_gloo_ranks_at_the_same_step_on_sigint_and_sigterm(t
         err = "".join(log.read_text() for log in logs)
         codes = [int((folder / f"exit_{rank}").read_text()) for rank in (0, 1)]
         assert len(logs) == 2 and "interrupted" in logs[0].read_text(), err
-        steps.append(check_stopped(folder / "run", err, codes, signum))
+        steps.append(check_stopped(folder / "run", err, codes, [128 + signum] * 2))
     resume_each(folders, steps)  # on one rank: 2-rank resumes cost 5 s each here
+
+
+def test_a_signal_to_one_rank_stops_both_ranks_at_the_same_step(tmp_path):
+    """Two ranks, a signal to one of them (SIGTERM to rank 1 in one run, SIGINT to rank 0 in
+    another, at once): both stop after the same step, rank 0 saves it and prints one line, no
+    traceback; the signalled rank exits 128 + the signal, the other 143. Without the ranks
+    agreeing, the other one trained on and failed in its all-reduce (or hung)."""
+    argv = [sys.executable, str(HERE / "ddpm_score.py"), *STOP_ARGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    folders = [tmp_path / "term1", tmp_path / "int0"]
+    for folder in folders:
+        folder.mkdir()
+    with two_ranks(argv, env, folders[0]) as term1, two_ranks(argv, env, folders[1]) as int0:
+        for ranks, signalled, signum in ((term1, 1, signal.SIGTERM), (int0, 0, signal.SIGINT)):
+            wait_for_a_step(ranks[0])
+            ranks[signalled].send_signal(signum)
+        errs = [[proc.communicate(timeout=120)[1] for proc in ranks] for ranks in (term1, int0)]
+        codes = [[proc.returncode for proc in ranks] for ranks in (term1, int0)]
+    steps = [check_stopped(folders[0] / "run", "".join(errs[0]), codes[0], [143, 143]),
+             check_stopped(folders[1] / "run", "".join(errs[1]), codes[1], [130, 143])]
+    assert all("interrupted" in err[0] for err in errs), errs
+    resume_each(folders, steps)
 
 
 def test_ctrl_c_in_sample_is_one_line_and_exit_130(tiny_runs, capsys, monkeypatch):
