@@ -273,7 +273,9 @@ def test_a_run_folder_is_never_overwritten_silently(tmp_path, capsys):
     argv = ["train", "--out", str(out), "--steps", "5", "--n-samples", "0"]
     err = one_line_error(capsys, argv)
     assert "--resume" in err and "--overwrite" in err and (out / "ckpt.pt").read_bytes() == before
+    handlers = [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)]
     ds.main([*argv, "--overwrite"])
+    assert [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)] == handlers
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "config.json", "loss.csv",
                                                      "notes.txt"]
     ds.main(["train", "--out", str(out), "--resume", "--steps", "6"])  # not refused as overwrite
@@ -330,6 +332,20 @@ def wait_for_a_step(proc):
     assert any(re.search(r"(^|\]:)step \d+/", line) for line in lines), "never trained"
 
 
+@contextlib.contextmanager
+def ending(procs):
+    """Yield procs; on leaving, SIGTERM those still running (torchrun passes it on to its
+    workers) and wait for them: a failed test leaves no process behind."""
+    try:
+        yield procs
+    finally:
+        running = [proc for proc in procs if proc.poll() is None]
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            proc.communicate(timeout=120)
+
+
 def stop_once_training(procs, signums):
     """Send each process its signal once rank 0 has logged a step; return their stderr."""
     for proc, signum in zip(procs, signums):
@@ -370,14 +386,13 @@ def test_sigint_and_sigterm_stop_a_process_after_a_step_and_resume_bit_for_bit(t
     total has exactly the weights of a run trained straight to it."""
     shutil.copy(HERE / "ddpm_score.py", tmp_path / "ddpm_score.py")
     signums, folders = [signal.SIGINT, signal.SIGTERM] * 2, [tmp_path / str(i) for i in range(4)]
-    procs = []
     for folder in folders:
         folder.mkdir()
-        procs.append(subprocess.Popen(
-            [sys.executable, str(tmp_path / "ddpm_score.py"), *STOP_ARGS], cwd=folder,
-            env=env_without_numpy(tmp_path), text=True, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE))
-    errs = stop_once_training(procs, signums)
+    with ending([subprocess.Popen([sys.executable, str(tmp_path / "ddpm_score.py"), *STOP_ARGS],
+                                  cwd=folder, env=env_without_numpy(tmp_path), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for folder in folders]) as procs:
+        errs = stop_once_training(procs, signums)
     steps = [check_stopped(folder / "run", err, [proc.returncode], [128 + signum])
              for folder, err, proc, signum in zip(folders, errs, procs, signums)]
     resume_each(folders, steps, straight=tmp_path / "straight")
@@ -407,12 +422,13 @@ def test_torchrun_stops_both_gloo_ranks_at_the_same_step_on_sigint_and_sigterm(t
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc-per-node=2", "--log-dir", "logs", "--tee", "3", str(worker), *STOP_ARGS]
     signums, folders = [signal.SIGINT, signal.SIGTERM] * 2, [tmp_path / str(i) for i in range(4)]
-    procs, env = [], {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for folder in folders:
         folder.mkdir()
-        procs.append(subprocess.Popen(torchrun, cwd=folder, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    stop_once_training(procs, signums)
+    with ending([subprocess.Popen(torchrun, cwd=folder, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for folder in folders]) as procs:
+        stop_once_training(procs, signums)
     steps = []
     for folder, signum in zip(folders, signums):
         logs = sorted(folder.glob("logs/*/attempt_0/*/stderr.log"))
