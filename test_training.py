@@ -18,6 +18,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -206,9 +207,10 @@ def test_ddp_two_gloo_processes_keep_identical_weights_and_write_one_checkpoint(
         "torch.distributed.destroy_process_group()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run([*run, str(script)], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    with ending([subprocess.Popen([*run, str(script)], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)]) as (done,):
+        err = done.communicate(timeout=120)[1]
+    assert done.returncode == 0, err[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
@@ -241,6 +243,20 @@ def two_ranks(argv, env, cwd=None):
         for proc in procs:
             proc.kill()
             proc.communicate()
+
+
+@contextlib.contextmanager
+def ending(procs):
+    """Yield procs; on leaving, SIGTERM those still running (torchrun passes it on to its
+    workers) and wait for them: a failed test leaves no process behind."""
+    try:
+        yield procs
+    finally:
+        running = [proc for proc in procs if proc.poll() is None]
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            proc.communicate(timeout=120)
 
 
 def test_too_few_samples_for_an_mmd_print_no_nan(tmp_path, capsys):
@@ -295,27 +311,18 @@ def test_atomic_writes_leave_the_umask_alone_and_give_the_usual_mode(tmp_path, m
         os.umask(umask)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resuming_it_equals_training_straight(tmp_path):
-    """Ctrl-C at whatever step: exit code 130, one message, a checkpoint; --resume then ends with
-    exactly the weights of an uninterrupted run (the cosine schedule included)."""
-    shutil.copy(HERE / "ddpm_score.py", tmp_path / "ddpm_score.py")
-    args = ["--steps", "400", "--width", "32", "--depth", "1", "--batch-size", "64",
-            "--log-every", "10", "--n-train", "2000", "--n-samples", "0", "--out", "r"]
-    proc = subprocess.Popen([sys.executable, "ddpm_score.py", "train", *args], cwd=tmp_path,
-                            env=env_without_numpy(tmp_path), text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    lines = iter(proc.stderr.readline, "")
-    assert any(line.startswith("step ") for line in lines), "training never started"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "interrupted at step" in err
-    stopped_at = int(ds.load_checkpoint(tmp_path / "r" / "ckpt.pt")["step"])
-    assert 10 <= stopped_at < 400
-    config = ds.read_config(tmp_path / "r" / "config.json")
-    ds.train(replace(config, out=str(tmp_path / "r"), resume=True))
-    ds.train(replace(config, out=str(tmp_path / "straight")))
-    same_weights(tmp_path / "r" / "ckpt.pt", tmp_path / "straight" / "ckpt.pt")
+def test_a_set_stop_event_ends_training_after_a_step_and_resuming_equals_training_straight(
+        tmp_path):
+    """train(config, stop) with stop set: one step, its checkpoint, interrupted; resuming it ends
+    with exactly the weights of an uninterrupted run (the cosine schedule included)."""
+    config, stop = small_config(tmp_path / "a", steps=40), threading.Event()
+    stop.set()
+    result = ds.train(config, stop)
+    assert result.interrupted and result.step == 1 and result.quality == {}
+    assert int(ds.load_checkpoint(tmp_path / "a" / "ckpt.pt")["step"]) == 1
+    assert ds.train(replace(config, resume=True)).step == 40
+    ds.train(replace(config, out=str(tmp_path / "b")))
+    same_weights(tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt")
 
 
 # Tiny runs for the stop tests: far more steps than they get to, about a millisecond each (so
@@ -330,20 +337,6 @@ def wait_for_a_step(proc):
     """Read proc's stderr until rank 0's progress line (maybe prefixed by torchrun) shows a step."""
     lines = iter(proc.stderr.readline, "")
     assert any(re.search(r"(^|\]:)step \d+/", line) for line in lines), "never trained"
-
-
-@contextlib.contextmanager
-def ending(procs):
-    """Yield procs; on leaving, SIGTERM those still running (torchrun passes it on to its
-    workers) and wait for them: a failed test leaves no process behind."""
-    try:
-        yield procs
-    finally:
-        running = [proc for proc in procs if proc.poll() is None]
-        for proc in running:
-            proc.terminate()
-        for proc in running:
-            proc.communicate(timeout=120)
 
 
 def stop_once_training(procs, signums):
