@@ -1830,8 +1830,9 @@ def train(config, stop=None):
     """Train as `config` says; rank 0 writes ckpt.pt (tensors only), config.json, loss.csv and
     samples.png (a classifier: prints its accuracy). Returns TrainResult. Leaves threads, signal
     handlers and process groups as found; in a joined process group it trains with DDP. Once the
-    threading.Event `stop` is set (on any DDP rank) every rank ends after the same step, with a
-    checkpoint. A non-finite loss raises FloatingPointError and leaves the last checkpoint."""
+    threading.Event `stop` is set it ends after the step (DDP: after the next, on every rank,
+    whichever rank's `stop` was set), with a checkpoint. A non-finite loss raises
+    FloatingPointError and leaves the last checkpoint."""
     check_config(config)
     check_out(config)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -1881,7 +1882,7 @@ def train(config, stop=None):
     x, y = data.x[rank::world].to(device), None if k is None else data.y[rank::world].to(device)
     B, t0 = config.batch_size // world, time.time() - (log[-1][2] if log else 0.0)
     show, total, count = progress("step", config.steps, config.log_every, step), 0.0, 0
-    stopped = False
+    stopped, agreeing = False, None
     while step < config.steps and not stopped:
         step += 1
         g = rng(config.seed, "batch", rank, step)
@@ -1914,10 +1915,11 @@ def train(config, stop=None):
             ema.n_averaged.zero_()  # AveragedModel copies the weights when n_averaged == 0
         ema.update_parameters(net)
         stopped = stop is not None and stop.is_set()  # read once: a later signal is seen next step
-        if world > 1:  # a stop on any rank stops every rank after this same step
-            flag = torch.tensor(float(stopped), device=device)
-            dist.all_reduce(flag, dist.ReduceOp.MAX)
-            stopped = bool(flag)
+        if world > 1:  # every rank stops after the step that follows any rank's stop: the
+            # all-reduce (MAX) of the flags overlaps that step, adding no wait (wait() is True)
+            last, flag = agreeing, torch.tensor(float(stopped), device=device)
+            agreeing = flag, dist.all_reduce(flag, dist.ReduceOp.MAX, async_op=True)
+            stopped = last is not None and last[1].wait() and bool(last[0])
         total, count = total + loss.item(), count + 1
         if rank == 0:
             show(step, f"  loss {total / count:.4f}")
@@ -1934,6 +1936,8 @@ def train(config, stop=None):
             rows = "".join(f"{int(s)},{loss:.6g},{t:.2f}\n" for s, loss, t in log)
             write_atomic(out / "loss.csv", ("step,loss,seconds\n" + rows).encode())
 
+    if agreeing is not None:  # no collective left under way
+        agreeing[1].wait()
     # Rank 0 evaluates: the classifier's accuracy, or final samples beside the held-out data.
     paths, quality = {name: out / name for name in ("ckpt.pt", "config.json", "loss.csv")}, {}
     trained = Model(config, ema.module.eval(), process, shape, k)
@@ -2270,7 +2274,7 @@ def train_command(args, argv):
         dist.init_process_group("nccl" if cuda else "gloo")
     stop, received = threading.Event(), []
 
-    def on_signal(signum, frame):  # stop after this step (every rank); a second Ctrl-C at once
+    def on_signal(signum, frame):  # stop after a step (every rank); a second Ctrl-C at once
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
         received.append(signum)
@@ -2410,8 +2414,8 @@ def main(argv=None):
       torchrun --nproc_per_node=2 ddpm_score.py train --out runs/ddp
 
     exit codes: 0 done, 1 non-finite loss, 2 bad input, 130 SIGINT (Ctrl-C), 143 SIGTERM; either
-    signal stops training after the current step, every rank at the same one, with a checkpoint
-    (train --resume continues it); a second Ctrl-C stops at once
+    signal stops training after the current step (DDP: the next, every rank at the same one),
+    with a checkpoint (train --resume continues it); a second Ctrl-C stops at once
     """
     args = make_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
