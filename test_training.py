@@ -4,7 +4,7 @@ the command line works end to end (the README's commands verbatim, from a folder
 module); checkpoints round-trip and resume exactly; nothing is lost, nothing global is changed;
 every bad flag is one line and exit 2 before any work.
 
-Kept small: the whole file runs in about 90 s on 2 CPU cores (the CLI runs are shared between
+Kept small: the whole file runs in about 100 s on 2 CPU cores (the CLI runs are shared between
 tests through module-scoped fixtures).
 """
 import contextlib
