@@ -1889,8 +1889,9 @@ def train(config, stop=None):
     """Train as `config` says; rank 0 writes ckpt.pt (tensors only), config.json, loss.csv and
     samples.png (a classifier: prints its accuracy). Returns TrainResult. Leaves threads, signal
     handlers and process groups as found; in a joined process group it trains with DDP. Once the
-    threading.Event `stop` is set it ends after the step, with a checkpoint. A non-finite loss
-    raises FloatingPointError and leaves the last checkpoint as it was."""
+    threading.Event `stop` is set it ends after the step (DDP: after the next, on every rank,
+    whichever rank's `stop` was set), with a checkpoint. A non-finite loss raises
+    FloatingPointError and leaves the last checkpoint."""
     check_config(config)
     check_out(config)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -1940,7 +1941,7 @@ def train(config, stop=None):
     x, y = data.x[rank::world].to(device), None if k is None else data.y[rank::world].to(device)
     B, t0 = config.batch_size // world, time.time() - (log[-1][2] if log else 0.0)
     show, total, count = progress("step", config.steps, config.log_every, step), 0.0, 0
-    stopped = False
+    stopped, agreeing = False, None
     while step < config.steps and not stopped:
         step += 1
         g = rng(config.seed, "batch", rank, step)
@@ -1972,7 +1973,12 @@ def train(config, stop=None):
         if step <= config.ema_warmup:
             ema.n_averaged.zero_()  # AveragedModel copies the weights when n_averaged == 0
         ema.update_parameters(net)
-        stopped = stop is not None and stop.is_set()  # read once: a later Ctrl-C is seen next step
+        stopped = stop is not None and stop.is_set()  # read once: a later signal is seen next step
+        if world > 1:  # every rank stops after the step that follows any rank's stop: the
+            # all-reduce (MAX) of the flags overlaps that step, adding no wait (wait() is True)
+            last, flag = agreeing, torch.tensor(float(stopped), device=device)
+            agreeing = flag, dist.all_reduce(flag, dist.ReduceOp.MAX, async_op=True)
+            stopped = last is not None and last[1].wait() and bool(last[0])
         total, count = total + loss.item(), count + 1
         if rank == 0:
             show(step, f"  loss {total / count:.4f}")
@@ -1989,6 +1995,8 @@ def train(config, stop=None):
             rows = "".join(f"{int(s)},{loss:.6g},{t:.2f}\n" for s, loss, t in log)
             write_atomic(out / "loss.csv", ("step,loss,seconds\n" + rows).encode())
 
+    if agreeing is not None:  # no collective left under way
+        agreeing[1].wait()
     # Rank 0 evaluates: the classifier's accuracy, or final samples beside the held-out data.
     paths, quality = {name: out / name for name in ("ckpt.pt", "config.json", "loss.csv")}, {}
     trained = Model(config, ema.module.eval(), process, shape, k)
@@ -2314,7 +2322,8 @@ def make_parser(defaults=TrainConfig()):
 def train_command(args, argv):
     """`train`: with --resume the run's config.json supplies the defaults; with --classifier
     and --out RUN/classifier, RUN's config.json does (flags still win). Under torchrun it joins
-    the process group (nccl on GPUs, gloo on CPUs); Ctrl-C stops after the current step."""
+    the process group (nccl on GPUs, gloo on CPUs). SIGINT (Ctrl-C) or SIGTERM stops every rank
+    after the same step, with a checkpoint: exit 130 or 143; a second Ctrl-C stops at once."""
     config_path, run_path = Path(args.out) / "config.json", Path(args.out).parent / "config.json"
     if args.resume and config_path.exists():
         args = make_parser(replace(read_config(config_path), resume=True, overwrite=False)
@@ -2329,26 +2338,31 @@ def train_command(args, argv):
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
-    stop = threading.Event()
+    stop, received = threading.Event(), []
 
-    def on_sigint(signum, frame):  # the first Ctrl-C stops after this step, a second at once
-        if stop.is_set():
+    def on_signal(signum, frame):  # stop after a step (every rank); a second Ctrl-C at once
+        if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        received.append(signum)
         stop.set()
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    signals = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
+    previous = {signum: signal.signal(signum, on_signal) for signum in signals}
+    rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         result = train(config, stop)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
-    if result.interrupted:
-        print(f'interrupted at step {result.step}; checkpoint {result.paths["ckpt.pt"]}; '
-              "continue with --resume", file=sys.stderr)
-        sys.exit(130)
-    print(f"trained {result.step} steps, final loss {result.loss:.4f}; run folder {config.out}")
+    if result.interrupted:  # exit 128 + signal: 130 SIGINT, 143 SIGTERM or another rank's signal
+        if rank == 0:
+            print(f"interrupted at step {result.step}: checkpoint saved to "
+                  f"{result.paths['ckpt.pt']}; continue with --resume", file=sys.stderr)
+        sys.exit(128 + (received[0] if received else signal.SIGTERM))
+    if rank == 0:
+        print(f"trained {result.step} steps, final loss {result.loss:.4f}; run folder {config.out}")
 
 
 def open_run(args):
@@ -2466,6 +2480,10 @@ def main(argv=None):
       python ddpm_score.py train --data shapes --out runs/shapes           # image defaults
       python ddpm_score.py sample --run runs/shapes --inpaint --mask centre
       torchrun --nproc_per_node=2 ddpm_score.py train --out runs/ddp
+
+    exit codes: 0 done, 1 non-finite loss, 2 bad input, 130 SIGINT (Ctrl-C), 143 SIGTERM; either
+    signal stops training after the current step (DDP: the next, every rank at the same one),
+    with a checkpoint (train --resume continues it); a second Ctrl-C stops at once
     """
     args = make_parser().parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -4,9 +4,10 @@ the command line works end to end (the README's commands verbatim, from a folder
 module); checkpoints round-trip and resume exactly; nothing is lost, nothing global is changed;
 every bad flag is one line and exit 2 before any work.
 
-Kept small: the whole file runs in about 90 s on 2 CPU cores (the CLI runs are shared between
+Kept small: the whole file runs in about 100 s on 2 CPU cores (the CLI runs are shared between
 tests through module-scoped fixtures).
 """
+import contextlib
 import json
 import math
 import os
@@ -14,10 +15,10 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -206,27 +207,56 @@ def test_ddp_two_gloo_processes_keep_identical_weights_and_write_one_checkpoint(
         "torch.distributed.destroy_process_group()\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    done = subprocess.run([*run, str(script)], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
+    with ending([subprocess.Popen([*run, str(script)], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)]) as (done,):
+        err = done.communicate(timeout=120)[1]
+    assert done.returncode == 0, err[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["ckpt.pt", "config.json",
                                                                   "loss.csv"]
     assert int(ds.load_checkpoint(tmp_path / "run" / "ckpt.pt")["step"]) == 20
-    with socket.socket() as s:  # a free port for the rendezvous torchrun would set up
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    ranks = [subprocess.Popen(
-        [sys.executable, str(HERE / "ddpm_score.py"), "train", "--steps", "5", "--width", "16",
-         "--n-train", "500", "--n-samples", "0", "--out", str(tmp_path / "cli")],
-        env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-             "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    errs = [proc.communicate(timeout=120)[1] for proc in ranks]
+    cli = [sys.executable, str(HERE / "ddpm_score.py"), "train", "--steps", "5", "--width", "16",
+           "--n-train", "500", "--n-samples", "0", "--out", str(tmp_path / "cli")]
+    with two_ranks(cli, env) as ranks:
+        errs = [proc.communicate(timeout=120)[1] for proc in ranks]
     assert [proc.returncode for proc in ranks] == [0, 0] and "step 5/5" in errs[0], errs
     assert int(ds.load_checkpoint(tmp_path / "cli" / "ckpt.pt")["step"]) == 5
+
+
+@contextlib.contextmanager
+def two_ranks(argv, env, cwd=None):
+    """Two processes running argv with the environment torchrun gives its workers, killed on
+    leaving (none is left behind by a failed test). They meet at a TCPStore served here, as
+    torchrun's agent serves one, on a port the OS picks and that stays bound: a free port picked
+    here and bound later by rank 0 (after its seconds of imports) can be taken in between."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    env = {**env, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    procs = [subprocess.Popen(argv, cwd=cwd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for r in (0, 1)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.communicate()
+
+
+@contextlib.contextmanager
+def ending(procs):
+    """Yield procs; on leaving, SIGTERM those still running (torchrun passes it on to its
+    workers) and wait for them: a failed test leaves no process behind."""
+    try:
+        yield procs
+    finally:
+        running = [proc for proc in procs if proc.poll() is None]
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            proc.communicate(timeout=120)
 
 
 def test_too_few_samples_for_an_mmd_print_no_nan(tmp_path, capsys):
@@ -376,7 +406,9 @@ def test_a_run_folder_is_never_overwritten_silently(tmp_path, capsys):
     argv = ["train", "--out", str(out), "--steps", "5", "--n-samples", "0"]
     err = one_line_error(capsys, argv)
     assert "--resume" in err and "--overwrite" in err and (out / "ckpt.pt").read_bytes() == before
+    handlers = [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)]
     ds.main([*argv, "--overwrite"])
+    assert [signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)] == handlers
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "config.json", "loss.csv",
                                                      "notes.txt"]
     ds.main(["train", "--out", str(out), "--resume", "--steps", "6"])  # not refused as overwrite
@@ -396,27 +428,147 @@ def test_atomic_writes_leave_the_umask_alone_and_give_the_usual_mode(tmp_path, m
         os.umask(umask)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resuming_it_equals_training_straight(tmp_path):
-    """Ctrl-C at whatever step: exit code 130, one message, a checkpoint; --resume then ends with
-    exactly the weights of an uninterrupted run (the cosine schedule included)."""
-    shutil.copy(HERE / "ddpm_score.py", tmp_path / "ddpm_score.py")
-    args = ["--steps", "400", "--width", "32", "--depth", "1", "--batch-size", "64",
-            "--log-every", "10", "--n-train", "2000", "--n-samples", "0", "--out", "r"]
-    proc = subprocess.Popen([sys.executable, "ddpm_score.py", "train", *args], cwd=tmp_path,
-                            env=env_without_numpy(tmp_path), text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+def test_a_set_stop_event_ends_training_after_a_step_and_resuming_equals_training_straight(
+        tmp_path):
+    """train(config, stop) with stop set: one step, its checkpoint, interrupted; resuming it ends
+    with exactly the weights of an uninterrupted run (the cosine schedule included)."""
+    config, stop = small_config(tmp_path / "a", steps=40), threading.Event()
+    stop.set()
+    result = ds.train(config, stop)
+    assert result.interrupted and result.step == 1 and result.quality == {}
+    assert int(ds.load_checkpoint(tmp_path / "a" / "ckpt.pt")["step"]) == 1
+    assert ds.train(replace(config, resume=True)).step == 40
+    ds.train(replace(config, out=str(tmp_path / "b")))
+    same_weights(tmp_path / "a" / "ckpt.pt", tmp_path / "b" / "ckpt.pt")
+
+
+# Tiny runs for the stop tests: far more steps than they get to, about a millisecond each (so
+# ranks a few ms apart see a signal at different steps), a constant lr (a resume to any total
+# then equals training straight to it), a progress line every 5 steps.
+STOP_ARGS = ["train", "--steps", "100000", "--no-lr-decay", "--width", "16", "--depth", "1",
+             "--batch-size", "16", "--n-train", "500", "--n-samples", "0", "--log-every", "5",
+             "--out", "run"]
+
+
+def wait_for_a_step(proc):
+    """Read proc's stderr until rank 0's progress line (maybe prefixed by torchrun) shows a step."""
     lines = iter(proc.stderr.readline, "")
-    assert any(line.startswith("step ") for line in lines), "training never started"
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and "interrupted at step" in err
-    stopped_at = int(ds.load_checkpoint(tmp_path / "r" / "ckpt.pt")["step"])
-    assert 10 <= stopped_at < 400
-    config = ds.read_config(tmp_path / "r" / "config.json")
-    ds.train(replace(config, out=str(tmp_path / "r"), resume=True))
-    ds.train(replace(config, out=str(tmp_path / "straight")))
-    same_weights(tmp_path / "r" / "ckpt.pt", tmp_path / "straight" / "ckpt.pt")
+    assert any(re.search(r"(^|\]:)step \d+/", line) for line in lines), "never trained"
+
+
+def stop_once_training(procs, signums):
+    """Send each process its signal once rank 0 has logged a step; return their stderr."""
+    for proc, signum in zip(procs, signums):
+        wait_for_a_step(proc)
+        proc.send_signal(signum)
+    return [proc.communicate(timeout=120)[1] for proc in procs]
+
+
+def check_stopped(run, err, codes, expected):
+    """The processes exit with the expected codes, one line names the step, no traceback, and
+    the checkpoint is of that step: returns it."""
+    assert codes == expected and "Traceback" not in err, (codes, err)
+    lines = re.findall(r"interrupted at step (\d+): checkpoint saved to (.*);", err)
+    assert len(lines) == 1 and err.count("interrupted") == 1, err
+    assert lines[0][1] == "run/ckpt.pt", err
+    step = int(ds.load_checkpoint(run / "ckpt.pt")["step"])
+    assert step == int(lines[0][0]), err
+    return step
+
+
+def resume_each(folders, steps, straight=None):
+    """Resume each stopped run (in this process) to a common total; with `straight`, check that
+    each then has the weights of a run trained straight to it there."""
+    config = ds.read_config(folders[0] / "run" / "config.json")
+    total = max(steps) + 5
+    if straight:
+        ds.train(replace(config, steps=total, out=str(straight)))
+    for folder in folders:
+        result = ds.train(replace(config, steps=total, out=str(folder / "run"), resume=True))
+        assert result.step == total and not result.interrupted
+        if straight:
+            same_weights(folder / "run" / "ckpt.pt", straight / "ckpt.pt")
+
+
+def test_sigint_and_sigterm_stop_a_process_after_a_step_and_resume_bit_for_bit(tmp_path):
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's), twice each, at whatever step: exit 130 / 143,
+    one line naming the step, no traceback, a checkpoint of that step; each resumed to a common
+    total has exactly the weights of a run trained straight to it."""
+    shutil.copy(HERE / "ddpm_score.py", tmp_path / "ddpm_score.py")
+    signums, folders = [signal.SIGINT, signal.SIGTERM] * 2, [tmp_path / str(i) for i in range(4)]
+    for folder in folders:
+        folder.mkdir()
+    with ending([subprocess.Popen([sys.executable, str(tmp_path / "ddpm_score.py"), *STOP_ARGS],
+                                  cwd=folder, env=env_without_numpy(tmp_path), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for folder in folders]) as procs:
+        errs = stop_once_training(procs, signums)
+    steps = [check_stopped(folder / "run", err, [proc.returncode], [128 + signum])
+             for folder, err, proc, signum in zip(folders, errs, procs, signums)]
+    resume_each(folders, steps, straight=tmp_path / "straight")
+
+
+def test_torchrun_stops_both_gloo_ranks_at_the_same_step_on_sigint_and_sigterm(tmp_path):
+    """torchrun forwards a signal to each rank on its own, a few ms apart: the ranks agree on the
+    step, rank 0 saves it and prints one line, both exit 130 / 143 without a traceback; twice
+    per signal (a race: ranks used to stop a step apart, one failing in its all-reduce); each
+    checkpoint then resumes to the final step."""
+    worker = tmp_path / "worker.py"  # main() of ddpm_score, keeping its exit code in exit_RANK
+    worker.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "import ddpm_score\n"
+        "try:\n"
+        "    ddpm_score.main()\n"
+        "    code = 0\n"
+        "except SystemExit as e:\n"
+        "    code = e.code\n"
+        "open('exit_' + os.environ['RANK'], 'w').write(str(code))\n"
+        "sys.exit(code)\n")
+    # Each rank's stderr goes to logs/.../attempt_0/RANK/stderr.log and, prefixed
+    # [defaultRANK]:, to the console, which also holds torchrun's own report: after forwarding a
+    # signal torchrun exits 1 with a SignalException traceback. That one is torchrun's, so the
+    # checks read the ranks' logs.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc-per-node=2", "--log-dir", "logs", "--tee", "3", str(worker), *STOP_ARGS]
+    signums, folders = [signal.SIGINT, signal.SIGTERM] * 2, [tmp_path / str(i) for i in range(4)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for folder in folders:
+        folder.mkdir()
+    with ending([subprocess.Popen(torchrun, cwd=folder, env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for folder in folders]) as procs:
+        stop_once_training(procs, signums)
+    steps = []
+    for folder, signum in zip(folders, signums):
+        logs = sorted(folder.glob("logs/*/attempt_0/*/stderr.log"))
+        err = "".join(log.read_text() for log in logs)
+        codes = [int((folder / f"exit_{rank}").read_text()) for rank in (0, 1)]
+        assert len(logs) == 2 and "interrupted" in logs[0].read_text(), err
+        steps.append(check_stopped(folder / "run", err, codes, [128 + signum] * 2))
+    resume_each(folders, steps)  # on one rank: 2-rank resumes cost 5 s each here
+
+
+def test_a_signal_to_one_rank_stops_both_ranks_at_the_same_step(tmp_path):
+    """Two ranks, a signal to one of them (SIGTERM to rank 1 in one run, SIGINT to rank 0 in
+    another, at once): both stop after the same step, rank 0 saves it and prints one line, no
+    traceback; the signalled rank exits 128 + the signal, the other 143. Without the ranks
+    agreeing, the other one trained on and failed in its all-reduce (or hung)."""
+    argv = [sys.executable, str(HERE / "ddpm_score.py"), *STOP_ARGS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    folders = [tmp_path / "term1", tmp_path / "int0"]
+    for folder in folders:
+        folder.mkdir()
+    with two_ranks(argv, env, folders[0]) as term1, two_ranks(argv, env, folders[1]) as int0:
+        for ranks, signalled, signum in ((term1, 1, signal.SIGTERM), (int0, 0, signal.SIGINT)):
+            wait_for_a_step(ranks[0])
+            ranks[signalled].send_signal(signum)
+        errs = [[proc.communicate(timeout=120)[1] for proc in ranks] for ranks in (term1, int0)]
+        codes = [[proc.returncode for proc in ranks] for ranks in (term1, int0)]
+    steps = [check_stopped(folders[0] / "run", "".join(errs[0]), codes[0], [143, 143]),
+             check_stopped(folders[1] / "run", "".join(errs[1]), codes[1], [130, 143])]
+    assert all("interrupted" in err[0] for err in errs), errs
+    resume_each(folders, steps)
 
 
 def test_ctrl_c_in_sample_is_one_line_and_exit_130(tiny_runs, capsys, monkeypatch):
