@@ -1,6 +1,6 @@
 """Sampler benchmark: exact accuracy per score evaluation (NFE) and the cost of the loops.
 
-    python benchmarks/bench_samplers.py            (or `make bench`; a minute or two on 1 core)
+    python benchmarks/bench_samplers.py            (or `make bench`; a few minutes on 1 core)
 
 The data is a 16-d Gaussian N(MU, COV) (eigenvalues 0.01 .. 3.16, a random rotation and mean)
 with its exact score on the VP SDE (beta in [0.1, 20]) or the exact eps on the linear T = 1000
