@@ -1,6 +1,6 @@
 """Sampler benchmark: exact accuracy per score evaluation (NFE) and the cost of the loops.
 
-    python benchmarks/bench_samplers.py            (or `make bench`; a minute or two on 1 core)
+    python benchmarks/bench_samplers.py            (or `make bench`; a few minutes on 1 core)
 
 The data is a 16-d Gaussian N(MU, COV) (eigenvalues 0.01 .. 3.16, a random rotation and mean)
 with its exact score on the VP SDE (beta in [0.1, 20]) or the exact eps on the linear T = 1000
@@ -23,6 +23,13 @@ schedule, so the model error is zero and only the solver differs. Three tables (
    same log-SNR-uniform times for all, 25..400 steps, the W2 error to the exact flow's output.
    diffusers' schedulers are run through exactly those times by giving them a schedule of n + 1
    training steps whose alpha_bar are the grid's (trained_betas) and n inference steps.
+6. Few-step sampling off the Gaussians (issue 14, item 3): the 2-D ring of 8 Gaussians
+   (ds.gaussian_ring: radius sqrt 2, std 0.1) with the exact score of its noised law, both
+   few-step samplers at K = 5, 10, 20 calls on their default grid (F38) and on the grid they had
+   before issue 14 (2M, uniform in lambda: dpm_solver_sample T..1 in K - 1 steps, then x0_hat at
+   t = 0; dpm_solver_sde_sample s = 1..1e-3 in K steps); unbiased MMD^2 of 4,000 samples against
+   4,000 fresh ring points (ds.mmd_bandwidths of the truth), mean +- SE over 5 seeds, beside
+   truth against truth (the noise floor).
 Run one table with e.g. `python benchmarks/bench_samplers.py fewstep order`.
 """
 import inspect
@@ -605,12 +612,85 @@ def order_table():
               ", ".join(f"{p:.2f}" for p in slopes) + f" | {fit:.2f} |", flush=True)
 
 
+# --- 6: the ring mixture with its exact score (issue 14, item 3) --------------------------------
+RING_K, RING_N, RING_SEEDS = (5, 10, 20), 4000, 5
+_ANGLE = 2 * math.pi * torch.arange(8, dtype=F64) / 8
+RING_MU = math.sqrt(2) * torch.stack([_ANGLE.cos(), _ANGLE.sin()], 1)    # ds.gaussian_ring's
+
+
+def ring_score(x, m, v):
+    """grad log of the ring pushed through x = m x0 + sqrt(v) eps: sum_k w_k N(m mu_k, (m^2 0.01
+    + v) I), the weights of x's posterior over the modes."""
+    var = m * m * 0.01 + v
+    d = x.double()[:, None, :] - m * RING_MU
+    post = torch.softmax(-d.square().sum(-1) / (2 * var), 1)
+    return -(post[..., None] * d).sum(1) / var
+
+
+def ring_samplers():
+    """name -> run(x, K) -> (samples, counted calls): default and pre-issue-14 grids."""
+    def eps(x, t):
+        a = AB[t[0]].item()
+        return -math.sqrt(1 - a) * ring_score(x, math.sqrt(a), 1 - a)
+
+    def score(x, s):
+        m, sd = SDE.marginal_coefs(s[:1].double())
+        return ring_score(x, m.item(), sd.item() ** 2)
+
+    def old_discrete(k):
+        s = ds.s_grid(ds.DiscreteVPSDE(SCHED), k - 1, 1 / SCHED.T, "logsnr")
+        return list(dict.fromkeys(max(1, round(u * SCHED.T)) for u in s)) + [0]
+
+    def counted(model, run):
+        def go(x, k):
+            f = Counter(model)
+            return run(f, x, k), f.n
+        return go
+    return {
+        "dpm_solver_sample, default (F38)": counted(eps, lambda f, x, k: ds.dpm_solver_sample(
+            f, SCHED, x, steps=k)),
+        "dpm_solver_sample, old 2M grid": counted(eps, lambda f, x, k: ds.dpm_solver_sample(
+            f, SCHED, x, steps=old_discrete(k))),
+        "dpm_solver_sde_sample, default (F38)": counted(score, lambda f, x, k: (
+            ds.dpm_solver_sde_sample(f, SDE, x, steps=k))),
+        "dpm_solver_sde_sample, old 2M grid": counted(score, lambda f, x, k: (
+            ds.dpm_solver_sde_sample(f, SDE, x, steps=k, eps_s=1e-3, spacing="logsnr")))}
+
+
+def ring_table():
+    """Table 6: MMD^2 to the ring at K calls, default grid against the pre-issue-14 2M grid."""
+    truth = lambda seed: ds.gaussian_ring(RING_N, ds.rng(seed, "ring truth"))[0].double()  # noqa
+
+    def cell(values):
+        t = torch.tensor(values, dtype=F64)
+        return f"{t.mean():.1e} +- {t.std() / math.sqrt(len(t)):.1e}"
+    print(f"\n6. Ring of 8 Gaussians (radius sqrt 2, std 0.1), exact score: MMD^2 of "
+          f"{RING_N} samples to {RING_N} ring points, mean +- SE over {RING_SEEDS} seeds")
+    print("| sampler | " + " | ".join(f"K = {k}" for k in RING_K) + " |\n|---|" +
+          "---|" * len(RING_K))
+    floor = [ds.mmd2_unbiased(truth(100 + s), ref, ds.mmd_bandwidths(ref))
+             for s, ref in ((s, truth(s)) for s in range(RING_SEEDS))]
+    print(f"| truth against truth (noise floor) | {cell(floor)} |" + " |" * (len(RING_K) - 1))
+    for label, run in ring_samplers().items():
+        cells = []
+        for k in RING_K:
+            values = []
+            for seed in range(RING_SEEDS):
+                x = torch.randn(RING_N, 2, generator=ds.rng(seed, "ring start"), dtype=F64)
+                out, nfe = run(x, k)
+                assert nfe == k, (label, k, nfe)
+                ref = truth(seed)
+                values.append(ds.mmd2_unbiased(out, ref, ds.mmd_bandwidths(ref)))
+            cells.append(cell(values))
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main():
     load = os.getloadavg()[0]
     print(f"{time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, 1 thread, "
           f"load average {load:.1f} ({os.cpu_count()} cores)")
     tables = {"likelihood": likelihood_table, "w2": w2_table, "overhead": overhead_table,
-              "fewstep": fewstep_table, "order": order_table}
+              "fewstep": fewstep_table, "order": order_table, "ring": ring_table}
     for name in sys.argv[1:] or tables:
         tables[name]()
 
