@@ -698,13 +698,18 @@ def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
 
 def few_step_grid(sde, steps):
     """Times 1 = s_0 > ... > s_K (K = steps) for DPM-Solver++ at K model calls. In lambda = log(m /
-    std), from lambda_0 = max(lambda(1), -5.03) to lambda_K = 3.5 (std / m = 0.03) in steps
-    shrinking by a constant factor: log(lambda_star - lambda_i) uniform in i, lambda_star =
-    lambda_K + exp(0.7 + 8.2 / (K - 3)) (K <= 3: near uniform); fitted on Gaussians. [F38]"""
+    std), from lambda_0 = max(lambda(1), -5.03) to lambda_K in steps shrinking by a constant
+    factor: log(lambda_star - lambda_i) uniform in i, lambda_star = lambda_K + e^c; K <= 6:
+    lambda_K = 3.5, c = 0.7 + 8.2 / (K - 3) (K <= 3: near uniform); K >= 7: lambda_K = 5, c =
+    18.7 / (K - 1); fitted on a family of Gaussians. [F38]"""
     _check_count("steps", steps, 1)
     m, std = sde.marginal_coefs(torch.ones(1, dtype=torch.float64))
-    lam_0, lam_end = torch.log(m / std).clamp(min=-5.03), 3.5
-    star = lam_end + math.exp(0.7 + 8.2 / max(steps - 3, 0.7))
+    lam_0 = torch.log(m / std).clamp(min=-5.03)
+    if steps <= 6:                  # few calls: stop at std / m = e^-3.5, a full step, no denoise
+        lam_end, c = 3.5, 0.7 + 8.2 / max(steps - 3, 0.7)
+    else:                           # more calls: stop closer to the data, std / m = e^-5
+        lam_end, c = 5.0, 18.7 / (steps - 1)
+    star = lam_end + math.exp(c)
     u = torch.arange(1, steps + 1, dtype=torch.float64) / steps
     lam = star - (star - lam_0) * ((star - lam_end) / (star - lam_0)) ** u
     if steps == 5:                  # no lambda_star meets the criterion: nodes fitted alone
@@ -872,16 +877,17 @@ def dpm_solver_sample(eps_model, sched, x, *, steps=10, order=2, clip_x0=None, c
     """DPM-Solver++: x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} sum_j w_j x0_hat_j.
     [F32, F37, F21] alpha, sigma = sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t); ``order`` 1 (DDIM),
     2 (2M, Lu et al. 2022) or 3 (predictor-corrector). ``steps``: K, the number of eps_model
-    calls, on the few-step grid (F38) rounded to distinct integer steps (K <= T), or a grid
-    T >= t_0 > ... > t_K >= 0, x at t_0 (K calls; a last t_K = 0 returns x0_hat, clipped)."""
+    calls, on the few-step grid (F38) rounded to distinct integer steps >= 1 (K < T; K = T ends
+    at t = 0), or a grid T >= t_0 > ... > t_K >= 0, x at t_0 (K calls; a last t_K = 0 returns
+    x0_hat, clipped)."""
     _check_batch(x, "x")
     _check_clip(clip_x0)
     if isinstance(steps, int):
         if isinstance(steps, bool) or not 1 <= steps <= sched.T:
             raise ValueError(f"steps must be in 1..T = 1..{sched.T}, got {steps}")
-        grid = [sched.T]                            # rounded; room left for the later points
-        for u in few_step_grid(DiscreteVPSDE(sched), steps)[1:]:
-            grid.append(min(max(round(u * sched.T), steps - len(grid)), grid[-1] - 1))
+        grid, last = [sched.T], int(steps < sched.T)    # the lowest step: 1, or 0 if K = T
+        for u in few_step_grid(DiscreteVPSDE(sched), steps)[1:]:   # rounded, room left below
+            grid.append(min(max(round(u * sched.T), steps - len(grid) + last), grid[-1] - 1))
     else:
         grid = [int(t) for t in steps]
     if not (len(grid) > 1 and grid[0] <= sched.T and grid[-1] >= 0

@@ -2630,21 +2630,18 @@ def ref_flow_floor(m0, v0, m1, v1, mu=MU, cov=SIGMA):
 def test_F38_default_grids_reach_the_prior_floor(K):
     """[F38, F37, F32] at K model calls both samplers' defaults (eps on the linear T = 1000
     schedule; VP score) give an exact output law on N(MU, SIGMA) (not in the grid's fitting family)
-    within W2 <= F + 0.75 / K^2 of the data, F the exact flow's W2 from N(0, I) to the same end
-    (F38: lambda = log(m / std) = 3.5, for the discrete schedule rounded to an integer step).
-    Measured W2 - F at K = 5, 10, 20: 0.017, -5e-5, -2e-5 (discrete); 0.019, -5e-5, -2e-5 (VP),
-    against 0.03, 0.0075, 0.0019 allowed."""
+    within W2 <= F + 0.75 / K^2 of the data, F the prior floor: the W2 to the data of the exact flow
+    from N(0, I) at the start all the way to the data (m = 1, v = 0), the prior mismatch that no
+    solver removes; the samplers stop short of the data (F38), and that costs them too."""
     sched, ab = _linear_sched()
-    t_end, s_end = round(ref_t_of_lambda(ab, 3.5)), ref_s_of_lambda_vp(3.5).item()
     law = ref_affine_law(lambda y: ds.dpm_solver_sample(ref_eps_model(ref_gauss_score, ab), sched,
                                                         y, steps=K), 3)
-    a0, a1 = ab[-1].item(), ab[t_end].item()
-    assert ref_w2(*law, MU, SIGMA) <= ref_flow_floor(
-        math.sqrt(a0), 1 - a0, math.sqrt(a1), 1 - a1) + 0.75 / K ** 2
+    a0 = ab[-1].item()
+    assert ref_w2(*law, MU, SIGMA) <= ref_flow_floor(math.sqrt(a0), 1 - a0, 1.0, 0.0) + 0.75 / K ** 2
     law = ref_affine_law(lambda y: ds.dpm_solver_sde_sample(
         ref_sde_score(ref_gauss_score, "vp"), ds.VPSDE(**VP), y, steps=K), 3)
-    (m0, v0, _, _), (m1, v1, _, _) = ref_sde_coefs("vp", 1.0), ref_sde_coefs("vp", s_end)
-    assert ref_w2(*law, MU, SIGMA) <= ref_flow_floor(m0, v0, m1, v1) + 0.75 / K ** 2
+    m0, v0, _, _ = ref_sde_coefs("vp", 1.0)
+    assert ref_w2(*law, MU, SIGMA) <= ref_flow_floor(m0, v0, 1.0, 0.0) + 0.75 / K ** 2
 
 
 def test_F37_F38_steps_count_the_model_calls():
