@@ -856,7 +856,12 @@ def _dpm_solver(x0_fn, x, alphas, sigmas, order, callback):
             x = x0s[-1]
             continue
         h, ratio, x_cur = lam[i + 1] - lam[i], sigmas[i + 1] / sigmas[i], x
-        step = lambda w: ratio * x_cur + alphas[i + 1] * sum(c * y for c, y in zip(w, x0s[::-1]))
+
+        def step(w):                                # (sigma' / sigma) x + alpha' sum_j w_j x0_j
+            out = ratio * x_cur
+            for w_j, x0_j in zip(w, reversed(x0s)):
+                out = out.add(x0_j, alpha=alphas[i + 1] * w_j)
+            return out
         nodes = [lam[j] - lam[i] for j in range(i, max(i - 2, -1), -1)][:order]   # u = 0, -h_prev
         if order == 2 and i > 0:                    # 2M: D = x0_hat + (h / 2 h_prev) difference
             r = -h / (2 * nodes[1])
