@@ -699,21 +699,22 @@ def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
 def few_step_grid(sde, steps):
     """Times 1 = s_0 > ... > s_K (K = steps) for DPM-Solver++ at K model calls. In lambda = log(m /
     std), from lambda_0 = max(lambda(1), -5.03) to lambda_K in steps shrinking by a constant
-    factor: log(lambda_star - lambda_i) uniform in i, lambda_star = lambda_K + e^c; K <= 6:
-    lambda_K = 3.5, c = 0.7 + 8.2 / (K - 3) (K <= 3: near uniform); K >= 7: lambda_K = 5, c =
-    18.7 / (K - 1); fitted on a family of Gaussians. [F38]"""
+    factor: log(lambda_star - lambda_i) uniform in i, lambda_star = lambda_K + e^c; K <= 12:
+    lambda_K = 3.5, c = 0.7 + 8.2 / (K - 3) (K <= 3: near uniform); K >= 13: lambda_K = 5, c =
+    18.7 / (K - 1); fitted on a family of Gaussians; K = 5: nodes fitted alone, and the samplers
+    (order 2) correct its first step. [F38]"""
     _check_count("steps", steps, 1)
     m, std = sde.marginal_coefs(torch.ones(1, dtype=torch.float64))
     lam_0 = torch.log(m / std).clamp(min=-5.03)
-    if steps <= 6:                  # few calls: stop at std / m = e^-3.5, a full step, no denoise
+    if steps <= 12:                 # stop at std / m = e^-3.5: a full step, no final denoise
         lam_end, c = 3.5, 0.7 + 8.2 / max(steps - 3, 0.7)
     else:                           # more calls: stop closer to the data, std / m = e^-5
         lam_end, c = 5.0, 18.7 / (steps - 1)
     star = lam_end + math.exp(c)
     u = torch.arange(1, steps + 1, dtype=torch.float64) / steps
     lam = star - (star - lam_0) * ((star - lam_end) / (star - lam_0)) ** u
-    if steps == 5:                  # no lambda_star meets the criterion: nodes fitted alone
-        u = torch.tensor([0.276, 0.449, 0.632, 0.805, 1.0], dtype=torch.float64)
+    if steps == 5:                  # no lambda_star meets the criterion: nodes fitted alone,
+        u = torch.tensor([0.338, 0.505, 0.673, 0.819, 1.0], dtype=torch.float64)  # first corrected
         lam = lam_0 + (lam_end - lam_0) * u
     return [1.0, *_s_at_log_sigma(sde, -lam).tolist()]
 
@@ -844,9 +845,10 @@ def _exp_weights(h, us):
     return weights
 
 
-def _dpm_solver(x0_fn, x, alphas, sigmas, order, callback):
+def _dpm_solver(x0_fn, x, alphas, sigmas, order, callback, correct_first=False):
     """DPM-Solver++ on points i with marginal x_i = alpha_i x0 + sigma_i eps, one x0_fn call per
-    step: order 1 (DDIM), 2 (2M), 3 (2-point predictor, 3-point corrector). [F32, F37]"""
+    step: order 1 (DDIM), 2 (2M), 3 (2-point predictor, 3-point corrector). ``correct_first``:
+    the first step is corrected as in order 3 (F38's K = 5 grid with order 2). [F32, F37, F38]"""
     if type(order) is not int or order not in (1, 2, 3):
         raise ValueError(f"order must be one of [1, 2, 3], got {order!r}")
     lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alphas, sigmas)]
@@ -870,7 +872,7 @@ def _dpm_solver(x0_fn, x, alphas, sigmas, order, callback):
             x = step(_exp_weights(h, nodes))
         if i < n - 1:
             x0s = [*x0s[-2:], x0_fn(x, i + 1)]      # the last three predictions are enough
-            if order == 3:                          # corrector: the new x0_hat joins the nodes
+            if order == 3 or (correct_first and i == 0):   # corrector: the new x0_hat joins
                 x = step(_exp_weights(h, [h] + nodes))
         if callback is not None:
             callback(i, x)
@@ -887,6 +889,7 @@ def dpm_solver_sample(eps_model, sched, x, *, steps=10, order=2, clip_x0=None, c
     x0_hat, clipped)."""
     _check_batch(x, "x")
     _check_clip(clip_x0)
+    first = isinstance(steps, int) and steps == 5 and order == 2    # F38's K = 5 grid
     if isinstance(steps, int):
         if isinstance(steps, bool) or not 1 <= steps <= sched.T:
             raise ValueError(f"steps must be in 1..T = 1..{sched.T}, got {steps}")
@@ -902,7 +905,8 @@ def dpm_solver_sample(eps_model, sched, x, *, steps=10, order=2, clip_x0=None, c
     ab = sched._alpha_bar[grid].tolist()
     t_b = [torch.full(x.shape[:1], t, dtype=torch.long, device=x.device) for t in grid]
     return _dpm_solver(lambda y, i: _x0_hat(y, eps_model(y, t_b[i]), ab[i], clip_x0), x,
-                       [math.sqrt(a) for a in ab], [math.sqrt(1 - a) for a in ab], order, callback)
+                       [math.sqrt(a) for a in ab], [math.sqrt(1 - a) for a in ab], order, callback,
+                       first)
 
 
 @torch.no_grad()
@@ -913,13 +917,15 @@ def dpm_solver_sde_sample(score_fn, sde, x, *, steps=10, order=2, eps_s=None, sp
     spacing None, the few-step grid (F38, which picks its end), else s_grid(sde, K, eps_s or
     1e-3, spacing or 'logsnr'); or a grid of K + 1 times. [F32, F21, F26]"""
     _check_batch(x, "x")
+    first = False
     if isinstance(steps, int) and eps_s is None and spacing is None:
+        first = steps == 5 and order == 2                           # F38's K = 5 grid
         steps = few_step_grid(sde, steps)
     grid = s_grid(sde, steps, 1e-3 if eps_s is None else eps_s, spacing or "logsnr")
     _, _, m, std = zip(*_coefs(sde, grid).values())
     s_b = [_full(x, s) for s in grid]
     return _dpm_solver(lambda y, i: (y + std[i] ** 2 * score_fn(y, s_b[i])) / m[i], x, m, std,
-                       order, callback)
+                       order, callback, first)
 
 
 @torch.no_grad()

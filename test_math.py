@@ -2626,6 +2626,61 @@ def ref_flow_floor(m0, v0, m1, v1, mu=MU, cov=SIGMA):
     return ref_w2(m1 * mu - R @ (m0 * mu), R @ R.T, mu, cov)
 
 
+def ref_2m_first_corrected(x0_of, x, alphas, sigmas):
+    """F38's K = 5 rule transcribed: the first step predicted by DDIM, x0_of called at the
+    predicted point, the step redone with the line through (0, x0_0) and (h, x0_1) integrated
+    exactly (k_0 = 1 - e^-h, k_1 = h - 1 + e^-h); then 2M (F32) with x0_1 the predicted point's."""
+    lam = [math.log(a / s) for a, s in zip(alphas, sigmas)]
+    h = lam[1] - lam[0]
+    p0 = x0_of(x, 0)
+    pred = sigmas[1] / sigmas[0] * x + alphas[1] * (1 - math.exp(-h)) * p0
+    preds = [p0, x0_of(pred, 1)]
+    x = sigmas[1] / sigmas[0] * x + alphas[1] * ((1 - math.exp(-h)) * p0 + (
+        h - 1 + math.exp(-h)) / h * (preds[1] - p0))
+    for i in range(1, len(alphas) - 1):
+        if i > 1:
+            preds.append(x0_of(x, i))
+        h, r = lam[i + 1] - lam[i], (lam[i] - lam[i - 1]) / (lam[i + 1] - lam[i])
+        D = (1 + 1 / (2 * r)) * preds[-1] - 1 / (2 * r) * preds[-2]
+        x = sigmas[i + 1] / sigmas[i] * x - alphas[i + 1] * (math.exp(-h) - 1) * D
+    return x
+
+
+def test_F38_five_calls_correct_the_first_step():
+    """[F38, F37] with steps = 5 and order 2 both samplers correct the first step (DDIM predictor,
+    the nodes (h, 0)), then take 2M: equal to the transcription on mixture points (1e-10) with 5
+    calls; an explicit grid of the same times (or order 1) is not corrected."""
+    sched, ab = _linear_sched()
+    x = torch.randn(64, 2, generator=_gen(59), dtype=F64)
+    calls = []
+    out = ds.dpm_solver_sample(ref_eps_model(ref_mix_score, ab, calls), sched, x, steps=5)
+    taus = _visited(calls) + [round(ref_t_of_lambda(ab, 3.5))]
+    a, sg = [ab[t].sqrt().item() for t in taus], [(1 - ab[t]).sqrt().item() for t in taus]
+    em = ref_eps_model(ref_mix_score, ab)
+    x0_of = lambda y, i: (y - sg[i] * em(y, torch.full((len(y),), taus[i]))) / a[i]
+    assert len(taus) == 6 and torch.allclose(out, ref_2m_first_corrected(x0_of, x, a, sg),
+                                             rtol=1e-10, atol=1e-10)
+    plain = ds.dpm_solver_sample(em, sched, x, steps=taus)
+    assert torch.allclose(plain, ref_dpm_pp_2m(x0_of, x, a, sg), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(plain, out, atol=1e-3)
+    sde, n = ds.VPSDE(**VP), [0]
+    s = ds.few_step_grid(sde, 5)
+    m, v, _, _ = ref_sde_coefs("vp", torch.tensor(s, dtype=F64))
+    score_fn = ref_sde_score(ref_mix_score, "vp")
+    counted = lambda y, u: (n.__setitem__(0, n[0] + 1), score_fn(y, u))[1]
+    x0_of = lambda y, i: (y + v[i] * score_fn(y, torch.full((len(y),), s[i], dtype=F64))) / m[i]
+    out = ds.dpm_solver_sde_sample(counted, sde, x, steps=5)
+    assert n[0] == 5 and torch.allclose(
+        out, ref_2m_first_corrected(x0_of, x, m.tolist(), v.sqrt().tolist()), rtol=1e-10,
+        atol=1e-10)
+    assert torch.allclose(ds.dpm_solver_sde_sample(score_fn, sde, x, steps=s),
+                          ref_dpm_pp_2m(x0_of, x, m.tolist(), v.sqrt().tolist()), rtol=1e-10,
+                          atol=1e-10)
+    assert torch.allclose(ds.dpm_solver_sde_sample(score_fn, sde, x, steps=5, order=1),
+                          ref_dpm_pp(x0_of, x, m.tolist(), v.sqrt().tolist(), 1), rtol=1e-10,
+                          atol=1e-10)
+
+
 @pytest.mark.parametrize("K", [5, 10, 20])
 def test_F38_default_grids_reach_the_prior_floor(K):
     """[F38, F37, F32] at K model calls both samplers' defaults (eps on the linear T = 1000
@@ -2637,7 +2692,8 @@ def test_F38_default_grids_reach_the_prior_floor(K):
     law = ref_affine_law(lambda y: ds.dpm_solver_sample(ref_eps_model(ref_gauss_score, ab), sched,
                                                         y, steps=K), 3)
     a0 = ab[-1].item()
-    assert ref_w2(*law, MU, SIGMA) <= ref_flow_floor(math.sqrt(a0), 1 - a0, 1.0, 0.0) + 0.75 / K ** 2
+    floor = ref_flow_floor(math.sqrt(a0), 1 - a0, 1.0, 0.0)
+    assert ref_w2(*law, MU, SIGMA) <= floor + 0.75 / K ** 2
     law = ref_affine_law(lambda y: ds.dpm_solver_sde_sample(
         ref_sde_score(ref_gauss_score, "vp"), ds.VPSDE(**VP), y, steps=K), 3)
     m0, v0, _, _ = ref_sde_coefs("vp", 1.0)
