@@ -405,8 +405,7 @@ def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", clip_x0=None,
     the chain is respaced, beta'_i = 1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}}; no noise at
     the last step. ``clip_x0=(lo, hi)`` (off by default) clips x0_hat and takes mu_tilde(x_t,
     x0_hat) (F7). Inpainting (F31): where ``mask`` is True, x is replaced after each step by a
-    sample of q(x_t | known); the rest approximates p(x_unknown | known) (on a 4-D Gaussian, KL
-    0.12 nats to the exact conditional against 1.05 for the prior, at 200 and 1000 steps alike)."""
+    sample of q(x_t | known); the rest approximates p(x_unknown | known)."""
     _check_batch(x, "x")
     _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
     _check_inpainting(x, known, mask)
@@ -794,8 +793,8 @@ def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0
     the grid t / T, t = T..0, ancestral DDPM step for step. No noise at the last step. Before it,
     ``corrector_steps`` Langevin steps x <- x + delta score + sqrt(2 delta) z, delta = 2 alpha (snr
     ||z|| / ||score||)^2 (batch-averaged norms), alpha = 1, or A^2 (F28's alpha_i) with reverse
-    diffusion. Grid: uniform (measured: quadratic is worse at 200-1000 steps) or explicit, ending
-    >= 0. Inpainting (F31) as in ddpm_sample, with p_{0s}(x_s | known)."""
+    diffusion. Grid: uniform (s_grid) or explicit, ending >= 0. Inpainting (F31) as in
+    ddpm_sample, with p_{0s}(x_s | known)."""
     _check_batch(x, "x")
     _check_inpainting(x, known, mask)
     _check_count("corrector_steps", corrector_steps, 0)
@@ -908,8 +907,7 @@ def _solve_ode(f, x, grid, method, rtol, atol, max_steps, stats, callback=None):
 def _flow(score_fn, sde, x, steps, eps_s, spacing, method, forward=False):
     """(f, grid): the flow a(s) x - 1/2 g(s)^2 score(x, s) as f(x, s float) [F26], its floats and
     time tensors for every stage made before the loop, and the grid from 1 (from eps_s if
-    ``forward``): rk45 needs only its ends; Euler's default is uniform (measured: quadratic raises
-    its W2 on the 16-d Gaussian, 0.20 against 0.13 at 10 NFE)."""
+    ``forward``): rk45 needs only its ends; Euler's default is uniform."""
     _check_choice("method", method, set(ODE_METHODS))
     steps = 1 if method == "rk45" and isinstance(steps, int) else steps
     spacing = "uniform" if spacing is None and method == "euler" else spacing
@@ -1022,9 +1020,8 @@ GRIDS = ("uniform", "quadratic", "logsnr", "edm")
 def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
     """Times 1 = s_0 > ... > s_N = eps_s (N = steps) for the SDE solvers: 'uniform'; 'quadratic',
     s_i = eps_s + (1 - eps_s) (1 - i / N)^2; 'logsnr', uniform in log(m / std); 'edm', std / m on
-    Karras et al.'s rho-grid. None: sde.spacing, the best for RK4 likelihoods on a 16-d Gaussian
-    (bench): quadratic for the VP family (RMS at 48 NFE 2.5e-3 nats; uniform 0.14, logsnr 0.019,
-    edm 0.031), uniform for VE (0.078; quadratic 0.46). A sequence is the grid itself. [F34]"""
+    Karras et al.'s rho-grid. None: sde.spacing, quadratic for the VP family and uniform for VE
+    (the better for RK4 likelihoods, README). A sequence is the grid itself. [F34]"""
     if not isinstance(steps, (int, float)):
         grid = [float(s) for s in steps]
         if len(grid) < 2 or not all(1 >= a > b >= 0 for a, b in zip(grid, grid[1:])):
