@@ -197,7 +197,7 @@ def _check_t(sched, t, x):
 
 def marginal_coefs(sched, t):
     """(scale, std) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), each (B,) float64. [F3]"""
-    alpha_bar = sched._alpha_bar[_check_t(sched, t, t)]
+    alpha_bar = sched.alpha_bar[_check_t(sched, t, t)]
     return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
 
 
@@ -215,13 +215,13 @@ def q_step(sched, x_prev, t, noise=None, *, generator=None):
     _check_batch(x_prev, "x_prev")
     t = _check_t(sched, t, x_prev)
     z = _noise(x_prev, noise, generator)
-    return bcast(sched._alpha[t].sqrt(), x_prev) * x_prev + bcast(sched._beta[t].sqrt(), z) * z
+    return bcast(sched.alpha[t].sqrt(), x_prev) * x_prev + bcast(sched.beta[t].sqrt(), z) * z
 
 
 def q_mean_var(sched, x0, t):
     """q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I); returns (mean, var). [F3]"""
     _check_batch(x0, "x0")
-    alpha_bar = sched._alpha_bar[_check_t(sched, t, x0)]   # float64, cast at use (PITFALLS #11)
+    alpha_bar = sched.alpha_bar[_check_t(sched, t, x0)]    # float64, cast at use (PITFALLS #11)
     return bcast(alpha_bar.sqrt(), x0) * x0, bcast(1 - alpha_bar, x0)
 
 
@@ -241,10 +241,10 @@ def posterior_mean_var(sched, x0, xt, t):
     _check_batch(x0, "x0")
     _check_shape(xt, x0.shape, "xt")
     t = _check_t(sched, t, x0)
-    beta, alpha_bar, alpha_bar_prev = sched._beta[t], sched._alpha_bar[t], sched._alpha_bar[t - 1]
+    beta, (alpha_bar, alpha_bar_prev) = sched.beta[t], sched.alpha_bar[torch.stack([t, t - 1])]
     mu_tilde = (bcast(alpha_bar_prev.sqrt() * beta / (1 - alpha_bar), x0) * x0
-                + bcast(sched._alpha[t].sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar), x0) * xt)
-    return mu_tilde, bcast(sched._beta_tilde[t], x0)
+                + bcast(sched.alpha[t].sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar), x0) * xt)
+    return mu_tilde, bcast(sched.beta_tilde[t], x0)
 
 
 def mu_from_eps(sched, xt, t, eps):
@@ -253,8 +253,8 @@ def mu_from_eps(sched, xt, t, eps):
     _check_batch(xt, "xt")
     _check_shape(eps, xt.shape, "eps")
     t = _check_t(sched, t, xt)
-    coef = sched._beta[t] / (1 - sched._alpha_bar[t]).sqrt()
-    return (xt - bcast(coef, xt) * eps) / bcast(sched._alpha[t].sqrt(), xt)
+    coef = sched.beta[t] / (1 - sched.alpha_bar[t]).sqrt()
+    return (xt - bcast(coef, xt) * eps) / bcast(sched.alpha[t].sqrt(), xt)
 
 
 def gaussian_kl(mean1, var1, mean2, var2):
@@ -273,9 +273,10 @@ def reverse_var(sched, t, kind="beta"):
     _check_choice("kind", kind, {"beta", "beta_tilde"})
     t = _check_t(sched, t, t)
     if kind == "beta":
-        return sched._beta[t]
-    floor = sched._beta_tilde[2] if sched.T > 1 else sched._beta[1]
-    return torch.where(t == 1, floor, sched._beta_tilde[t])
+        return sched.beta[t]
+    beta_tilde = sched.beta_tilde
+    floor = beta_tilde[2] if sched.T > 1 else sched.beta[1]
+    return torch.where(t == 1, floor, beta_tilde[t])
 
 
 def discretized_gaussian_logp(x0, mean, var, levels=256):
@@ -411,7 +412,7 @@ def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", clip_x0=None,
     _check_inpainting(x, known, mask)
     _check_clip(clip_x0)
     grid, t_bs = _time_grid(sched, steps, x)
-    ab = sched._alpha_bar[grid + [0]].tolist()       # alpha_bar at tau_S, ..., tau_1, tau_0 = 0
+    ab = sched.alpha_bar[grid + [0]].tolist()        # alpha_bar at tau_S, ..., tau_1, tau_0 = 0
     x = _replace_known(x, known, mask, math.sqrt(ab[0]), math.sqrt(1 - ab[0]), generator)
     for i, t_b in enumerate(t_bs):
         a, a_prev = ab[i], ab[i + 1]
@@ -443,7 +444,7 @@ def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, clip_x0=None, generat
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
     _check_clip(clip_x0)
     grid, t_bs = _time_grid(sched, steps, x)
-    ab = sched._alpha_bar[grid + [0]].tolist()
+    ab = sched.alpha_bar[grid + [0]].tolist()
     for i, t_b in enumerate(t_bs):
         a, a_prev = ab[i], ab[i + 1]
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
@@ -727,7 +728,7 @@ class DiscreteVPSDE(VPSDE):
     def _steps(self, s):
         """(log alpha_bar on s's device, t = s T in float64 snapped to integer steps)."""
         if s.device not in self._tables:
-            self._tables[s.device] = self.sched._alpha_bar.log().to(s.device)
+            self._tables[s.device] = self.sched.alpha_bar.log().to(s.device)
         t = s.double() * self.T
         return self._tables[s.device], torch.where((t - t.round()).abs() < 1e-4, t.round(), t)
 
@@ -1139,7 +1140,7 @@ def dpm_solver_sample(eps_model, sched, x, *, steps=10, order=2, clip_x0=None, c
             and all(a > b for a, b in zip(grid, grid[1:]))):
         raise ValueError(f"steps must be an int or a strictly descending grid of at least two "
                          f"steps in 0..T = 0..{sched.T}, got {grid}")
-    ab = sched._alpha_bar[grid].tolist()
+    ab = sched.alpha_bar[grid].tolist()
     t_b = [torch.full(x.shape[:1], t, dtype=torch.long, device=x.device) for t in grid]
     return _dpm_solver(lambda y, i: _x0_hat(y, eps_model(y, t_b[i]), ab[i], clip_x0), x,
                        [math.sqrt(a) for a in ab], [math.sqrt(1 - a) for a in ab], order, callback,
