@@ -184,11 +184,13 @@ class Schedule:
         return cls(len(betas), beta, 1 - beta, alpha_bar, beta_tilde)
 
 
-def _check_t(sched, t, x):
-    """t must be a LongTensor of shape (B,) with values in 1..T."""
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.long or t.shape != x.shape[:1]:
+def _check_t(sched, t, x=None):
+    """t must be a LongTensor of shape (B,), B = len(x) where x is given, with values in 1..T."""
+    if not (isinstance(t, torch.Tensor) and t.dtype == torch.long and t.ndim == 1
+            and (x is None or t.shape == x.shape[:1])):
         got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"t must be a LongTensor of shape ({x.shape[0]},), got {got}")
+        raise ValueError(f"t must be a LongTensor of shape ({'B' if x is None else x.shape[0]},), "
+                         f"got {got}")
     if t.numel() and (t.min() < 1 or t.max() > sched.T):
         raise ValueError(f"t must lie in 1..T = 1..{sched.T}, got values in "
                          f"{int(t.min())}..{int(t.max())}")
@@ -197,7 +199,7 @@ def _check_t(sched, t, x):
 
 def marginal_coefs(sched, t):
     """(scale, std) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), each (B,) float64. [F3]"""
-    alpha_bar = sched.alpha_bar[_check_t(sched, t, t)]
+    alpha_bar = sched.alpha_bar[_check_t(sched, t)]
     return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
 
 
@@ -271,7 +273,7 @@ def reverse_var(sched, t, kind="beta"):
     """sigma_t^2 of p_theta(x_{t-1} | x_t): beta_t or beta_tilde_t, (B,) float64; at t = 1
     beta_tilde is clipped to beta_tilde_2 (beta_1 if T = 1), as in improved DDPM. [F6, F7]"""
     _check_choice("kind", kind, {"beta", "beta_tilde"})
-    t = _check_t(sched, t, t)
+    t = _check_t(sched, t)
     if kind == "beta":
         return sched.beta[t]
     beta_tilde = sched.beta_tilde
@@ -451,13 +453,11 @@ def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, clip_x0=None, generat
         c = 1 - a_prev - sigma ** 2           # >= 0 for eta <= 1 up to rounding (PITFALLS #4)
         if c < -1e-12:
             raise ValueError(f"1 - alpha_bar_prev - sigma^2 = {c} < 0 at t = {grid[i]}")
-        eps, r = eps_model(x, t_b), math.sqrt(a_prev / a)
-        if clip_x0 is None:                   # the same update folded into two coefficients
-            x = r * x + (math.sqrt(max(c, 0.0)) - r * math.sqrt(1 - a)) * eps
-        else:
-            x0_hat = _x0_hat(x, eps, a, clip_x0)
+        eps = eps_model(x, t_b)
+        x0_hat = _x0_hat(x, eps, a, clip_x0)
+        if clip_x0 is not None:               # eps follows the clipped x0_hat
             eps = (x - math.sqrt(a) * x0_hat) / math.sqrt(1 - a)
-            x = math.sqrt(a_prev) * x0_hat + math.sqrt(max(c, 0.0)) * eps
+        x = math.sqrt(a_prev) * x0_hat + math.sqrt(max(c, 0.0)) * eps
         if sigma > 0:
             x = x + sigma * _randn_like(x, generator)
         if callback is not None:
