@@ -270,8 +270,9 @@ def gaussian_kl(mean1, var1, mean2, var2):
 
 
 def reverse_var(sched, t, kind="beta"):
-    """sigma_t^2 of p_theta(x_{t-1} | x_t): beta_t or beta_tilde_t, (B,) float64; at t = 1
-    beta_tilde is clipped to beta_tilde_2 (beta_1 if T = 1), as in improved DDPM. [F6, F7]"""
+    """sigma_t^2 = beta_t or beta_tilde_t, the variance of p_theta(x_{t-1} | x_t). [F6, F7]
+    (B,) float64; at t = 1 beta_tilde is clipped to beta_tilde_2 (beta_1 if T = 1), as in improved
+    DDPM."""
     _check_choice("kind", kind, {"beta", "beta_tilde"})
     t = _check_t(sched, t)
     if kind == "beta":
@@ -299,13 +300,13 @@ def discretized_gaussian_logp(x0, mean, var, levels=256):
 
 def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized",
             decoder_var="published", levels=256, generator=None):
-    """The variational bound (F10) of an eps-model per example, in bits per dimension:
-    KL(q(x_T|x0) || N(0, I)) + sum_{t>=2} KL(q(x_{t-1} | x_t, x0) || N(mu_theta, sigma_t^2 I)) - log
-    p(x0 | x1) [F7, F9, F11, F13], sigma_t^2 = reverse_var(t, sigma2), one x_t ~ q(x_t | x0) per t;
-    decoder 'discretized' (data on K = levels levels in [-1, 1], F36; 256: 8-bit) or 'gaussian',
-    with sigma_1^2 = beta_tilde_2 by ``decoder_var='published'`` (Ho et al.'s and improved DDPM's
-    code: bits/dim as in papers) or reverse_var(1, sigma2) by 'sigma2'. Returns (B,) 'total',
-    'prior'; (B, T) 'terms'."""
+    """-ELBO = L_T + sum_{t>=2} L_{t-1} + L_0 of an eps-model, per example in bits/dim. [F10, F11]
+    L_T = KL(q(x_T | x0) || N(0, I)), L_{t-1} = KL(q(x_{t-1} | x_t, x0) || N(mu_theta, sigma_t^2 I))
+    (F7, F9, F13), L_0 = -log p(x0 | x1); sigma_t^2 = reverse_var(t, sigma2), one x_t ~ q(x_t | x0)
+    per t; decoder 'discretized' (data on K = levels levels in [-1, 1], F36; 256: 8-bit) or
+    'gaussian', with sigma_1^2 = beta_tilde_2 by ``decoder_var='published'`` (Ho et al.'s and
+    improved DDPM's code: bits/dim as in papers) or reverse_var(1, sigma2) by 'sigma2'. Returns (B,)
+    'total', 'prior'; (B, T) 'terms'."""
     _check_batch(x0, "x0")
     _check_choice("decoder", decoder, {"discretized", "gaussian"})
     _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
@@ -940,8 +941,8 @@ def ode_sample(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-3, spacing
 @torch.no_grad()
 def ode_encode(score_fn, sde, x0, *, steps=100, method="rk4", eps_s=1e-3, spacing=None,
                rtol=1e-5, atol=1e-5, max_steps=10_000, stats=None):
-    """The probability-flow ODE forward, data -> latent, from s = eps_s to 1: ode_sample's grid
-    backwards, the same methods. [F26]"""
+    """dx/ds = f - 1/2 g^2 score forward, data -> latent, from s = eps_s to 1. [F26]
+    The probability-flow ODE on ode_sample's grid backwards, with the same methods."""
     _check_batch(x0, "x0")
     f, grid = _flow(score_fn, sde, x0, steps, eps_s, spacing, method, forward=True)
     return _solve_ode(f, x0, grid, method, rtol, atol, max_steps, stats)
@@ -1019,10 +1020,10 @@ GRIDS = ("uniform", "quadratic", "logsnr", "edm")
 
 
 def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
-    """Times 1 = s_0 > ... > s_N = eps_s (N = steps) for the SDE solvers: 'uniform'; 'quadratic',
-    s_i = eps_s + (1 - eps_s) (1 - i / N)^2; 'logsnr', uniform in log(m / std); 'edm', std / m on
-    Karras et al.'s rho-grid. None: sde.spacing, quadratic for the VP family and uniform for VE
-    (the better for RK4 likelihoods, README). A sequence is the grid itself. [F34]"""
+    """Times 1 = s_0 > ... > s_N = eps_s (N = steps) for the SDE solvers. [F34]
+    'uniform'; 'quadratic', s_i = eps_s + (1 - eps_s) (1 - i / N)^2; 'logsnr', uniform in log(m /
+    std); 'edm', std / m on Karras et al.'s rho-grid. None: sde.spacing, quadratic for the VP family
+    and uniform for VE (the better for RK4 likelihoods, README). A sequence is the grid itself."""
     if not isinstance(steps, (int, float)):
         grid = [float(s) for s in steps]
         if len(grid) < 2 or not all(1 >= a > b >= 0 for a, b in zip(grid, grid[1:])):
@@ -1048,12 +1049,12 @@ def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
 
 
 def few_step_grid(sde, steps):
-    """Times 1 = s_0 > ... > s_K (K = steps) for DPM-Solver++ at K model calls. In lambda = log(m /
-    std), from lambda_0 = max(lambda(1), -5.03) to lambda_K in steps shrinking by a constant
-    factor: log(lambda_star - lambda_i) uniform in i, lambda_star = lambda_K + e^c; K <= 12:
-    lambda_K = 3.5, c = 0.7 + 8.2 / (K - 3) (K <= 3: near uniform); K >= 13: lambda_K = 5, c =
-    18.7 / (K - 1); fitted on a family of Gaussians; K = 5: nodes fitted alone, and the samplers
-    (order 2) correct its first step. [F38]"""
+    """log(lambda_star - lambda_i) uniform in i, lambda = log(m / std), K = steps calls. [F38]
+    Times 1 = s_0 > ... > s_K for DPM-Solver++ at K model calls: lambda from lambda_0 =
+    max(lambda(1), -5.03) to lambda_K in steps shrinking by a constant factor, lambda_star =
+    lambda_K + e^c; K <= 12: lambda_K = 3.5, c = 0.7 + 8.2 / (K - 3) (K <= 3: near uniform);
+    K >= 13: lambda_K = 5, c = 18.7 / (K - 1); fitted on a family of Gaussians; K = 5: nodes
+    fitted alone, and the samplers (order 2) correct its first step."""
     _check_count("steps", steps, 1)
     m, std = sde.marginal_coefs(torch.ones(1, dtype=torch.float64))
     lam_0 = torch.log(m / std).clamp(min=-5.03)
@@ -1150,10 +1151,11 @@ def dpm_solver_sample(eps_model, sched, x, *, steps=10, order=2, clip_x0=None, c
 @torch.no_grad()
 def dpm_solver_sde_sample(score_fn, sde, x, *, steps=10, order=2, eps_s=None, spacing=None,
                           callback=None):
-    """DPM-Solver++ (F32, F37) for a score on a linear SDE: alpha = m(s), sigma = std(s), Tweedie's
+    """DPM-Solver++: x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} sum_j w_j x0_hat_j.
+    [F32, F37, F21, F26] For a score on a linear SDE: alpha = m(s), sigma = std(s), Tweedie's
     x0_hat = (x + std^2 score) / m. ``steps``: K, the number of score_fn calls; with eps_s and
     spacing None, the few-step grid (F38, which picks its end), else s_grid(sde, K, eps_s or
-    1e-3, spacing or 'logsnr'); or a grid of K + 1 times. [F32, F21, F26]"""
+    1e-3, spacing or 'logsnr'); or a grid of K + 1 times."""
     _check_batch(x, "x")
     first = False
     if isinstance(steps, int) and eps_s is None and spacing is None:
@@ -1210,9 +1212,9 @@ def from_colour_basis(y):
 
 
 def in_colour_basis(model_fn):
-    """The model seen in the colour basis: y -> M model(M^T y, ...); scores and eps map by M.
+    """y -> M model(M^T y, ...), the model seen in the colour basis (scores and eps map by M). [F31]
     ``from_colour_basis(ddpm_sample(in_colour_basis(eps_model), sched, to_colour_basis(x_T),
-    known=known, mask=mask))`` colorizes, (known, mask) from ``colorization_known``. [F31]"""
+    known=known, mask=mask))`` colorizes, (known, mask) from ``colorization_known``."""
     return lambda y, *args: to_colour_basis(model_fn(from_colour_basis(y), *args))
 
 
