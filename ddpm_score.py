@@ -68,7 +68,7 @@ with warnings.catch_warnings():  # torch without NumPy warns at import; this mod
     from torch.nn.parallel import DistributedDataParallel
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-# --- notation and helpers -----------------------------------------------------------------------
+# --- notation and helpers -------------------------------------------------------------------------
 
 
 def bcast(v, x):
@@ -123,7 +123,7 @@ def _sum_flat(x):
     return reduce(x, "b ... -> b", "sum")
 
 
-# --- schedules [F1, F2, Schedules] ---------------------------------------------------------------
+# --- DDPM: schedules [F1, F2, Schedules] ----------------------------------------------------------
 
 
 def linear_betas(T=1000, beta_1=None, beta_T=None):
@@ -149,16 +149,6 @@ def cosine_betas(T=1000, s=0.008, max_beta=0.999):
     _check_real("max_beta", max_beta, 1)
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
-
-
-def geometric_sigmas(sigma_max, sigma_min, L):
-    """sigma_1 > ... > sigma_L, geometric from sigma_max to sigma_min, float64 (L,). [F19]"""
-    _check_real("sigma_max", sigma_max)
-    _check_real("sigma_min", sigma_min)
-    _check_count("L", L, 1)
-    if L > 1 and not sigma_max > sigma_min:
-        raise ValueError(f"sigma_max must be > sigma_min = {sigma_min}, got {sigma_max}")
-    return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), L, dtype=torch.float64)
 
 
 @dataclass(frozen=True, eq=False)
@@ -194,11 +184,13 @@ class Schedule:
         return cls(len(betas), beta, 1 - beta, alpha_bar, beta_tilde)
 
 
-def _check_t(sched, t, x):
-    """t must be a LongTensor of shape (B,) with values in 1..T."""
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.long or t.shape != x.shape[:1]:
+def _check_t(sched, t, x=None):
+    """t must be a LongTensor of shape (B,), B = len(x) where x is given, with values in 1..T."""
+    if not (isinstance(t, torch.Tensor) and t.dtype == torch.long and t.ndim == 1
+            and (x is None or t.shape == x.shape[:1])):
         got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"t must be a LongTensor of shape ({x.shape[0]},), got {got}")
+        raise ValueError(f"t must be a LongTensor of shape ({'B' if x is None else x.shape[0]},), "
+                         f"got {got}")
     if t.numel() and (t.min() < 1 or t.max() > sched.T):
         raise ValueError(f"t must lie in 1..T = 1..{sched.T}, got values in "
                          f"{int(t.min())}..{int(t.max())}")
@@ -207,11 +199,11 @@ def _check_t(sched, t, x):
 
 def marginal_coefs(sched, t):
     """(scale, std) = (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)), each (B,) float64. [F3]"""
-    alpha_bar = sched._alpha_bar[_check_t(sched, t, t)]
+    alpha_bar = sched.alpha_bar[_check_t(sched, t)]
     return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
 
 
-# --- forward process [F1-F5] ---------------------------------------------------------------------
+# --- DDPM: forward process [F1-F5] ----------------------------------------------------------------
 
 
 def _noise(x, noise, generator, name="noise"):
@@ -225,13 +217,13 @@ def q_step(sched, x_prev, t, noise=None, *, generator=None):
     _check_batch(x_prev, "x_prev")
     t = _check_t(sched, t, x_prev)
     z = _noise(x_prev, noise, generator)
-    return bcast(sched._alpha[t].sqrt(), x_prev) * x_prev + bcast(sched._beta[t].sqrt(), z) * z
+    return bcast(sched.alpha[t].sqrt(), x_prev) * x_prev + bcast(sched.beta[t].sqrt(), z) * z
 
 
 def q_mean_var(sched, x0, t):
     """q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I); returns (mean, var). [F3]"""
     _check_batch(x0, "x0")
-    alpha_bar = sched._alpha_bar[_check_t(sched, t, x0)]   # float64, cast at use (PITFALLS #11)
+    alpha_bar = sched.alpha_bar[_check_t(sched, t, x0)]    # float64, cast at use (PITFALLS #11)
     return bcast(alpha_bar.sqrt(), x0) * x0, bcast(1 - alpha_bar, x0)
 
 
@@ -241,7 +233,7 @@ def q_sample(sched, x0, t, noise=None, *, generator=None):
     return mean + var.sqrt() * _noise(x0, noise, generator)
 
 
-# --- posterior and ELBO [F6-F13] -----------------------------------------------------------------
+# --- DDPM: posterior and ELBO [F6-F11, F13, F36] --------------------------------------------------
 
 
 def posterior_mean_var(sched, x0, xt, t):
@@ -251,10 +243,10 @@ def posterior_mean_var(sched, x0, xt, t):
     _check_batch(x0, "x0")
     _check_shape(xt, x0.shape, "xt")
     t = _check_t(sched, t, x0)
-    beta, alpha_bar, alpha_bar_prev = sched._beta[t], sched._alpha_bar[t], sched._alpha_bar[t - 1]
+    beta, (alpha_bar, alpha_bar_prev) = sched.beta[t], sched.alpha_bar[torch.stack([t, t - 1])]
     mu_tilde = (bcast(alpha_bar_prev.sqrt() * beta / (1 - alpha_bar), x0) * x0
-                + bcast(sched._alpha[t].sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar), x0) * xt)
-    return mu_tilde, bcast(sched._beta_tilde[t], x0)
+                + bcast(sched.alpha[t].sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar), x0) * xt)
+    return mu_tilde, bcast(sched.beta_tilde[t], x0)
 
 
 def mu_from_eps(sched, xt, t, eps):
@@ -263,8 +255,8 @@ def mu_from_eps(sched, xt, t, eps):
     _check_batch(xt, "xt")
     _check_shape(eps, xt.shape, "eps")
     t = _check_t(sched, t, xt)
-    coef = sched._beta[t] / (1 - sched._alpha_bar[t]).sqrt()
-    return (xt - bcast(coef, xt) * eps) / bcast(sched._alpha[t].sqrt(), xt)
+    coef = sched.beta[t] / (1 - sched.alpha_bar[t]).sqrt()
+    return (xt - bcast(coef, xt) * eps) / bcast(sched.alpha[t].sqrt(), xt)
 
 
 def gaussian_kl(mean1, var1, mean2, var2):
@@ -278,14 +270,16 @@ def gaussian_kl(mean1, var1, mean2, var2):
 
 
 def reverse_var(sched, t, kind="beta"):
-    """sigma_t^2 of p_theta(x_{t-1} | x_t): beta_t or beta_tilde_t, (B,) float64; at t = 1
-    beta_tilde is clipped to beta_tilde_2 (beta_1 if T = 1), as in improved DDPM. [F6, F7]"""
+    """sigma_t^2 = beta_t or beta_tilde_t, the variance of p_theta(x_{t-1} | x_t). [F6, F7]
+    (B,) float64; at t = 1 beta_tilde is clipped to beta_tilde_2 (beta_1 if T = 1), as in improved
+    DDPM."""
     _check_choice("kind", kind, {"beta", "beta_tilde"})
-    t = _check_t(sched, t, t)
+    t = _check_t(sched, t)
     if kind == "beta":
-        return sched._beta[t]
-    floor = sched._beta_tilde[2] if sched.T > 1 else sched._beta[1]
-    return torch.where(t == 1, floor, sched._beta_tilde[t])
+        return sched.beta[t]
+    beta_tilde = sched.beta_tilde
+    floor = beta_tilde[2] if sched.T > 1 else sched.beta[1]
+    return torch.where(t == 1, floor, beta_tilde[t])
 
 
 def discretized_gaussian_logp(x0, mean, var, levels=256):
@@ -306,13 +300,13 @@ def discretized_gaussian_logp(x0, mean, var, levels=256):
 
 def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized",
             decoder_var="published", levels=256, generator=None):
-    """The variational bound (F10) of an eps-model per example, in bits per dimension:
-    KL(q(x_T|x0) || N(0, I)) + sum_{t>=2} KL(q(x_{t-1} | x_t, x0) || N(mu_theta, sigma_t^2 I)) - log
-    p(x0 | x1) [F7, F9, F11, F13], sigma_t^2 = reverse_var(t, sigma2), one x_t ~ q(x_t | x0) per t;
-    decoder 'discretized' (data on K = levels levels in [-1, 1], F36; 256: 8-bit) or 'gaussian',
-    with sigma_1^2 = beta_tilde_2 by ``decoder_var='published'`` (Ho et al.'s and improved DDPM's
-    code: bits/dim as in papers) or reverse_var(1, sigma2) by 'sigma2'. Returns (B,) 'total',
-    'prior'; (B, T) 'terms'."""
+    """-ELBO = L_T + sum_{t>=2} L_{t-1} + L_0 of an eps-model, per example in bits/dim. [F10, F11]
+    L_T = KL(q(x_T | x0) || N(0, I)), L_{t-1} = KL(q(x_{t-1} | x_t, x0) || N(mu_theta, sigma_t^2 I))
+    (F7, F9, F13), L_0 = -log p(x0 | x1); sigma_t^2 = reverse_var(t, sigma2), one x_t ~ q(x_t | x0)
+    per t; decoder 'discretized' (data on K = levels levels in [-1, 1], F36; 256: 8-bit) or
+    'gaussian', with sigma_1^2 = beta_tilde_2 by ``decoder_var='published'`` (Ho et al.'s and
+    improved DDPM's code: bits/dim as in papers) or reverse_var(1, sigma2) by 'sigma2'. Returns (B,)
+    'total', 'prior'; (B, T) 'terms'."""
     _check_batch(x0, "x0")
     _check_choice("decoder", decoder, {"discretized", "gaussian"})
     _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
@@ -342,7 +336,255 @@ def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized",
     return {"total": prior + terms.sum(1), "prior": prior, "terms": terms}
 
 
-# --- parameterizations: eps, score, x0 [F21] -----------------------------------------------------
+# --- DDPM: the eps loss [F12] ---------------------------------------------------------------------
+
+
+def draw_t(sched, x0, generator=None):
+    """t ~ U{1..T}, one per example: the step F12 averages over. [F12]"""
+    return torch.randint(1, sched.T + 1, x0.shape[:1], generator=generator, device=x0.device)
+
+
+def eps_loss(eps_model, sched, x0, *, t=None, noise=None, generator=None):
+    """L_simple = ||eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t)||^2 / d.
+    [F12] Per example; t ~ U{1..T}, eps ~ N(0, I) unless given; eps_model(xt, t), t (B,) long."""
+    _check_batch(x0, "x0")
+    t = draw_t(sched, x0, generator) if t is None else t
+    eps = _noise(x0, noise, generator)
+    return _mean_flat((eps - eps_model(q_sample(sched, x0, t, eps), t)) ** 2)
+
+
+# --- DDPM: samplers, ancestral and DDIM [F6, F9, F29] ---------------------------------------------
+
+
+def _time_grid(sched, steps, x):
+    """Descending integer steps tau_S = T > ... > tau_1 >= 1 (all T, S evenly spaced, or given)
+    and each as a (B,) LongTensor on x's device, made before the loop."""
+    steps = sched.T if steps is None else steps
+    if isinstance(steps, int):
+        if isinstance(steps, bool) or not 1 <= steps <= sched.T:
+            raise ValueError(f"steps must be in 1..T = 1..{sched.T}, got {steps}")
+        steps = torch.linspace(sched.T, 1, steps, dtype=torch.float64).round().long().tolist()
+    grid = [int(t) for t in steps]
+    if not (grid and grid[0] == sched.T and grid[-1] >= 1
+            and all(a > b for a, b in zip(grid, grid[1:]))):
+        raise ValueError(f"steps must be an int or a strictly descending sequence of steps that "
+                         f"starts at T = {sched.T} and ends >= 1, got {grid}")
+    return grid, [torch.full(x.shape[:1], t, dtype=torch.long, device=x.device) for t in grid]
+
+
+def _check_inpainting(x, known, mask):
+    if (known is None) != (mask is None):
+        raise ValueError("known and mask must be given together for inpainting")
+    if mask is not None:
+        _check_shape(known, x.shape, "known")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape):
+        raise ValueError(f"mask must be a bool tensor of the data's shape {tuple(x.shape)}, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
+
+
+def _replace_known(x, known, mask, scale, std, generator):
+    """F31: on the mask, x := scale known + std z, a sample of q(x_t | known) or p_{0s}."""
+    if mask is None:
+        return x
+    return torch.where(mask, scale * known + std * _randn_like(x, generator), x)
+
+
+def _check_clip(clip_x0):
+    if not (clip_x0 is None or isinstance(clip_x0, (tuple, list)) and len(clip_x0) == 2 and all(
+            isinstance(v, (int, float)) for v in clip_x0) and clip_x0[0] < clip_x0[1]):
+        raise ValueError(f"clip_x0 must be None or a range (lo, hi) with lo < hi, got {clip_x0!r}")
+
+
+def _x0_hat(x, eps, alpha_bar, clip_x0):
+    """x0_hat = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar), clipped to clip_x0. [F21]"""
+    x0 = (x - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
+    return x0 if clip_x0 is None else x0.clamp(*clip_x0)
+
+
+@torch.no_grad()
+def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", clip_x0=None, generator=None,
+                callback=None, known=None, mask=None):
+    """Ancestral sampling x_{t-1} = mu_theta(x_t, t) + sigma_t z, from x = x_T to x_0. [F6, F9]
+    sigma_t^2 = beta_t or beta_tilde_t (``sigma2``); on a grid tau_S = T > ... > tau_1 (``steps``)
+    the chain is respaced, beta'_i = 1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}}; no noise at
+    the last step. ``clip_x0=(lo, hi)`` (off by default) clips x0_hat and takes mu_tilde(x_t,
+    x0_hat) (F7). Inpainting (F31): where ``mask`` is True, x is replaced after each step by a
+    sample of q(x_t | known); the rest approximates p(x_unknown | known)."""
+    _check_batch(x, "x")
+    _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
+    _check_inpainting(x, known, mask)
+    _check_clip(clip_x0)
+    grid, t_bs = _time_grid(sched, steps, x)
+    ab = sched.alpha_bar[grid + [0]].tolist()        # alpha_bar at tau_S, ..., tau_1, tau_0 = 0
+    x = _replace_known(x, known, mask, math.sqrt(ab[0]), math.sqrt(1 - ab[0]), generator)
+    for i, t_b in enumerate(t_bs):
+        a, a_prev = ab[i], ab[i + 1]
+        beta = 1 - a / a_prev                           # beta' of the respaced chain
+        eps = eps_model(x, t_b)
+        if clip_x0 is None:                             # F9
+            x = (x - beta / math.sqrt(1 - a) * eps) / math.sqrt(1 - beta)
+        else:                                           # F7 with the clipped x0_hat
+            x = (math.sqrt(a_prev) * beta / (1 - a) * _x0_hat(x, eps, a, clip_x0)
+                 + math.sqrt(1 - beta) * (1 - a_prev) / (1 - a) * x)
+        if i < len(grid) - 1:
+            var = beta if sigma2 == "beta" else (1 - a_prev) / (1 - a) * beta
+            x = x + math.sqrt(var) * _randn_like(x, generator)
+        x = _replace_known(x, known, mask, math.sqrt(a_prev), math.sqrt(1 - a_prev), generator)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, clip_x0=None, generator=None,
+                callback=None):
+    """DDIM: x_t' = sqrt(alpha_bar_t') x0_hat + sqrt(1 - alpha_bar_t' - sigma^2) eps + sigma z.
+    [F29] x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), t' the previous grid
+    point (0 after the last: the result is x0_hat), sigma = eta sqrt((1 - alpha_bar_t') / (1 -
+    alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_t'). ``clip_x0`` clips x0_hat (eps follows)."""
+    _check_batch(x, "x")
+    if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    _check_clip(clip_x0)
+    grid, t_bs = _time_grid(sched, steps, x)
+    ab = sched.alpha_bar[grid + [0]].tolist()
+    for i, t_b in enumerate(t_bs):
+        a, a_prev = ab[i], ab[i + 1]
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        c = 1 - a_prev - sigma ** 2           # >= 0 for eta <= 1 up to rounding (PITFALLS #4)
+        if c < -1e-12:
+            raise ValueError(f"1 - alpha_bar_prev - sigma^2 = {c} < 0 at t = {grid[i]}")
+        eps = eps_model(x, t_b)
+        x0_hat = _x0_hat(x, eps, a, clip_x0)
+        if clip_x0 is not None:               # eps follows the clipped x0_hat
+            eps = (x - math.sqrt(a) * x0_hat) / math.sqrt(1 - a)
+        x = math.sqrt(a_prev) * x0_hat + math.sqrt(max(c, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * _randn_like(x, generator)
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+# --- energy-based models and score matching [F14-F16] ---------------------------------------------
+
+
+def energy_score(energy_fn):
+    """Score of p(x) = exp(-E(x)) / Z: s(x, ...) = -grad_x E(x, ...); Z drops out. [F14]
+    energy_fn(x, *cond) -> (B,). With gradients enabled it keeps the graph (losses differentiate
+    through it); in a no_grad sampler it is a plain tensor."""
+    def score(x, *cond):
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            x_ = x if x.requires_grad else x.detach().requires_grad_(True)
+            energy = energy_fn(x_, *cond)
+            return -torch.autograd.grad(energy.sum(), x_, create_graph=create_graph)[0]
+    return score
+
+
+def score_matching_loss(score_model, x):
+    """Implicit score matching: (1/2 ||s_theta(x)||^2 + tr(grad_x s_theta(x))) / d. [F16]
+    F15 / d minus a theta-free constant; the trace is exact (one backward pass per dimension)."""
+    _check_batch(x, "x")
+    x = x.detach().requires_grad_(True)
+    score = score_model(x).flatten(1)
+    trace = sum(torch.autograd.grad(score[:, i].sum(), x, create_graph=True)[0].flatten(1)[:, i]
+                for i in range(score.shape[1]))
+    return (0.5 * (score ** 2).sum(1) + trace) / score.shape[1]
+
+
+def sliced_score_matching_loss(score_model, x, *, n_projections=1, probe="rademacher",
+                               generator=None):
+    """Sliced score matching: (1/2 ||s_theta(x)||^2 + v^T grad_x s_theta(x) v) / d. [F16]
+    E[v v^T] = I (Rademacher or Gaussian), so E_v[v^T J v] = tr(J); averaged over n_projections."""
+    _check_batch(x, "x")
+    _check_choice("probe", probe, {"rademacher", "gaussian"})
+    _check_count("n_projections", n_projections, 1)
+    x = x.detach().requires_grad_(True)
+    score = score_model(x)
+    vjv = sum(_sum_flat(torch.autograd.grad((score * v).sum(), x, create_graph=True)[0] * v)
+              for v in (_probe(x, probe, generator) for _ in range(n_projections)))
+    return (0.5 * _sum_flat(score ** 2) + vjv / n_projections) / x[0].numel()
+
+
+def _probe(x, kind, generator):
+    """A random probe v with E[v v^T] = I: Rademacher (+-1) or standard Gaussian. [F16, F27]"""
+    if kind == "gaussian":
+        return _randn_like(x, generator)
+    return (2 * torch.randint(0, 2, x.shape, generator=generator, device=x.device) - 1).to(x.dtype)
+
+
+# --- Langevin dynamics [F17] ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def langevin(score_fn, x, *, step_size, n_steps, generator=None):
+    """x_k = x_{k-1} + (eps / 2) grad log p(x_{k-1}) + sqrt(eps) z_k, k = 1..n_steps. [F17]
+    Exact only as eps -> 0: for N(0, c^2) the stationary variance is c^2 / (1 - eps / (4 c^2))."""
+    _check_batch(x, "x")
+    _check_real("step_size", step_size)
+    _check_count("n_steps", n_steps, 0)
+    for _ in range(n_steps):
+        x = x + step_size / 2 * score_fn(x) + math.sqrt(step_size) * _randn_like(x, generator)
+    return x
+
+
+# --- denoising score matching and NCSN [F18-F20] --------------------------------------------------
+
+
+def geometric_sigmas(sigma_max, sigma_min, L):
+    """sigma_1 > ... > sigma_L, geometric from sigma_max to sigma_min, float64 (L,). [F19]"""
+    _check_real("sigma_max", sigma_max)
+    _check_real("sigma_min", sigma_min)
+    _check_count("L", L, 1)
+    if L > 1 and not sigma_max > sigma_min:
+        raise ValueError(f"sigma_max must be > sigma_min = {sigma_min}, got {sigma_max}")
+    return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), L, dtype=torch.float64)
+
+
+def _sigmas(sigmas):
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    if sigmas.ndim != 1 or len(sigmas) < 1 or not (sigmas > 0).all():
+        raise ValueError(f"sigmas must be a non-empty 1-D sequence of numbers > 0, "
+                         f"got {sigmas.tolist()}")
+    return sigmas
+
+
+def draw_sigma(sigmas, x0, generator=None):
+    """sigma ~ U{sigma_1..sigma_L}, one per example in x0's dtype: F19's (1/L) sum_i. [F19]"""
+    sigmas = _sigmas(sigmas)
+    idx = torch.randint(0, len(sigmas), x0.shape[:1], generator=generator, device=x0.device)
+    return sigmas.to(x0.device)[idx].to(x0.dtype)
+
+
+def dsm_loss(score_model, x0, sigmas, *, sigma=None, noise=None, generator=None):
+    """NCSN: lambda(sigma) ||s_theta(x~, sigma) + (x~ - x0) / sigma^2||^2 / d, x~ = x0 + sigma z.
+    [F18, F19] sigma (B,) given or drawn from ``sigmas``; lambda = sigma^2 (PITFALLS #6)."""
+    _check_batch(x0, "x0")
+    sigma = draw_sigma(sigmas, x0, generator) if sigma is None else sigma
+    _check_shape(sigma, x0.shape[:1], "sigma")
+    if not (sigma > 0).all():
+        raise ValueError(f"sigma must be > 0, got min {sigma.min().item()}")
+    z, sigma_b = _noise(x0, noise, generator), bcast(sigma, x0)
+    return _mean_flat(sigma_b ** 2 * (score_model(x0 + sigma_b * z, sigma) + z / sigma_b) ** 2)
+
+
+@torch.no_grad()
+def annealed_langevin(score_fn, x, sigmas, *, eps=2e-5, n_steps_each=100, denoise=True,
+                      generator=None):
+    """Annealed Langevin (NCSN): for i = 1..L, K steps of F17 with s_theta(., sigma_i). [F20]
+    alpha_i = eps sigma_i^2 / sigma_L^2, Tweedie last (``denoise``), float32 sigma (PITFALLS 11)."""
+    _check_batch(x, "x")
+    _check_real("eps", eps)
+    sigmas = _sigmas(sigmas).tolist()
+    for sigma, sigma_b in zip(sigmas, [_full(x, sigma) for sigma in sigmas]):
+        alpha = eps * sigma ** 2 / sigmas[-1] ** 2
+        x = langevin(lambda y: score_fn(y, sigma_b), x, step_size=alpha, n_steps=n_steps_each,
+                     generator=generator)
+    return tweedie(x, score_fn(x, _full(x, sigmas[-1])), 1.0, sigmas[-1]) if denoise else x
+
+
+# --- parameterizations: eps, score, x0 [F21] ------------------------------------------------------
 
 
 def _as_coef(v, x, name):
@@ -379,136 +621,7 @@ def tweedie(xt, score, scale, std):
     return (xt + _as_coef(std, xt, "std") ** 2 * score) / _as_coef(scale, xt, "scale")
 
 
-# --- losses (per example, shape (B,), mean over the data dimensions) -----------------------------
-
-
-def draw_t(sched, x0, generator=None):
-    """t ~ U{1..T}, one per example: the step F12 averages over. [F12]"""
-    return torch.randint(1, sched.T + 1, x0.shape[:1], generator=generator, device=x0.device)
-
-
-def _sigmas(sigmas):
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    if sigmas.ndim != 1 or len(sigmas) < 1 or not (sigmas > 0).all():
-        raise ValueError(f"sigmas must be a non-empty 1-D sequence of numbers > 0, "
-                         f"got {sigmas.tolist()}")
-    return sigmas
-
-
-def draw_sigma(sigmas, x0, generator=None):
-    """sigma ~ U{sigma_1..sigma_L}, one per example in x0's dtype: F19's (1/L) sum_i. [F19]"""
-    sigmas = _sigmas(sigmas)
-    idx = torch.randint(0, len(sigmas), x0.shape[:1], generator=generator, device=x0.device)
-    return sigmas.to(x0.device)[idx].to(x0.dtype)
-
-
-def draw_s(x0, generator=None, eps_s=1e-5):
-    """s ~ U(eps_s, 1), one per example, at least float32 (PITFALLS #11): F25's E_s. [F25]"""
-    dtype = torch.promote_types(x0.dtype, torch.float32)
-    return eps_s + (1 - eps_s) * torch.rand(x0.shape[:1], generator=generator, device=x0.device,
-                                            dtype=dtype)
-
-
-def eps_loss(eps_model, sched, x0, *, t=None, noise=None, generator=None):
-    """L_simple = ||eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t)||^2 / d.
-    [F12] Per example; t ~ U{1..T}, eps ~ N(0, I) unless given; eps_model(xt, t), t (B,) long."""
-    _check_batch(x0, "x0")
-    t = draw_t(sched, x0, generator) if t is None else t
-    eps = _noise(x0, noise, generator)
-    return _mean_flat((eps - eps_model(q_sample(sched, x0, t, eps), t)) ** 2)
-
-
-def dsm_loss(score_model, x0, sigmas, *, sigma=None, noise=None, generator=None):
-    """NCSN: lambda(sigma) ||s_theta(x~, sigma) + (x~ - x0) / sigma^2||^2 / d, x~ = x0 + sigma z.
-    [F18, F19] sigma (B,) given or drawn from ``sigmas``; lambda = sigma^2 (PITFALLS #6)."""
-    _check_batch(x0, "x0")
-    sigma = draw_sigma(sigmas, x0, generator) if sigma is None else sigma
-    _check_shape(sigma, x0.shape[:1], "sigma")
-    if not (sigma > 0).all():
-        raise ValueError(f"sigma must be > 0, got min {sigma.min().item()}")
-    z, sigma_b = _noise(x0, noise, generator), bcast(sigma, x0)
-    return _mean_flat(sigma_b ** 2 * (score_model(x0 + sigma_b * z, sigma) + z / sigma_b) ** 2)
-
-
-def sde_loss(score_model, sde, x0, *, likelihood_weighting=False, s=None, noise=None,
-             eps_s=1e-5, generator=None):
-    """E_s lambda(s) ||s_theta(x_s, s) - grad log p_{0s}(x_s | x0)||^2 / d, s ~ U(eps_s, 1). [F25]
-    lambda = std(s)^2, or g(s)^2 with ``likelihood_weighting`` (then a bound on the KL)."""
-    _check_batch(x0, "x0")
-    _check_real("eps_s", eps_s, 1)
-    s = draw_s(x0, generator, eps_s) if s is None else s
-    _check_shape(s, x0.shape[:1], "s")
-    if not ((s > 0) & (s <= 1)).all():
-        raise ValueError(f"s must lie in (0, 1], got values in {s.min().item()}..{s.max().item()}")
-    z = _noise(x0, noise, generator)
-    mean, std = sde.marginal(x0, s)
-    weight = bcast(sde.diffusion(s), x0) ** 2 if likelihood_weighting else std ** 2
-    return _mean_flat(weight * (score_model(mean + std * z, s) + z / std) ** 2)
-
-
-def score_matching_loss(score_model, x):
-    """Implicit score matching: (1/2 ||s_theta(x)||^2 + tr(grad_x s_theta(x))) / d. [F16]
-    F15 / d minus a theta-free constant; the trace is exact (one backward pass per dimension)."""
-    _check_batch(x, "x")
-    x = x.detach().requires_grad_(True)
-    score = score_model(x).flatten(1)
-    trace = sum(torch.autograd.grad(score[:, i].sum(), x, create_graph=True)[0].flatten(1)[:, i]
-                for i in range(score.shape[1]))
-    return (0.5 * (score ** 2).sum(1) + trace) / score.shape[1]
-
-
-def sliced_score_matching_loss(score_model, x, *, n_projections=1, probe="rademacher",
-                               generator=None):
-    """Sliced score matching: (1/2 ||s_theta(x)||^2 + v^T grad_x s_theta(x) v) / d. [F16]
-    E[v v^T] = I (Rademacher or Gaussian), so E_v[v^T J v] = tr(J); averaged over n_projections."""
-    _check_batch(x, "x")
-    _check_choice("probe", probe, {"rademacher", "gaussian"})
-    _check_count("n_projections", n_projections, 1)
-    x = x.detach().requires_grad_(True)
-    score = score_model(x)
-    vjv = sum(_sum_flat(torch.autograd.grad((score * v).sum(), x, create_graph=True)[0] * v)
-              for v in (_probe(x, probe, generator) for _ in range(n_projections)))
-    return (0.5 * _sum_flat(score ** 2) + vjv / n_projections) / x[0].numel()
-
-
-def _probe(x, kind, generator):
-    """A random probe v with E[v v^T] = I: Rademacher (+-1) or standard Gaussian. [F16, F27]"""
-    if kind == "gaussian":
-        return _randn_like(x, generator)
-    return (2 * torch.randint(0, 2, x.shape, generator=generator, device=x.device) - 1).to(x.dtype)
-
-
-# --- Langevin dynamics and NCSN [F17, F20] -------------------------------------------------------
-
-
-@torch.no_grad()
-def langevin(score_fn, x, *, step_size, n_steps, generator=None):
-    """x_k = x_{k-1} + (eps / 2) grad log p(x_{k-1}) + sqrt(eps) z_k, k = 1..n_steps. [F17]
-    Exact only as eps -> 0: for N(0, c^2) the stationary variance is c^2 / (1 - eps / (4 c^2))."""
-    _check_batch(x, "x")
-    _check_real("step_size", step_size)
-    _check_count("n_steps", n_steps, 0)
-    for _ in range(n_steps):
-        x = x + step_size / 2 * score_fn(x) + math.sqrt(step_size) * _randn_like(x, generator)
-    return x
-
-
-@torch.no_grad()
-def annealed_langevin(score_fn, x, sigmas, *, eps=2e-5, n_steps_each=100, denoise=True,
-                      generator=None):
-    """Annealed Langevin (NCSN): for i = 1..L, K steps of F17 with s_theta(., sigma_i). [F20]
-    alpha_i = eps sigma_i^2 / sigma_L^2, Tweedie last (``denoise``), float32 sigma (PITFALLS 11)."""
-    _check_batch(x, "x")
-    _check_real("eps", eps)
-    sigmas = _sigmas(sigmas).tolist()
-    for sigma, sigma_b in zip(sigmas, [_full(x, sigma) for sigma in sigmas]):
-        alpha = eps * sigma ** 2 / sigmas[-1] ** 2
-        x = langevin(lambda y: score_fn(y, sigma_b), x, step_size=alpha, n_steps=n_steps_each,
-                     generator=generator)
-    return tweedie(x, score_fn(x, _full(x, sigmas[-1])), 1.0, sigmas[-1]) if denoise else x
-
-
-# --- SDEs and their samplers [F22-F29, F32-F35] --------------------------------------------------
+# --- score SDEs and their loss [F22, F23, F25, F35] -----------------------------------------------
 
 
 class _LinearSDE:
@@ -616,7 +729,7 @@ class DiscreteVPSDE(VPSDE):
     def _steps(self, s):
         """(log alpha_bar on s's device, t = s T in float64 snapped to integer steps)."""
         if s.device not in self._tables:
-            self._tables[s.device] = self.sched._alpha_bar.log().to(s.device)
+            self._tables[s.device] = self.sched.alpha_bar.log().to(s.device)
         t = s.double() * self.T
         return self._tables[s.device], torch.where((t - t.round()).abs() < 1e-4, t.round(), t)
 
@@ -633,6 +746,32 @@ class DiscreteVPSDE(VPSDE):
         return (self.T * (table[k - 1] - table[k])).to(s.dtype)
 
 
+def draw_s(x0, generator=None, eps_s=1e-5):
+    """s ~ U(eps_s, 1), one per example, at least float32 (PITFALLS #11): F25's E_s. [F25]"""
+    dtype = torch.promote_types(x0.dtype, torch.float32)
+    return eps_s + (1 - eps_s) * torch.rand(x0.shape[:1], generator=generator, device=x0.device,
+                                            dtype=dtype)
+
+
+def sde_loss(score_model, sde, x0, *, likelihood_weighting=False, s=None, noise=None,
+             eps_s=1e-5, generator=None):
+    """E_s lambda(s) ||s_theta(x_s, s) - grad log p_{0s}(x_s | x0)||^2 / d, s ~ U(eps_s, 1). [F25]
+    lambda = std(s)^2, or g(s)^2 with ``likelihood_weighting`` (then a bound on the KL)."""
+    _check_batch(x0, "x0")
+    _check_real("eps_s", eps_s, 1)
+    s = draw_s(x0, generator, eps_s) if s is None else s
+    _check_shape(s, x0.shape[:1], "s")
+    if not ((s > 0) & (s <= 1)).all():
+        raise ValueError(f"s must lie in (0, 1], got values in {s.min().item()}..{s.max().item()}")
+    z = _noise(x0, noise, generator)
+    mean, std = sde.marginal(x0, s)
+    weight = bcast(sde.diffusion(s), x0) ** 2 if likelihood_weighting else std ** 2
+    return _mean_flat(weight * (score_model(mean + std * z, s) + z / std) ** 2)
+
+
+# --- reverse SDE and predictor-corrector [F24, F28] -----------------------------------------------
+
+
 def reverse_drift(sde, score, x, s, ode=False):
     """f(x, s) - g(s)^2 score (reverse SDE), or f - 1/2 g^2 score (probability flow). [F24, F26]"""
     return sde.drift(x, s) - (0.5 if ode else 1.0) * bcast(sde.diffusion(s), x) ** 2 * score
@@ -643,289 +782,6 @@ def _coefs(sde, times):
     s = torch.tensor(list(times), dtype=torch.float64)
     cols = (sde.drift_coef(s), sde.diffusion(s) ** 2, *sde.marginal_coefs(s))
     return dict(zip(s.tolist(), zip(*(c.tolist() for c in cols))))
-
-
-def _s_at_log_sigma(sde, targets):
-    """s where log(std(s) / m(s)) = target: linear interpolation in a table of 4096 times, then
-    Newton steps in log s; below the table, a straight line in log s. [F34]"""
-    def slope(u):                     # d log(std / m) / d log s = s g^2 / (2 std^2), from F23
-        return u * sde.diffusion(u) ** 2 / (2 * sde.marginal_coefs(u)[1] ** 2)
-
-    grid = torch.linspace(0, 1, 4097, dtype=torch.float64)[1:]
-    table = torch.log(torch.div(*reversed(sde.marginal_coefs(grid))))   # increasing in s
-    i = torch.searchsorted(table, targets).clamp(1, len(grid) - 1)
-    w = (targets - table[i - 1]) / (table[i] - table[i - 1])
-    s = torch.where(targets < table[0], grid[0] * torch.exp((targets - table[0]) / slope(grid[0])),
-                    grid[i - 1] + w * (grid[i] - grid[i - 1]))
-    for _ in range(2):
-        m, std = sde.marginal_coefs(s)
-        s = s * torch.exp(-(torch.log(std / m) - targets) / slope(s))
-    return s
-
-
-GRIDS = ("uniform", "quadratic", "logsnr", "edm")
-
-
-def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
-    """Times 1 = s_0 > ... > s_N = eps_s (N = steps) for the SDE solvers: 'uniform'; 'quadratic',
-    s_i = eps_s + (1 - eps_s) (1 - i / N)^2; 'logsnr', uniform in log(m / std); 'edm', std / m on
-    Karras et al.'s rho-grid. None: sde.spacing, the best for RK4 likelihoods on a 16-d Gaussian
-    (bench): quadratic for the VP family (RMS at 48 NFE 2.5e-3 nats; uniform 0.14, logsnr 0.019,
-    edm 0.031), uniform for VE (0.078; quadratic 0.46). A sequence is the grid itself. [F34]"""
-    if not isinstance(steps, (int, float)):
-        grid = [float(s) for s in steps]
-        if len(grid) < 2 or not all(1 >= a > b >= 0 for a, b in zip(grid, grid[1:])):
-            raise ValueError(f"steps must be an int or a strictly descending grid of at least two "
-                             f"times in [0, 1], got {grid}")
-        return grid
-    _check_count("steps", steps, 1)
-    _check_real("eps_s", eps_s, 1)
-    spacing = sde.spacing if spacing is None else spacing
-    _check_choice("spacing", spacing, set(GRIDS))
-    u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
-    if spacing in ("uniform", "quadratic"):
-        s = eps_s + (1 - eps_s) * (1 - u) ** (1 if spacing == "uniform" else 2)
-        return [1.0, *s[1:].tolist()]
-    ends = torch.tensor([1.0, eps_s], dtype=torch.float64)
-    log_sigma = torch.log(torch.div(*reversed(sde.marginal_coefs(ends))))
-    if spacing == "logsnr":
-        log_sigma = log_sigma[0] + u * (log_sigma[1] - log_sigma[0])
-    else:
-        r = (log_sigma / rho).exp()
-        log_sigma = rho * torch.log(r[0] + u * (r[1] - r[0]))
-    return [1.0, *_s_at_log_sigma(sde, log_sigma[1:-1]).tolist(), eps_s]
-
-
-def few_step_grid(sde, steps):
-    """Times 1 = s_0 > ... > s_K (K = steps) for DPM-Solver++ at K model calls. In lambda = log(m /
-    std), from lambda_0 = max(lambda(1), -5.03) to lambda_K in steps shrinking by a constant
-    factor: log(lambda_star - lambda_i) uniform in i, lambda_star = lambda_K + e^c; K <= 12:
-    lambda_K = 3.5, c = 0.7 + 8.2 / (K - 3) (K <= 3: near uniform); K >= 13: lambda_K = 5, c =
-    18.7 / (K - 1); fitted on a family of Gaussians; K = 5: nodes fitted alone, and the samplers
-    (order 2) correct its first step. [F38]"""
-    _check_count("steps", steps, 1)
-    m, std = sde.marginal_coefs(torch.ones(1, dtype=torch.float64))
-    lam_0 = torch.log(m / std).clamp(min=-5.03)
-    if steps <= 12:                 # stop at std / m = e^-3.5: a full step, no final denoise
-        lam_end, c = 3.5, 0.7 + 8.2 / max(steps - 3, 0.7)
-    else:                           # more calls: stop closer to the data, std / m = e^-5
-        lam_end, c = 5.0, 18.7 / (steps - 1)
-    star = lam_end + math.exp(c)
-    u = torch.arange(1, steps + 1, dtype=torch.float64) / steps
-    lam = star - (star - lam_0) * ((star - lam_end) / (star - lam_0)) ** u
-    if steps == 5:                  # no lambda_star meets the criterion: nodes fitted alone,
-        u = torch.tensor([0.338, 0.505, 0.673, 0.819, 1.0], dtype=torch.float64)  # first corrected
-        lam = lam_0 + (lam_end - lam_0) * u
-    return [1.0, *_s_at_log_sigma(sde, -lam).tolist()]
-
-
-def _time_grid(sched, steps, x):
-    """Descending integer steps tau_S = T > ... > tau_1 >= 1 (all T, S evenly spaced, or given)
-    and each as a (B,) LongTensor on x's device, made before the loop."""
-    steps = sched.T if steps is None else steps
-    if isinstance(steps, int):
-        if isinstance(steps, bool) or not 1 <= steps <= sched.T:
-            raise ValueError(f"steps must be in 1..T = 1..{sched.T}, got {steps}")
-        steps = torch.linspace(sched.T, 1, steps, dtype=torch.float64).round().long().tolist()
-    grid = [int(t) for t in steps]
-    if not (grid and grid[0] == sched.T and grid[-1] >= 1
-            and all(a > b for a, b in zip(grid, grid[1:]))):
-        raise ValueError(f"steps must be an int or a strictly descending sequence of steps that "
-                         f"starts at T = {sched.T} and ends >= 1, got {grid}")
-    return grid, [torch.full(x.shape[:1], t, dtype=torch.long, device=x.device) for t in grid]
-
-
-def _check_inpainting(x, known, mask):
-    if (known is None) != (mask is None):
-        raise ValueError("known and mask must be given together for inpainting")
-    if mask is not None:
-        _check_shape(known, x.shape, "known")
-    if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape):
-        raise ValueError(f"mask must be a bool tensor of the data's shape {tuple(x.shape)}, "
-                         f"got {mask.dtype} {tuple(mask.shape)}")
-
-
-def _replace_known(x, known, mask, scale, std, generator):
-    """F31: on the mask, x := scale known + std z, a sample of q(x_t | known) or p_{0s}."""
-    if mask is None:
-        return x
-    return torch.where(mask, scale * known + std * _randn_like(x, generator), x)
-
-
-def _check_clip(clip_x0):
-    if not (clip_x0 is None or isinstance(clip_x0, (tuple, list)) and len(clip_x0) == 2 and all(
-            isinstance(v, (int, float)) for v in clip_x0) and clip_x0[0] < clip_x0[1]):
-        raise ValueError(f"clip_x0 must be None or a range (lo, hi) with lo < hi, got {clip_x0!r}")
-
-
-def _x0_hat(x, eps, alpha_bar, clip_x0):
-    """x0_hat = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar), clipped to clip_x0. [F21]"""
-    x0 = (x - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
-    return x0 if clip_x0 is None else x0.clamp(*clip_x0)
-
-
-@torch.no_grad()
-def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", clip_x0=None, generator=None,
-                callback=None, known=None, mask=None):
-    """Ancestral sampling x_{t-1} = mu_theta(x_t, t) + sigma_t z, from x = x_T to x_0. [F6, F9]
-    sigma_t^2 = beta_t or beta_tilde_t (``sigma2``); on a grid tau_S = T > ... > tau_1 (``steps``)
-    the chain is respaced, beta'_i = 1 - alpha_bar_{tau_i} / alpha_bar_{tau_{i-1}}; no noise at
-    the last step. ``clip_x0=(lo, hi)`` (off by default) clips x0_hat and takes mu_tilde(x_t,
-    x0_hat) (F7). Inpainting (F31): where ``mask`` is True, x is replaced after each step by a
-    sample of q(x_t | known); the rest approximates p(x_unknown | known) (on a 4-D Gaussian, KL
-    0.12 nats to the exact conditional against 1.05 for the prior, at 200 and 1000 steps alike)."""
-    _check_batch(x, "x")
-    _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
-    _check_inpainting(x, known, mask)
-    _check_clip(clip_x0)
-    grid, t_bs = _time_grid(sched, steps, x)
-    ab = sched._alpha_bar[grid + [0]].tolist()       # alpha_bar at tau_S, ..., tau_1, tau_0 = 0
-    x = _replace_known(x, known, mask, math.sqrt(ab[0]), math.sqrt(1 - ab[0]), generator)
-    for i, t_b in enumerate(t_bs):
-        a, a_prev = ab[i], ab[i + 1]
-        beta = 1 - a / a_prev                           # beta' of the respaced chain
-        eps = eps_model(x, t_b)
-        if clip_x0 is None:                             # F9
-            x = (x - beta / math.sqrt(1 - a) * eps) / math.sqrt(1 - beta)
-        else:                                           # F7 with the clipped x0_hat
-            x = (math.sqrt(a_prev) * beta / (1 - a) * _x0_hat(x, eps, a, clip_x0)
-                 + math.sqrt(1 - beta) * (1 - a_prev) / (1 - a) * x)
-        if i < len(grid) - 1:
-            var = beta if sigma2 == "beta" else (1 - a_prev) / (1 - a) * beta
-            x = x + math.sqrt(var) * _randn_like(x, generator)
-        x = _replace_known(x, known, mask, math.sqrt(a_prev), math.sqrt(1 - a_prev), generator)
-        if callback is not None:
-            callback(i, x)
-    return x
-
-
-@torch.no_grad()
-def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, clip_x0=None, generator=None,
-                callback=None):
-    """DDIM: x_t' = sqrt(alpha_bar_t') x0_hat + sqrt(1 - alpha_bar_t' - sigma^2) eps + sigma z.
-    [F29] x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), t' the previous grid
-    point (0 after the last: the result is x0_hat), sigma = eta sqrt((1 - alpha_bar_t') / (1 -
-    alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_t'). ``clip_x0`` clips x0_hat (eps follows)."""
-    _check_batch(x, "x")
-    if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
-        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-    _check_clip(clip_x0)
-    grid, t_bs = _time_grid(sched, steps, x)
-    ab = sched._alpha_bar[grid + [0]].tolist()
-    for i, t_b in enumerate(t_bs):
-        a, a_prev = ab[i], ab[i + 1]
-        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-        c = 1 - a_prev - sigma ** 2           # >= 0 for eta <= 1 up to rounding (PITFALLS #4)
-        if c < -1e-12:
-            raise ValueError(f"1 - alpha_bar_prev - sigma^2 = {c} < 0 at t = {grid[i]}")
-        eps, r = eps_model(x, t_b), math.sqrt(a_prev / a)
-        if clip_x0 is None:                   # the same update folded into two coefficients
-            x = r * x + (math.sqrt(max(c, 0.0)) - r * math.sqrt(1 - a)) * eps
-        else:
-            x0_hat = _x0_hat(x, eps, a, clip_x0)
-            eps = (x - math.sqrt(a) * x0_hat) / math.sqrt(1 - a)
-            x = math.sqrt(a_prev) * x0_hat + math.sqrt(max(c, 0.0)) * eps
-        if sigma > 0:
-            x = x + sigma * _randn_like(x, generator)
-        if callback is not None:
-            callback(i, x)
-    return x
-
-
-def _exp_weights(h, us):
-    """w_j with int_0^h e^{u - h} p(u) du = sum_j w_j p(u_j), p the polynomial through the nodes
-    u_j (at most three): the exactly integrated interpolant of DPM-Solver++. [F37]"""
-    k = (-math.expm1(-h), h + math.expm1(-h), h * h - 2 * h - 2 * math.expm1(-h))  # u^0, u^1, u^2
-    weights = []
-    for j, uj in enumerate(us):
-        poly, den = [1.0], 1.0                      # prod_{i != j} (u - u_i), lowest power first
-        for ui in us[:j] + us[j + 1:]:
-            poly, den = [b - ui * a for a, b in zip(poly + [0.0], [0.0] + poly)], den * (uj - ui)
-        weights.append(sum(c * kn for c, kn in zip(poly, k)) / den)
-    return weights
-
-
-def _dpm_solver(x0_fn, x, alphas, sigmas, order, callback, correct_first=False):
-    """DPM-Solver++ on points i with marginal x_i = alpha_i x0 + sigma_i eps, one x0_fn call per
-    step: order 1 (DDIM), 2 (2M), 3 (2-point predictor, 3-point corrector). ``correct_first``:
-    the first step is corrected as in order 3 (F38's K = 5 grid with order 2). [F32, F37, F38]"""
-    if type(order) is not int or order not in (1, 2, 3):
-        raise ValueError(f"order must be one of [1, 2, 3], got {order!r}")
-    lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alphas, sigmas)]
-    x0s, n = [x0_fn(x, 0)], len(lam) - 1
-    for i in range(n):
-        if sigmas[i + 1] == 0:                      # a step to sigma = 0 lands on x0_hat (h -> inf)
-            x = x0s[-1]
-            continue
-        h, ratio, x_cur = lam[i + 1] - lam[i], sigmas[i + 1] / sigmas[i], x
-
-        def step(w):                                # (sigma' / sigma) x + alpha' sum_j w_j x0_j
-            out = ratio * x_cur
-            for w_j, x0_j in zip(w, reversed(x0s)):
-                out = out.add(x0_j, alpha=alphas[i + 1] * w_j)
-            return out
-        nodes = [lam[j] - lam[i] for j in range(i, max(i - 2, -1), -1)][:order]   # u = 0, -h_prev
-        if order == 2 and i > 0:                    # 2M: D = x0_hat + (h / 2 h_prev) difference
-            r = -h / (2 * nodes[1])
-            x = step([-math.expm1(-h) * (1 + r), math.expm1(-h) * r])
-        else:                                       # the interpolant through the nodes
-            x = step(_exp_weights(h, nodes))
-        if i < n - 1:
-            x0s = [*x0s[-2:], x0_fn(x, i + 1)]      # the last three predictions are enough
-            if order == 3 or (correct_first and i == 0):   # corrector: the new x0_hat joins
-                x = step(_exp_weights(h, [h] + nodes))
-        if callback is not None:
-            callback(i, x)
-    return x
-
-
-@torch.no_grad()
-def dpm_solver_sample(eps_model, sched, x, *, steps=10, order=2, clip_x0=None, callback=None):
-    """DPM-Solver++: x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} sum_j w_j x0_hat_j.
-    [F32, F37, F21] alpha, sigma = sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t); ``order`` 1 (DDIM),
-    2 (2M, Lu et al. 2022) or 3 (predictor-corrector). ``steps``: K, the number of eps_model
-    calls, on the few-step grid (F38) rounded to distinct integer steps >= 1 (K < T; K = T ends
-    at t = 0), or a grid T >= t_0 > ... > t_K >= 0, x at t_0 (K calls; a last t_K = 0 returns
-    x0_hat, clipped)."""
-    _check_batch(x, "x")
-    _check_clip(clip_x0)
-    first = isinstance(steps, int) and steps == 5 and order == 2    # F38's K = 5 grid
-    if isinstance(steps, int):
-        if isinstance(steps, bool) or not 1 <= steps <= sched.T:
-            raise ValueError(f"steps must be in 1..T = 1..{sched.T}, got {steps}")
-        grid, last = [sched.T], int(steps < sched.T)    # the lowest step: 1, or 0 if K = T
-        for u in few_step_grid(DiscreteVPSDE(sched), steps)[1:]:   # rounded, room left below
-            grid.append(min(max(round(u * sched.T), steps - len(grid) + last), grid[-1] - 1))
-    else:
-        grid = [int(t) for t in steps]
-    if not (len(grid) > 1 and grid[0] <= sched.T and grid[-1] >= 0
-            and all(a > b for a, b in zip(grid, grid[1:]))):
-        raise ValueError(f"steps must be an int or a strictly descending grid of at least two "
-                         f"steps in 0..T = 0..{sched.T}, got {grid}")
-    ab = sched._alpha_bar[grid].tolist()
-    t_b = [torch.full(x.shape[:1], t, dtype=torch.long, device=x.device) for t in grid]
-    return _dpm_solver(lambda y, i: _x0_hat(y, eps_model(y, t_b[i]), ab[i], clip_x0), x,
-                       [math.sqrt(a) for a in ab], [math.sqrt(1 - a) for a in ab], order, callback,
-                       first)
-
-
-@torch.no_grad()
-def dpm_solver_sde_sample(score_fn, sde, x, *, steps=10, order=2, eps_s=None, spacing=None,
-                          callback=None):
-    """DPM-Solver++ (F32, F37) for a score on a linear SDE: alpha = m(s), sigma = std(s), Tweedie's
-    x0_hat = (x + std^2 score) / m. ``steps``: K, the number of score_fn calls; with eps_s and
-    spacing None, the few-step grid (F38, which picks its end), else s_grid(sde, K, eps_s or
-    1e-3, spacing or 'logsnr'); or a grid of K + 1 times. [F32, F21, F26]"""
-    _check_batch(x, "x")
-    first = False
-    if isinstance(steps, int) and eps_s is None and spacing is None:
-        first = steps == 5 and order == 2                           # F38's K = 5 grid
-        steps = few_step_grid(sde, steps)
-    grid = s_grid(sde, steps, 1e-3 if eps_s is None else eps_s, spacing or "logsnr")
-    _, _, m, std = zip(*_coefs(sde, grid).values())
-    s_b = [_full(x, s) for s in grid]
-    return _dpm_solver(lambda y, i: (y + std[i] ** 2 * score_fn(y, s_b[i])) / m[i], x, m, std,
-                       order, callback, first)
 
 
 @torch.no_grad()
@@ -939,8 +795,8 @@ def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0
     the grid t / T, t = T..0, ancestral DDPM step for step. No noise at the last step. Before it,
     ``corrector_steps`` Langevin steps x <- x + delta score + sqrt(2 delta) z, delta = 2 alpha (snr
     ||z|| / ||score||)^2 (batch-averaged norms), alpha = 1, or A^2 (F28's alpha_i) with reverse
-    diffusion. Grid: uniform (measured: quadratic is worse at 200-1000 steps) or explicit, ending
-    >= 0. Inpainting (F31) as in ddpm_sample, with p_{0s}(x_s | known)."""
+    diffusion. Grid: uniform (s_grid) or explicit, ending >= 0. Inpainting (F31) as in
+    ddpm_sample, with p_{0s}(x_s | known)."""
     _check_batch(x, "x")
     _check_inpainting(x, known, mask)
     _check_count("corrector_steps", corrector_steps, 0)
@@ -970,6 +826,9 @@ def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0
         if callback is not None:
             callback(i, x)
     return x
+
+
+# --- probability-flow ODE and likelihood [F26, F27, F33] ------------------------------------------
 
 
 def _ode_step(f, x, s, ds, method):
@@ -1050,8 +909,7 @@ def _solve_ode(f, x, grid, method, rtol, atol, max_steps, stats, callback=None):
 def _flow(score_fn, sde, x, steps, eps_s, spacing, method, forward=False):
     """(f, grid): the flow a(s) x - 1/2 g(s)^2 score(x, s) as f(x, s float) [F26], its floats and
     time tensors for every stage made before the loop, and the grid from 1 (from eps_s if
-    ``forward``): rk45 needs only its ends; Euler's default is uniform (measured: quadratic raises
-    its W2 on the 16-d Gaussian, 0.20 against 0.13 at 10 NFE)."""
+    ``forward``): rk45 needs only its ends; Euler's default is uniform."""
     _check_choice("method", method, set(ODE_METHODS))
     steps = 1 if method == "rk45" and isinstance(steps, int) else steps
     spacing = "uniform" if spacing is None and method == "euler" else spacing
@@ -1083,14 +941,11 @@ def ode_sample(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-3, spacing
 @torch.no_grad()
 def ode_encode(score_fn, sde, x0, *, steps=100, method="rk4", eps_s=1e-3, spacing=None,
                rtol=1e-5, atol=1e-5, max_steps=10_000, stats=None):
-    """The probability-flow ODE forward, data -> latent, from s = eps_s to 1: ode_sample's grid
-    backwards, the same methods. [F26]"""
+    """dx/ds = f - 1/2 g^2 score forward, data -> latent, from s = eps_s to 1. [F26]
+    The probability-flow ODE on ode_sample's grid backwards, with the same methods."""
     _check_batch(x0, "x0")
     f, grid = _flow(score_fn, sde, x0, steps, eps_s, spacing, method, forward=True)
     return _solve_ode(f, x0, grid, method, rtol, atol, max_steps, stats)
-
-
-# --- likelihood [F27] ----------------------------------------------------------------------------
 
 
 def _divergence(f, x, probes):
@@ -1140,7 +995,180 @@ def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5, spa
     return {"nats": nats, "bpd": -(nats + offset) / (d * math.log(2)), "nfe": stats["nfe"]}
 
 
-# --- controllable generation [F30, F31] and energy-based scores [F14] ----------------------------
+# --- few-step solvers and time grids [F32, F34, F37, F38] -----------------------------------------
+
+
+def _s_at_log_sigma(sde, targets):
+    """s where log(std(s) / m(s)) = target: linear interpolation in a table of 4096 times, then
+    Newton steps in log s; below the table, a straight line in log s. [F34]"""
+    def slope(u):                     # d log(std / m) / d log s = s g^2 / (2 std^2), from F23
+        return u * sde.diffusion(u) ** 2 / (2 * sde.marginal_coefs(u)[1] ** 2)
+
+    grid = torch.linspace(0, 1, 4097, dtype=torch.float64)[1:]
+    table = torch.log(torch.div(*reversed(sde.marginal_coefs(grid))))   # increasing in s
+    i = torch.searchsorted(table, targets).clamp(1, len(grid) - 1)
+    w = (targets - table[i - 1]) / (table[i] - table[i - 1])
+    s = torch.where(targets < table[0], grid[0] * torch.exp((targets - table[0]) / slope(grid[0])),
+                    grid[i - 1] + w * (grid[i] - grid[i - 1]))
+    for _ in range(2):
+        m, std = sde.marginal_coefs(s)
+        s = s * torch.exp(-(torch.log(std / m) - targets) / slope(s))
+    return s
+
+
+GRIDS = ("uniform", "quadratic", "logsnr", "edm")
+
+
+def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
+    """Times 1 = s_0 > ... > s_N = eps_s (N = steps) for the SDE solvers. [F34]
+    'uniform'; 'quadratic', s_i = eps_s + (1 - eps_s) (1 - i / N)^2; 'logsnr', uniform in log(m /
+    std); 'edm', std / m on Karras et al.'s rho-grid. None: sde.spacing, quadratic for the VP family
+    and uniform for VE (the better for RK4 likelihoods, README). A sequence is the grid itself."""
+    if not isinstance(steps, (int, float)):
+        grid = [float(s) for s in steps]
+        if len(grid) < 2 or not all(1 >= a > b >= 0 for a, b in zip(grid, grid[1:])):
+            raise ValueError(f"steps must be an int or a strictly descending grid of at least two "
+                             f"times in [0, 1], got {grid}")
+        return grid
+    _check_count("steps", steps, 1)
+    _check_real("eps_s", eps_s, 1)
+    spacing = sde.spacing if spacing is None else spacing
+    _check_choice("spacing", spacing, set(GRIDS))
+    u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    if spacing in ("uniform", "quadratic"):
+        s = eps_s + (1 - eps_s) * (1 - u) ** (1 if spacing == "uniform" else 2)
+        return [1.0, *s[1:].tolist()]
+    ends = torch.tensor([1.0, eps_s], dtype=torch.float64)
+    log_sigma = torch.log(torch.div(*reversed(sde.marginal_coefs(ends))))
+    if spacing == "logsnr":
+        log_sigma = log_sigma[0] + u * (log_sigma[1] - log_sigma[0])
+    else:
+        r = (log_sigma / rho).exp()
+        log_sigma = rho * torch.log(r[0] + u * (r[1] - r[0]))
+    return [1.0, *_s_at_log_sigma(sde, log_sigma[1:-1]).tolist(), eps_s]
+
+
+def few_step_grid(sde, steps):
+    """log(lambda_star - lambda_i) uniform in i, lambda = log(m / std), K = steps calls. [F38]
+    Times 1 = s_0 > ... > s_K for DPM-Solver++ at K model calls: lambda from lambda_0 =
+    max(lambda(1), -5.03) to lambda_K in steps shrinking by a constant factor, lambda_star =
+    lambda_K + e^c; K <= 12: lambda_K = 3.5, c = 0.7 + 8.2 / (K - 3) (K <= 3: near uniform);
+    K >= 13: lambda_K = 5, c = 18.7 / (K - 1); fitted on a family of Gaussians; K = 5: nodes
+    fitted alone, and the samplers (order 2) correct its first step."""
+    _check_count("steps", steps, 1)
+    m, std = sde.marginal_coefs(torch.ones(1, dtype=torch.float64))
+    lam_0 = torch.log(m / std).clamp(min=-5.03)
+    if steps <= 12:                 # stop at std / m = e^-3.5: a full step, no final denoise
+        lam_end, c = 3.5, 0.7 + 8.2 / max(steps - 3, 0.7)
+    else:                           # more calls: stop closer to the data, std / m = e^-5
+        lam_end, c = 5.0, 18.7 / (steps - 1)
+    star = lam_end + math.exp(c)
+    u = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+    lam = star - (star - lam_0) * ((star - lam_end) / (star - lam_0)) ** u
+    if steps == 5:                  # no lambda_star meets the criterion: nodes fitted alone,
+        u = torch.tensor([0.338, 0.505, 0.673, 0.819, 1.0], dtype=torch.float64)  # first corrected
+        lam = lam_0 + (lam_end - lam_0) * u
+    return [1.0, *_s_at_log_sigma(sde, -lam).tolist()]
+
+
+def _exp_weights(h, us):
+    """w_j with int_0^h e^{u - h} p(u) du = sum_j w_j p(u_j), p the polynomial through the nodes
+    u_j (at most three): the exactly integrated interpolant of DPM-Solver++. [F37]"""
+    k = (-math.expm1(-h), h + math.expm1(-h), h * h - 2 * h - 2 * math.expm1(-h))  # u^0, u^1, u^2
+    weights = []
+    for j, uj in enumerate(us):
+        poly, den = [1.0], 1.0                      # prod_{i != j} (u - u_i), lowest power first
+        for ui in us[:j] + us[j + 1:]:
+            poly, den = [b - ui * a for a, b in zip(poly + [0.0], [0.0] + poly)], den * (uj - ui)
+        weights.append(sum(c * kn for c, kn in zip(poly, k)) / den)
+    return weights
+
+
+def _dpm_solver(x0_fn, x, alphas, sigmas, order, callback, correct_first=False):
+    """DPM-Solver++ on points i with marginal x_i = alpha_i x0 + sigma_i eps, one x0_fn call per
+    step: order 1 (DDIM), 2 (2M), 3 (2-point predictor, 3-point corrector). ``correct_first``:
+    the first step is corrected as in order 3 (F38's K = 5 grid with order 2). [F32, F37, F38]"""
+    if type(order) is not int or order not in (1, 2, 3):
+        raise ValueError(f"order must be one of [1, 2, 3], got {order!r}")
+    lam = [math.log(a / s) if s > 0 else math.inf for a, s in zip(alphas, sigmas)]
+    x0s, n = [x0_fn(x, 0)], len(lam) - 1
+    for i in range(n):
+        if sigmas[i + 1] == 0:                      # a step to sigma = 0 lands on x0_hat (h -> inf)
+            x = x0s[-1]
+            continue
+        h, ratio, x_cur = lam[i + 1] - lam[i], sigmas[i + 1] / sigmas[i], x
+
+        def step(w):                                # (sigma' / sigma) x + alpha' sum_j w_j x0_j
+            out = ratio * x_cur
+            for w_j, x0_j in zip(w, reversed(x0s)):
+                out = out.add(x0_j, alpha=alphas[i + 1] * w_j)
+            return out
+        nodes = [lam[j] - lam[i] for j in range(i, max(i - 2, -1), -1)][:order]   # u = 0, -h_prev
+        if order == 2 and i > 0:                    # 2M: D = x0_hat + (h / 2 h_prev) difference
+            r = -h / (2 * nodes[1])
+            x = step([-math.expm1(-h) * (1 + r), math.expm1(-h) * r])
+        else:                                       # the interpolant through the nodes
+            x = step(_exp_weights(h, nodes))
+        if i < n - 1:
+            x0s = [*x0s[-2:], x0_fn(x, i + 1)]      # the last three predictions are enough
+            if order == 3 or (correct_first and i == 0):   # corrector: the new x0_hat joins
+                x = step(_exp_weights(h, [h] + nodes))
+        if callback is not None:
+            callback(i, x)
+    return x
+
+
+@torch.no_grad()
+def dpm_solver_sample(eps_model, sched, x, *, steps=10, order=2, clip_x0=None, callback=None):
+    """DPM-Solver++: x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} sum_j w_j x0_hat_j.
+    [F32, F37, F21] alpha, sigma = sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t); ``order`` 1 (DDIM),
+    2 (2M, Lu et al. 2022) or 3 (predictor-corrector). ``steps``: K, the number of eps_model
+    calls, on the few-step grid (F38) rounded to distinct integer steps >= 1 (K < T; K = T ends
+    at t = 0), or a grid T >= t_0 > ... > t_K >= 0, x at t_0 (K calls; a last t_K = 0 returns
+    x0_hat, clipped)."""
+    _check_batch(x, "x")
+    _check_clip(clip_x0)
+    first = isinstance(steps, int) and steps == 5 and order == 2    # F38's K = 5 grid
+    if isinstance(steps, int):
+        if isinstance(steps, bool) or not 1 <= steps <= sched.T:
+            raise ValueError(f"steps must be in 1..T = 1..{sched.T}, got {steps}")
+        grid, last = [sched.T], int(steps < sched.T)    # the lowest step: 1, or 0 if K = T
+        for u in few_step_grid(DiscreteVPSDE(sched), steps)[1:]:   # rounded, room left below
+            grid.append(min(max(round(u * sched.T), steps - len(grid) + last), grid[-1] - 1))
+    else:
+        grid = [int(t) for t in steps]
+    if not (len(grid) > 1 and grid[0] <= sched.T and grid[-1] >= 0
+            and all(a > b for a, b in zip(grid, grid[1:]))):
+        raise ValueError(f"steps must be an int or a strictly descending grid of at least two "
+                         f"steps in 0..T = 0..{sched.T}, got {grid}")
+    ab = sched.alpha_bar[grid].tolist()
+    t_b = [torch.full(x.shape[:1], t, dtype=torch.long, device=x.device) for t in grid]
+    return _dpm_solver(lambda y, i: _x0_hat(y, eps_model(y, t_b[i]), ab[i], clip_x0), x,
+                       [math.sqrt(a) for a in ab], [math.sqrt(1 - a) for a in ab], order, callback,
+                       first)
+
+
+@torch.no_grad()
+def dpm_solver_sde_sample(score_fn, sde, x, *, steps=10, order=2, eps_s=None, spacing=None,
+                          callback=None):
+    """DPM-Solver++: x_{i+1} = (sigma_{i+1} / sigma_i) x_i + alpha_{i+1} sum_j w_j x0_hat_j.
+    [F32, F37, F21, F26] For a score on a linear SDE: alpha = m(s), sigma = std(s), Tweedie's
+    x0_hat = (x + std^2 score) / m. ``steps``: K, the number of score_fn calls; with eps_s and
+    spacing None, the few-step grid (F38, which picks its end), else s_grid(sde, K, eps_s or
+    1e-3, spacing or 'logsnr'); or a grid of K + 1 times."""
+    _check_batch(x, "x")
+    first = False
+    if isinstance(steps, int) and eps_s is None and spacing is None:
+        first = steps == 5 and order == 2                           # F38's K = 5 grid
+        steps = few_step_grid(sde, steps)
+    grid = s_grid(sde, steps, 1e-3 if eps_s is None else eps_s, spacing or "logsnr")
+    _, _, m, std = zip(*_coefs(sde, grid).values())
+    s_b = [_full(x, s) for s in grid]
+    return _dpm_solver(lambda y, i: (y + std[i] ** 2 * score_fn(y, s_b[i])) / m[i], x, m, std,
+                       order, callback, first)
+
+
+# --- controllable generation [F30, F31] -----------------------------------------------------------
 
 
 def guided_score(score_fn, log_likelihood_fn, w):
@@ -1164,19 +1192,6 @@ def classifier_free(cond_fn, uncond_fn, w):
     return lambda x, s: (1 + w) * cond_fn(x, s) - w * uncond_fn(x, s)
 
 
-def energy_score(energy_fn):
-    """Score of p(x) = exp(-E(x)) / Z: s(x, ...) = -grad_x E(x, ...); Z drops out. [F14]
-    energy_fn(x, *cond) -> (B,). With gradients enabled it keeps the graph (losses differentiate
-    through it); in a no_grad sampler it is a plain tensor."""
-    def score(x, *cond):
-        create_graph = torch.is_grad_enabled()
-        with torch.enable_grad():
-            x_ = x if x.requires_grad else x.detach().requires_grad_(True)
-            energy = energy_fn(x_, *cond)
-            return -torch.autograd.grad(energy.sum(), x_, create_graph=create_graph)[0]
-    return score
-
-
 def colour_basis(dtype=torch.float64, device=None):
     """An orthogonal 3x3 M whose first row (1, 1, 1) / sqrt(3) is the grey axis. [F31]
     Colorization is inpainting in y = M x over the channels: the grey channel is known."""
@@ -1197,9 +1212,9 @@ def from_colour_basis(y):
 
 
 def in_colour_basis(model_fn):
-    """The model seen in the colour basis: y -> M model(M^T y, ...); scores and eps map by M.
+    """y -> M model(M^T y, ...), the model seen in the colour basis (scores and eps map by M). [F31]
     ``from_colour_basis(ddpm_sample(in_colour_basis(eps_model), sched, to_colour_basis(x_T),
-    known=known, mask=mask))`` colorizes, (known, mask) from ``colorization_known``. [F31]"""
+    known=known, mask=mask))`` colorizes, (known, mask) from ``colorization_known``."""
     return lambda y, *args: to_colour_basis(model_fn(from_colour_basis(y), *args))
 
 
