@@ -518,14 +518,16 @@ def _probe(x, kind, generator):
 
 
 @torch.no_grad()
-def langevin(score_fn, x, *, step_size, n_steps, generator=None):
+def langevin(score_fn, x, *, step_size, n_steps, generator=None, callback=None):
     """x_k = x_{k-1} + (eps / 2) grad log p(x_{k-1}) + sqrt(eps) z_k, k = 1..n_steps. [F17]
     Exact only as eps -> 0: for N(0, c^2) the stationary variance is c^2 / (1 - eps / (4 c^2))."""
     _check_batch(x, "x")
     _check_real("step_size", step_size)
     _check_count("n_steps", n_steps, 0)
-    for _ in range(n_steps):
+    for i in range(n_steps):
         x = x + step_size / 2 * score_fn(x) + math.sqrt(step_size) * _randn_like(x, generator)
+        if callback is not None:
+            callback(i, x)
     return x
 
 
@@ -571,17 +573,24 @@ def dsm_loss(score_model, x0, sigmas, *, sigma=None, noise=None, generator=None)
 
 @torch.no_grad()
 def annealed_langevin(score_fn, x, sigmas, *, eps=2e-5, n_steps_each=100, denoise=True,
-                      generator=None):
+                      generator=None, callback=None):
     """Annealed Langevin (NCSN): for i = 1..L, K steps of F17 with s_theta(., sigma_i). [F20]
-    alpha_i = eps sigma_i^2 / sigma_L^2, Tweedie last (``denoise``), float32 sigma (PITFALLS 11)."""
+    alpha_i = eps sigma_i^2 / sigma_L^2, Tweedie last (``denoise``), float32 sigma (PITFALLS 11);
+    callback(j, x) sees the state after each of the L K steps and Tweedie's (j = L K)."""
     _check_batch(x, "x")
     _check_real("eps", eps)
     sigmas = _sigmas(sigmas).tolist()
-    for sigma, sigma_b in zip(sigmas, [_full(x, sigma) for sigma in sigmas]):
-        alpha = eps * sigma ** 2 / sigmas[-1] ** 2
+    for i, sigma in enumerate(sigmas):
+        alpha, sigma_b = eps * sigma ** 2 / sigmas[-1] ** 2, _full(x, sigma)
+        done = i * n_steps_each
+        step_done = None if callback is None else lambda k, y: callback(done + k, y)
         x = langevin(lambda y: score_fn(y, sigma_b), x, step_size=alpha, n_steps=n_steps_each,
-                     generator=generator)
-    return tweedie(x, score_fn(x, _full(x, sigmas[-1])), 1.0, sigmas[-1]) if denoise else x
+                     generator=generator, callback=step_done)
+    if denoise:
+        x = tweedie(x, score_fn(x, _full(x, sigmas[-1])), 1.0, sigmas[-1])
+        if callback is not None:
+            callback(len(sigmas) * n_steps_each, x)
+    return x
 
 
 # --- parameterizations: eps, score, x0 [F21] ------------------------------------------------------
@@ -1676,22 +1685,6 @@ def trajectory_picture(frames, data):
 # --- training: the methods, TrainConfig, train(), using a trained run ----------------------------
 
 
-def sample_als(score_fn, sigmas, x, *, steps, generator=None, callback=None):
-    """Annealed Langevin dynamics, `steps` steps per noise level; callback(i, x) sees the state
-    after i + 1 of its len(sigmas) * steps + 1 updates (the last: Tweedie's denoising). [F20]"""
-    calls = iter(range(len(sigmas) * steps + 1))
-
-    def score(x, sigma):  # the j-th call sees the state after j Langevin steps
-        j = next(calls)
-        if callback is not None and j > 0:
-            callback(j - 1, x)
-        return score_fn(x, sigma)
-    x = annealed_langevin(score, x, sigmas, n_steps_each=steps, generator=generator)
-    if callback is not None:
-        callback(len(sigmas) * steps, x)
-    return x
-
-
 def no_generator(sampler):
     """A deterministic sampler called like the others: `generator` is accepted and unused."""
     return lambda *args, generator=None, **kwargs: sampler(*args, **kwargs)
@@ -1741,7 +1734,9 @@ METHODS = {
         level=ncsn_level,
         prior=lambda sigmas, shape, g, dev: sigmas.max().item() * torch.randn(
             shape, generator=g, device=dev),
-        samplers={"als": Sampler(sample_als, 100, states=lambda n, sigmas: len(sigmas) * n + 1)}),
+        samplers={"als": Sampler(lambda score_fn, sigmas, x, *, steps, **kw: annealed_langevin(
+            score_fn, x, sigmas, n_steps_each=steps, **kw), 100,
+            states=lambda n, sigmas: len(sigmas) * n + 1)}),
     **{name: Method(
         process=make, model_of=sde_score_of,
         loss=lambda m, sde, x0, g: sde_loss(m, sde, x0, generator=g), level=lambda sde, s: 1000 * s,
