@@ -1685,11 +1685,6 @@ def trajectory_picture(frames, data):
 # --- training: the methods, TrainConfig, train(), using a trained run ----------------------------
 
 
-def no_generator(sampler):
-    """A deterministic sampler called like the others: `generator` is accepted and unused."""
-    return lambda *args, generator=None, **kwargs: sampler(*args, **kwargs)
-
-
 def noised(method, process, x0, generator):
     """(x at a random noise level, its time (B,)), read off the model's input in the method's
     loss (x_t and t, x0 + sigma z and sigma, x_s and s): a noise-conditional classifier's data."""
@@ -1702,10 +1697,11 @@ def noised(method, process, x0, generator):
     return seen[0]
 
 
-# A sampler: fn(model, process, x, steps=, generator=, callback=, **options), its default step
-# count, whether it takes known= and mask= (inpainting) and clip_x0=, and its number of states.
-Sampler = namedtuple("Sampler", "fn steps inpaint clip states",
-                     defaults=(False, False, lambda steps, process: steps))
+# A sampler: fn(model, process, x, steps=, callback=, **options), its default step count,
+# whether it takes known= and mask= (inpainting) and clip_x0=, whether it draws noise (then it
+# takes generator=), and its number of states.
+Sampler = namedtuple("Sampler", "fn steps inpaint clip random states",
+                     defaults=(False, False, True, lambda steps, process: steps))
 # A method: process(config) -> Schedule | sigmas | SDE; model_of(net, process, y) -> eps_model or
 # score_fn; loss(model, process, x0, g) -> (B,); level(process, time) -> the network's c;
 # prior(process, shape, g, device); samplers {name: Sampler}, the first the default.
@@ -1715,8 +1711,8 @@ SDE_SAMPLERS = {"em": Sampler(reverse_sde_sample, 500, inpaint=True),
                 "pc": Sampler(partial(reverse_sde_sample, corrector_steps=1), 250, inpaint=True),
                 "rd": Sampler(partial(reverse_sde_sample, predictor="reverse_diffusion"), 500,
                               inpaint=True),
-                "ode": Sampler(no_generator(ode_sample), 50),
-                "dpm++": Sampler(no_generator(dpm_solver_sde_sample), 20)}
+                "ode": Sampler(ode_sample, 50, random=False),
+                "dpm++": Sampler(dpm_solver_sde_sample, 20, random=False)}
 
 
 METHODS = {
@@ -1727,7 +1723,7 @@ METHODS = {
         prior=lambda sched, shape, g, dev: torch.randn(shape, generator=g, device=dev),
         samplers={"ancestral": Sampler(ddpm_sample, 250, inpaint=True, clip=True),
                   "ddim": Sampler(ddim_sample, 50, clip=True),
-                  "dpm++": Sampler(no_generator(dpm_solver_sample), 20, clip=True)}),
+                  "dpm++": Sampler(dpm_solver_sample, 20, clip=True, random=False)}),
     "ncsn": Method(
         process=lambda c: geometric_sigmas(c.sigma_max, c.sigma_min, c.n_sigmas),
         model_of=ncsn_score_of, loss=lambda m, sigmas, x0, g: dsm_loss(m, x0, sigmas, generator=g),
@@ -2115,9 +2111,11 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
         options = {"known": known[part], "mask": mask[part]} if known is not None else {}
         if spec.clip and len(m.shape) == 3:
             options["clip_x0"] = (-1.0, 1.0)
+        if spec.random:
+            options["generator"] = g
         model = guided_model(m, None if y is None else y[part].to(device), w, classifier)
-        out.append(spec.fn(model, m.process, x, steps=steps, generator=g, callback=callback,
-                        **options).float().cpu())
+        out.append(spec.fn(model, m.process, x, steps=steps, callback=callback, **options)
+                   .float().cpu())
     return torch.cat(out).clamp(-1, 1) if len(m.shape) == 3 else torch.cat(out)
 
 
