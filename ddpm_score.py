@@ -1685,16 +1685,19 @@ def trajectory_picture(frames, data):
 # --- training: the methods, TrainConfig, train(), using a trained run ----------------------------
 
 
-def noised(method, process, x0, generator):
-    """(x at a random noise level, its time (B,)), read off the model's input in the method's
-    loss (x_t and t, x0 + sigma z and sigma, x_s and s): a noise-conditional classifier's data."""
-    seen = []
-
-    def model(x, time):  # records its input, predicts zeros
-        seen.append((x, time))
-        return torch.zeros_like(x)
-    method.loss(model, process, x0, generator)
-    return seen[0]
+def noised(process, x0, generator):
+    """(x at a random noise level, its time (B,)) drawn as the method's loss draws them: a
+    noise-conditional classifier's data. DDPM: t ~ U{1..T}, x_t (F12, F3); NCSN: sigma,
+    x0 + sigma z (F19); an SDE: s ~ U(eps_s, 1), x_s ~ p_{0s}(x_s | x0) (F25, F23)."""
+    if isinstance(process, Schedule):
+        t = draw_t(process, x0, generator)
+        return q_sample(process, x0, t, generator=generator), t
+    if isinstance(process, torch.Tensor):  # NCSN's sigmas
+        sigma = draw_sigma(process, x0, generator)
+        return x0 + bcast(sigma, x0) * _randn_like(x0, generator), sigma
+    s = draw_s(x0, generator)
+    mean, std = process.marginal(x0, s)
+    return mean + std * _randn_like(x0, generator), s
 
 
 # A sampler: fn(model, process, x, steps=, callback=, **options), its default step count,
@@ -1975,7 +1978,7 @@ def train(config, stop=None):
         noise_g = rng(config.seed, "noise", rank, step, device=device.type)
         with torch.autocast("cuda", torch.bfloat16, enabled=config.amp):
             if config.classifier:
-                xs, time_s = noised(method, process, x0, noise_g)
+                xs, time_s = noised(process, x0, noise_g)
                 loss = F.cross_entropy(model(xs, method.level(process, time_s)), y0)
             else:
                 loss = method.loss(method.model_of(model, process, y0), process, x0, noise_g).mean()
@@ -2156,7 +2159,7 @@ def classifier_accuracy(m, data, device, n=2000):
     method, g = METHODS[m.config.method], rng(m.config.seed, "accuracy", device=device.type)
     x0, y = data.x_test[:n].to(device), data.y_test[:n].to(device)
     with torch.no_grad():
-        xs, time_s = noised(method, m.process, x0, g)
+        xs, time_s = noised(m.process, x0, g)
         c = method.level(m.process, time_s)
         right = (m.net(xs, c).argmax(dim=-1) == y).float()
     accuracy, low_noise = right.mean().item(), right[c <= c.quantile(0.1)].mean().item()
