@@ -518,14 +518,16 @@ def _probe(x, kind, generator):
 
 
 @torch.no_grad()
-def langevin(score_fn, x, *, step_size, n_steps, generator=None):
+def langevin(score_fn, x, *, step_size, n_steps, generator=None, callback=None):
     """x_k = x_{k-1} + (eps / 2) grad log p(x_{k-1}) + sqrt(eps) z_k, k = 1..n_steps. [F17]
     Exact only as eps -> 0: for N(0, c^2) the stationary variance is c^2 / (1 - eps / (4 c^2))."""
     _check_batch(x, "x")
     _check_real("step_size", step_size)
     _check_count("n_steps", n_steps, 0)
-    for _ in range(n_steps):
+    for i in range(n_steps):
         x = x + step_size / 2 * score_fn(x) + math.sqrt(step_size) * _randn_like(x, generator)
+        if callback is not None:
+            callback(i, x)
     return x
 
 
@@ -571,17 +573,24 @@ def dsm_loss(score_model, x0, sigmas, *, sigma=None, noise=None, generator=None)
 
 @torch.no_grad()
 def annealed_langevin(score_fn, x, sigmas, *, eps=2e-5, n_steps_each=100, denoise=True,
-                      generator=None):
+                      generator=None, callback=None):
     """Annealed Langevin (NCSN): for i = 1..L, K steps of F17 with s_theta(., sigma_i). [F20]
-    alpha_i = eps sigma_i^2 / sigma_L^2, Tweedie last (``denoise``), float32 sigma (PITFALLS 11)."""
+    alpha_i = eps sigma_i^2 / sigma_L^2, Tweedie last (``denoise``), float32 sigma (PITFALLS 11);
+    callback(j, x) sees the state after each of the L K steps and Tweedie's (j = L K)."""
     _check_batch(x, "x")
     _check_real("eps", eps)
     sigmas = _sigmas(sigmas).tolist()
-    for sigma, sigma_b in zip(sigmas, [_full(x, sigma) for sigma in sigmas]):
-        alpha = eps * sigma ** 2 / sigmas[-1] ** 2
+    for i, sigma in enumerate(sigmas):
+        alpha, sigma_b = eps * sigma ** 2 / sigmas[-1] ** 2, _full(x, sigma)
+        done = i * n_steps_each
+        step_done = None if callback is None else lambda k, y: callback(done + k, y)
         x = langevin(lambda y: score_fn(y, sigma_b), x, step_size=alpha, n_steps=n_steps_each,
-                     generator=generator)
-    return tweedie(x, score_fn(x, _full(x, sigmas[-1])), 1.0, sigmas[-1]) if denoise else x
+                     generator=generator, callback=step_done)
+    if denoise:
+        x = tweedie(x, score_fn(x, _full(x, sigmas[-1])), 1.0, sigmas[-1])
+        if callback is not None:
+            callback(len(sigmas) * n_steps_each, x)
+    return x
 
 
 # --- parameterizations: eps, score, x0 [F21] ------------------------------------------------------
@@ -1676,43 +1685,26 @@ def trajectory_picture(frames, data):
 # --- training: the methods, TrainConfig, train(), using a trained run ----------------------------
 
 
-def sample_als(score_fn, sigmas, x, *, steps, generator=None, callback=None):
-    """Annealed Langevin dynamics, `steps` steps per noise level; callback(i, x) sees the state
-    after i + 1 of its len(sigmas) * steps + 1 updates (the last: Tweedie's denoising). [F20]"""
-    calls = iter(range(len(sigmas) * steps + 1))
-
-    def score(x, sigma):  # the j-th call sees the state after j Langevin steps
-        j = next(calls)
-        if callback is not None and j > 0:
-            callback(j - 1, x)
-        return score_fn(x, sigma)
-    x = annealed_langevin(score, x, sigmas, n_steps_each=steps, generator=generator)
-    if callback is not None:
-        callback(len(sigmas) * steps, x)
-    return x
-
-
-def no_generator(sampler):
-    """A deterministic sampler called like the others: `generator` is accepted and unused."""
-    return lambda *args, generator=None, **kwargs: sampler(*args, **kwargs)
+def noised(process, x0, generator):
+    """(x at a random noise level, its time (B,)) drawn as the method's loss draws them: a
+    noise-conditional classifier's data. DDPM: t ~ U{1..T}, x_t (F12, F3); NCSN: sigma,
+    x0 + sigma z (F19); an SDE: s ~ U(eps_s, 1), x_s ~ p_{0s}(x_s | x0) (F25, F23)."""
+    if isinstance(process, Schedule):
+        t = draw_t(process, x0, generator)
+        return q_sample(process, x0, t, generator=generator), t
+    if isinstance(process, torch.Tensor):  # NCSN's sigmas
+        sigma = draw_sigma(process, x0, generator)
+        return x0 + bcast(sigma, x0) * _randn_like(x0, generator), sigma
+    s = draw_s(x0, generator)
+    mean, std = process.marginal(x0, s)
+    return mean + std * _randn_like(x0, generator), s
 
 
-def noised(method, process, x0, generator):
-    """(x at a random noise level, its time (B,)), read off the model's input in the method's
-    loss (x_t and t, x0 + sigma z and sigma, x_s and s): a noise-conditional classifier's data."""
-    seen = []
-
-    def model(x, time):  # records its input, predicts zeros
-        seen.append((x, time))
-        return torch.zeros_like(x)
-    method.loss(model, process, x0, generator)
-    return seen[0]
-
-
-# A sampler: fn(model, process, x, steps=, generator=, callback=, **options), its default step
-# count, whether it takes known= and mask= (inpainting) and clip_x0=, and its number of states.
-Sampler = namedtuple("Sampler", "fn steps inpaint clip states",
-                     defaults=(False, False, lambda steps, process: steps))
+# A sampler: fn(model, process, x, steps=, callback=, **options), its default step count,
+# whether it takes known= and mask= (inpainting) and clip_x0=, whether it draws noise (then it
+# takes generator=), and its number of states.
+Sampler = namedtuple("Sampler", "fn steps inpaint clip random states",
+                     defaults=(False, False, True, lambda steps, process: steps))
 # A method: process(config) -> Schedule | sigmas | SDE; model_of(net, process, y) -> eps_model or
 # score_fn; loss(model, process, x0, g) -> (B,); level(process, time) -> the network's c;
 # prior(process, shape, g, device); samplers {name: Sampler}, the first the default.
@@ -1722,8 +1714,8 @@ SDE_SAMPLERS = {"em": Sampler(reverse_sde_sample, 500, inpaint=True),
                 "pc": Sampler(partial(reverse_sde_sample, corrector_steps=1), 250, inpaint=True),
                 "rd": Sampler(partial(reverse_sde_sample, predictor="reverse_diffusion"), 500,
                               inpaint=True),
-                "ode": Sampler(no_generator(ode_sample), 50),
-                "dpm++": Sampler(no_generator(dpm_solver_sde_sample), 20)}
+                "ode": Sampler(ode_sample, 50, random=False),
+                "dpm++": Sampler(dpm_solver_sde_sample, 20, random=False)}
 
 
 METHODS = {
@@ -1734,14 +1726,16 @@ METHODS = {
         prior=lambda sched, shape, g, dev: torch.randn(shape, generator=g, device=dev),
         samplers={"ancestral": Sampler(ddpm_sample, 250, inpaint=True, clip=True),
                   "ddim": Sampler(ddim_sample, 50, clip=True),
-                  "dpm++": Sampler(no_generator(dpm_solver_sample), 20, clip=True)}),
+                  "dpm++": Sampler(dpm_solver_sample, 20, clip=True, random=False)}),
     "ncsn": Method(
         process=lambda c: geometric_sigmas(c.sigma_max, c.sigma_min, c.n_sigmas),
         model_of=ncsn_score_of, loss=lambda m, sigmas, x0, g: dsm_loss(m, x0, sigmas, generator=g),
         level=ncsn_level,
         prior=lambda sigmas, shape, g, dev: sigmas.max().item() * torch.randn(
             shape, generator=g, device=dev),
-        samplers={"als": Sampler(sample_als, 100, states=lambda n, sigmas: len(sigmas) * n + 1)}),
+        samplers={"als": Sampler(lambda score_fn, sigmas, x, *, steps, **kw: annealed_langevin(
+            score_fn, x, sigmas, n_steps_each=steps, **kw), 100,
+            states=lambda n, sigmas: len(sigmas) * n + 1)}),
     **{name: Method(
         process=make, model_of=sde_score_of,
         loss=lambda m, sde, x0, g: sde_loss(m, sde, x0, generator=g), level=lambda sde, s: 1000 * s,
@@ -1984,7 +1978,7 @@ def train(config, stop=None):
         noise_g = rng(config.seed, "noise", rank, step, device=device.type)
         with torch.autocast("cuda", torch.bfloat16, enabled=config.amp):
             if config.classifier:
-                xs, time_s = noised(method, process, x0, noise_g)
+                xs, time_s = noised(process, x0, noise_g)
                 loss = F.cross_entropy(model(xs, method.level(process, time_s)), y0)
             else:
                 loss = method.loss(method.model_of(model, process, y0), process, x0, noise_g).mean()
@@ -2120,9 +2114,11 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
         options = {"known": known[part], "mask": mask[part]} if known is not None else {}
         if spec.clip and len(m.shape) == 3:
             options["clip_x0"] = (-1.0, 1.0)
+        if spec.random:
+            options["generator"] = g
         model = guided_model(m, None if y is None else y[part].to(device), w, classifier)
-        out.append(spec.fn(model, m.process, x, steps=steps, generator=g, callback=callback,
-                        **options).float().cpu())
+        out.append(spec.fn(model, m.process, x, steps=steps, callback=callback, **options)
+                   .float().cpu())
     return torch.cat(out).clamp(-1, 1) if len(m.shape) == 3 else torch.cat(out)
 
 
@@ -2163,7 +2159,7 @@ def classifier_accuracy(m, data, device, n=2000):
     method, g = METHODS[m.config.method], rng(m.config.seed, "accuracy", device=device.type)
     x0, y = data.x_test[:n].to(device), data.y_test[:n].to(device)
     with torch.no_grad():
-        xs, time_s = noised(method, m.process, x0, g)
+        xs, time_s = noised(m.process, x0, g)
         c = method.level(m.process, time_s)
         right = (m.net(xs, c).argmax(dim=-1) == y).float()
     accuracy, low_noise = right.mean().item(), right[c <= c.quantile(0.1)].mean().item()

@@ -766,8 +766,7 @@ def test_each_methods_noise_level_map_matches_its_process_marginal(method):
     config = ds.TrainConfig(method=method, sigma_max=5.0)
     process = ds.METHODS[method].process(config)
     B, d = 8000, 8
-    x, time = ds.noised(ds.METHODS[method], process, torch.zeros(B, d),
-                        torch.Generator().manual_seed(0))
+    x, time = ds.noised(process, torch.zeros(B, d), torch.Generator().manual_seed(0))
     time = time.double()
     if method == "ddpm":
         std = (1 - alpha_bars(process)[time.long()]).sqrt()
