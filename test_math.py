@@ -2664,7 +2664,10 @@ def test_F38_five_calls_correct_the_first_step():
     assert torch.allclose(plain, ref_dpm_pp_2m(x0_of, x, a, sg), rtol=1e-10, atol=1e-10)
     assert not torch.allclose(plain, out, atol=1e-3)
     sde, n = ds.VPSDE(**VP), [0]
-    s = ds.few_step_grid(sde, 5)
+    m1, v1, _, _ = ref_sde_coefs("vp", 1.0)                # F38's K = 5 nodes, written out
+    lam0 = max(math.log(m1 / math.sqrt(v1)), -5.03)
+    fracs = (0.338, 0.505, 0.673, 0.819, 1.0)
+    s = [1.0, *ref_s_of_lambda_vp([lam0 + (3.5 - lam0) * f for f in fracs]).tolist()]
     m, v, _, _ = ref_sde_coefs("vp", torch.tensor(s, dtype=F64))
     score_fn = ref_sde_score(ref_mix_score, "vp")
     counted = lambda y, u: (n.__setitem__(0, n[0] + 1), score_fn(y, u))[1]
