@@ -225,8 +225,348 @@ def long(t):
     return torch.tensor(t, dtype=torch.long)
 
 
-# --- schedules [F1, F2, F5, Schedules] -----------------------------------------------------------
+# --- exact-score references shared by many sections (Gaussian and mixture targets) ----------------
 
+# Every sampler runs with the exact score of a density we know: a 3-D Gaussian N(MU, SIGMA) with a
+# non-diagonal covariance, and a 2-D mixture of four Gaussians with unequal weights and widths.
+# The references (prefix ref_) are written here from FORMULAS.md, never with the module's helpers.
+# For Gaussian data every sampler is affine in its start and its noise, so its exact output law
+# is read off the module (ref_affine_law) and compared with (a) the same sampler's update written
+# here and propagated step by step -- agreement to rounding, which is what sees an off-by-one --
+# and (b) the target, within a measured and stated discretization bound. The mixture checks are
+# statistical, each at 5 Monte Carlo standard errors (two-sided p ~ 6e-7 per check).
+
+MU = torch.tensor([1.0, -0.5, 0.25], dtype=F64)
+SIGMA = torch.tensor([[1.0, 0.5, 0.2], [0.5, 0.8, -0.2], [0.2, -0.2, 0.5]], dtype=F64)
+# eigenvalues of SIGMA: 0.158, 0.731, 1.411
+MIX_W = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=F64)
+MIX_MU = torch.tensor([[-1.5, -1.5], [1.5, -1.5], [-1.5, 1.5], [1.5, 1.5]], dtype=F64)
+MIX_STD = torch.tensor([0.3, 0.2, 0.15, 0.1], dtype=F64)
+MIX = (MIX_W, MIX_MU, MIX_STD)
+VP, VE = dict(beta_min=0.1, beta_max=20.0), dict(sigma_min=0.01, sigma_max=50.0)
+SDES = {"vp": lambda: ds.VPSDE(**VP), "subvp": lambda: ds.SubVPSDE(**VP),
+        "ve": lambda: ds.VESDE(**VE)}
+N_MIX = 10_000   # mixture samples per statistical test: SE of a weight 0.1 is 0.003
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# Exact scores, schedules and SDE marginals --------------------------------------------------------
+
+def ref_gauss_score(x, m, v, mu=MU, cov=SIGMA):
+    """grad log N(x; m mu, m^2 cov + v I) over the last dimension of x: N(mu, cov) pushed through
+    x = m x0 + sqrt(v) eps; m and v numbers or per-example (B,)."""
+    lam, Q = torch.linalg.eigh(cov.to(x.dtype))
+    m, v = col(m, x), col(v, x)
+    y = (x - m * mu.to(x.dtype)) @ Q
+    return -(y / (m ** 2 * lam + v)) @ Q.T
+
+
+def ref_gauss_affine(m, v, mu=MU, cov=SIGMA):
+    """(S, c) with ref_gauss_score(x) = S x + c for one (m, v): S = -C^{-1}, c = C^{-1} m mu."""
+    C_inv = torch.linalg.inv(m ** 2 * cov + v * torch.eye(len(mu), dtype=F64))
+    return -C_inv, C_inv @ (m * mu)
+
+
+def ref_mix_terms(x, m, v, mix=MIX):
+    """(K, B) log(w_k N(x; m mu_k, var_k I)), var_k = m^2 std_k^2 + v, for the 2-D mixture
+    (w, mu, std) noised through x = m x0 + sqrt(v) eps; also var and the offsets x - m mu_k.
+    Laid out (K, B) with the two coordinates written out: fast for B = 10^4."""
+    w, mu, std = (c.to(x.dtype) for c in mix)
+    m, v = col(m, x).reshape(1, -1), col(v, x).reshape(1, -1)               # (1, B)
+    if (m == m[0, 0]).all() and (v == v[0, 0]).all():   # samplers share one time per batch
+        m, v = m[:, :1], v[:, :1]
+    var = m ** 2 * std[:, None] ** 2 + v                                       # (K, B)
+    dx, dy = x[:, 0] - m * mu[:, :1], x[:, 1] - m * mu[:, 1:]                  # (K, B) each
+    logp = w.log()[:, None] - (dx ** 2 + dy ** 2) / (2 * var) - torch.log(2 * math.pi * var)
+    return logp, var, (dx, dy)
+
+
+def ref_mix_score(x, m, v, mix=MIX):
+    """grad log sum_k w_k N_k = -sum_k r_k (x - m mu_k) / var_k, r_k the responsibilities."""
+    logp, var, (dx, dy) = ref_mix_terms(x, m, v, mix)
+    r = torch.softmax(logp, 0) / var
+    return -torch.stack([(r * dx).sum(0), (r * dy).sum(0)], 1)
+
+
+def ref_mix_sample(n, generator):
+    """n points of the mixture."""
+    k = torch.multinomial(MIX_W, n, replacement=True, generator=generator)
+    return MIX_MU[k] + MIX_STD[k, None] * torch.randn(n, 2, generator=generator, dtype=F64)
+
+
+def ref_eps_model(score, alpha_bar, calls=None):
+    """eps(x_t, t) = -sqrt(1 - alpha_bar_t) score_t(x_t), score_t that of x_t = sqrt(alpha_bar_t)
+    x0 + sqrt(1 - alpha_bar_t) eps [F3, F21]. With a list ``calls``, each call appends
+    (x, t, eps)."""
+    def eps_model(x, t):
+        assert t.dtype == torch.long and t.shape == x.shape[:1]
+        ab = alpha_bar[t].to(x.dtype)
+        eps = -col((1 - ab).sqrt(), x) * score(x, ab.sqrt(), 1 - ab)
+        if calls is not None:
+            calls.append((x.clone(), t.clone(), eps.clone()))
+        return eps
+    return eps_model
+
+
+def ref_sde_coefs(name, s, beta_min=0.1, beta_max=20.0, sigma_min=0.01, sigma_max=50.0):
+    """(m, var, a, g2) at time s (float or tensor) from F22/F23: mean coefficient, variance, drift
+    a(s) with f = a(s) x, and g(s)^2; int_0^s beta = beta_min s + (beta_max - beta_min) s^2 / 2."""
+    s = torch.as_tensor(s, dtype=F64)
+    if name == "ve":
+        sig2 = sigma_min ** 2 * (sigma_max / sigma_min) ** (2 * s)
+        return (torch.ones_like(s), sig2 - sigma_min ** 2, torch.zeros_like(s),
+                sig2 * 2 * math.log(sigma_max / sigma_min))
+    B = beta_min * s + (beta_max - beta_min) * s ** 2 / 2
+    beta = beta_min + s * (beta_max - beta_min)
+    if name == "vp":
+        return torch.exp(-B / 2), 1 - torch.exp(-B), -beta / 2, beta
+    return torch.exp(-B / 2), (1 - torch.exp(-B)) ** 2, -beta / 2, beta * (1 - torch.exp(-2 * B))
+
+
+def ref_sde_score(score, name):
+    """score_fn(x, s) of the marginal p_s for data whose noised score is score(x, m, v)."""
+    def score_fn(x, s):
+        m, var, _, _ = ref_sde_coefs(name, s)
+        return score(x, m, var)
+    return score_fn
+
+
+def ref_prior_std(name):
+    """Std of the prior the SDE samplers start from: 1, or sqrt(sigma_max^2 - sigma_min^2) (VE)."""
+    return math.sqrt(VE["sigma_max"] ** 2 - VE["sigma_min"] ** 2) if name == "ve" else 1.0
+
+
+def ref_sde_target(name, s, mu=MU, cov=SIGMA):
+    """p_s for data N(mu, cov): N(m mu, m^2 cov + v I) (F23). The samplers stop at s = eps_s."""
+    m, v, _, _ = (c.item() for c in ref_sde_coefs(name, s))
+    return m * mu, m ** 2 * cov + v * torch.eye(len(mu), dtype=F64)
+
+
+def ref_flow_loglik(name, x, eps_s, mu=MU, cov=SIGMA):
+    """What F27 with the exact flow returns for data N(mu, cov) and the N(0, prior_std^2 I) prior:
+    log p_{eps_s}(x) + log prior(x_1) - log p_1(x_1). For Gaussian data the flow is
+    x_s = m_s mu + C_s^{1/2} C_{eps_s}^{-1/2} (x - m_{eps_s} mu), C_s = m_s^2 cov + v_s I (the C_s
+    commute; it solves F26 since dC/ds = 2 a C + g^2 I, F23). The last two terms are the price of
+    starting from the prior instead of p_1: up to 0.005 (VP) and 0.016 (VE) nats per dimension."""
+    lam, Q = torch.linalg.eigh(cov)
+    (m0, v0, _, _), (m1, v1, _, _) = ref_sde_coefs(name, eps_s), ref_sde_coefs(name, 1.0)
+    x1 = m1 * mu + ((x - m0 * mu) @ Q * ((m1 ** 2 * lam + v1) / (m0 ** 2 * lam + v0)).sqrt()) @ Q.T
+    eye = torch.eye(len(mu), dtype=F64)
+    law = lambda m, v: torch.distributions.MultivariateNormal(m * mu, m ** 2 * cov + v * eye)
+    prior = torch.distributions.Normal(torch.zeros((), dtype=F64), ref_prior_std(name))
+    return law(m0, v0).log_prob(x) + prior.log_prob(x1).sum(1) - law(m1, v1).log_prob(x1)
+
+
+# Exact output laws of samplers on Gaussian data ------------------------------------------------
+
+def ref_affine_law(run, shape, start_std=1.0):
+    """Exact law N(mean, cov) (flattened) of run(x), x ~ N(0, start_std^2 I) of shape (B, *shape)
+    (an int shape is (d,)), for a sampler affine in x and in its noise draws (any sampler on
+    Gaussian data, without corrector). torch.randn (the module's noise source) is replaced: a
+    counting run finds the K draws; one run on rows [0, start_std e_1.., noise rows], draw k being
+    e_j in row 1 + d + k d + j and 0 elsewhere: row r - row 0 is a column of the linear map, row 0
+    the mean. No Monte Carlo; the number of draws must not depend on the batch."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    d, draws = math.prod(shape), []
+
+    def basis_randn(*size, generator=None, device=None, dtype=None, **kw):
+        size = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
+        z, k = torch.zeros(size, dtype=dtype or F64), len(draws)
+        draws.append(k)
+        if z.shape[0] > 1:
+            z.reshape(z.shape[0], d)[1 + d + k * d:1 + d + (k + 1) * d] = torch.eye(d, dtype=F64)
+        return z
+
+    with mock.patch.object(torch, "randn", basis_randn):
+        once = run(torch.ones(1, *shape, dtype=F64))
+        K, draws[:] = len(draws), []
+        assert torch.equal(once, run(torch.ones(1, *shape, dtype=F64))), "noise not via randn"
+        draws[:] = []
+        x = torch.zeros(1 + d + K * d, *shape, dtype=F64)
+        x.reshape(len(x), d)[1:1 + d] = start_std * torch.eye(d, dtype=F64)
+        out = run(x).reshape(len(x), d)
+    assert len(draws) == K, "the number of noise draws depends on the batch"
+    cols = out[1:] - out[0]
+    return out[0], cols.T @ cols
+
+
+def ref_propagate(steps, mean, cov):
+    """Push N(mean, cov) through x <- cx x + cs (S x + c) + sigma z for (cx, cs, (S, c), sigma)."""
+    I = torch.eye(len(mean), dtype=F64)
+    for cx, cs, (S, c), sigma in steps:
+        A = cx * I + cs * S
+        mean, cov = A @ mean + cs * c, A @ cov @ A.T + sigma ** 2 * I
+    return mean, cov
+
+
+def ref_w2(m1, P1, m2, P2):
+    """2-Wasserstein distance between N(m1, P1) and N(m2, P2)."""
+    def sqrtm(P):
+        lam, Q = torch.linalg.eigh(P)
+        return Q @ torch.diag(lam.clamp(min=0).sqrt()) @ Q.T
+    r = sqrtm(P2)
+    w2 = (m1 - m2).square().sum() + torch.trace(P1 + P2 - 2 * sqrtm(r @ P1 @ r))
+    return w2.clamp(min=0).sqrt().item()
+
+
+def ref_assert_same_law(law, ref, tol=1e-9):
+    """The module's law equals the one propagated here, to rounding (float64)."""
+    scale = max(1.0, ref[1].abs().max().item())
+    assert torch.allclose(law[0], ref[0], rtol=0, atol=tol * scale ** 0.5)
+    assert torch.allclose(law[1], ref[1], rtol=0, atol=tol * scale)
+
+
+# The samplers' updates, written here as x <- cx x + cs score(x) + sigma z -----------------------
+
+def ref_ddpm_steps(grid, ab, sigma2, mu=MU, cov=SIGMA):
+    """Ancestral sampling (F6, F7, F9) on a grid T = tau_S > ... > tau_1: with eps = -sqrt(1 - ab)
+    score, mu_theta = (x - beta' eps / sqrt(1 - ab)) / sqrt(alpha') = (x + beta' score)
+    / sqrt(alpha'), beta' = 1 - ab[tau_i] / ab[tau_{i-1}] (tau_0 = 0); sigma^2 = beta' or
+    beta_tilde'; no noise at the last step."""
+    steps, taus = [], list(grid) + [0]
+    for t, t_prev in zip(taus, taus[1:]):
+        a, a_prev = ab[t].item(), ab[t_prev].item()
+        beta = 1 - a / a_prev
+        var = beta if sigma2 == "beta" else (1 - a_prev) / (1 - a) * beta
+        steps.append((1 / math.sqrt(1 - beta), beta / math.sqrt(1 - beta),
+                      ref_gauss_affine(math.sqrt(a), 1 - a, mu, cov),
+                      math.sqrt(var) if t_prev > 0 else 0.0))
+    return steps
+
+
+def ref_ddim_steps(grid, ab, eta, mu=MU, cov=SIGMA):
+    """DDIM (F29) on a grid T = tau_S > ... > tau_1, the previous point of tau_1 being 0 (ab = 1).
+    With eps = -sqrt(1 - ab) score and x0_hat = (x + (1 - ab) score) / sqrt(ab):
+    x' = sqrt(ab'/ab) x + (sqrt(ab'/ab) (1 - ab) - k sqrt(1 - ab)) score + sigma z,
+    k = sqrt(1 - ab' - sigma^2), sigma = eta sqrt((1 - ab') / (1 - ab)) sqrt(1 - ab / ab')."""
+    steps, taus = [], list(grid) + [0]
+    for t, t_prev in zip(taus, taus[1:]):
+        a, a_prev = ab[t].item(), ab[t_prev].item()
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        k, r = math.sqrt(1 - a_prev - sigma ** 2), math.sqrt(a_prev / a)
+        steps.append((r, r * (1 - a) - k * math.sqrt(1 - a),
+                      ref_gauss_affine(math.sqrt(a), 1 - a, mu, cov), sigma))
+    return steps
+
+
+def ref_langevin_steps(eps, n_steps, v=0.0, mu=MU, cov=SIGMA):
+    """n_steps of F17, x' = x + (eps / 2) score(x) + sqrt(eps) z, score that of N(mu, cov + v I)."""
+    return [(1.0, eps / 2, ref_gauss_affine(1.0, v, mu, cov), math.sqrt(eps))] * n_steps
+
+
+def ref_annealed_steps(sigmas, eps, n_steps_each, mu=MU, cov=SIGMA):
+    """F20: for each sigma_i, n_steps_each of F17 with alpha_i = eps sigma_i^2 / sigma_L^2 on the
+    sigma_i-noised density; then the Tweedie step x + sigma_L^2 score(x, sigma_L) (F21)."""
+    steps, lo = [], sigmas[-1]
+    for sigma in sigmas:
+        steps += ref_langevin_steps(eps * sigma ** 2 / lo ** 2, n_steps_each, sigma ** 2, mu, cov)
+    return steps + [(1.0, lo ** 2, ref_gauss_affine(1.0, lo ** 2, mu, cov), 0.0)]
+
+
+def ref_sde_steps(name, n_steps, eps_s, ode=False, mu=MU, cov=SIGMA):
+    """Euler-Maruyama for the reverse SDE (F24), or Euler for the probability flow (F26), on the
+    grid linspace(1, eps_s, n_steps + 1), ds < 0: x' = x + (a x - c g^2 score) ds + g sqrt(-ds) z,
+    c = 1 (no noise at the last step) or c = 1/2 (ODE, no noise)."""
+    grid, steps = torch.linspace(1, eps_s, n_steps + 1, dtype=F64).tolist(), []
+    for i, (s, s_next) in enumerate(zip(grid, grid[1:])):
+        m, v, a, g2 = (c.item() for c in ref_sde_coefs(name, s))
+        ds_ = s_next - s
+        noise = 0.0 if ode or i == n_steps - 1 else math.sqrt(-g2 * ds_)
+        steps.append((1 + a * ds_, -(0.5 if ode else 1.0) * g2 * ds_,
+                      ref_gauss_affine(m, v, mu, cov), noise))
+    return steps
+
+
+# Statistical checks on the mixture --------------------------------------------------------------
+
+def ref_check_mixture(x, law=None, m=1.0, v=0.0, far=6.0, max_far=0):
+    """Samples x (N, 2) against the mixture pushed through x = m x0 + sqrt(v) eps (F3, F23): at
+    most ``max_far`` samples more than ``far`` of its mode's std from every mode (P(r > 6 std) =
+    exp(-18) in 2-D: ~2e-4 expected in 10,000) and the mode weights within 5 SE (SE =
+    sqrt(w (1 - w) / N)).
+    With ``law`` = (means (K, 2), variances (K,)), the samples nearest mode k must also have that
+    mean and per-coordinate variance within 5 SE (SE std / sqrt(n_k) for the mean; var
+    sqrt(1 / n_k) for the pooled variance of 2 n_k values)."""
+    x = x.to(F64)
+    assert torch.isfinite(x).all()
+    N, std = len(x), (m ** 2 * MIX_STD ** 2 + v).sqrt()
+    dist = (x[:, None, :] - m * MIX_MU).norm(dim=-1)                   # (N, K)
+    assert ((dist / std).min(1).values > far).sum() <= max_far, "samples far from every mode"
+    k = dist.argmin(1)
+    for j in range(len(MIX_W)):
+        y, w = x[k == j], MIX_W[j].item()
+        n = len(y)
+        assert abs(n / N - w) < 5 * math.sqrt(w * (1 - w) / N), f"weight of mode {j}: {n / N}"
+        if law is not None:
+            mean, var = law[0][j], law[1][j]
+            assert ((y.mean(0) - mean).abs() < 5 * (var / n).sqrt()).all(), f"mean of mode {j}"
+            rel = y.var(0).mean() / var - 1
+            assert abs(rel) < 5 * math.sqrt(1 / n), f"variance of mode {j} off by {rel:.4f}"
+
+
+def ref_mixture_component_laws(steps_of, start_std=1.0):
+    """Per mode k, the exact law (mean, per-coordinate variance) that a sampler -- steps_of(mu, cov)
+    gives its update written above -- produces for that component N(mu_k, std_k^2 I) alone.
+    With modes 3 apart and widths <= 0.3, the samples that land in mode k have this law to within
+    Monte Carlo error for the long samplers (full chains, 1000-step SDEs, annealed Langevin): it
+    carries the sampler's own bias for that width (e.g. the full chain with beta_tilde leaves the
+    0.1-wide mode's variance 3% low, 5 SE at N = 10,000, exactly as this law predicts)."""
+    means, variances = [], []
+    for mu, std in zip(MIX_MU, MIX_STD):
+        cov = std ** 2 * torch.eye(2, dtype=F64)
+        mean, P = ref_propagate(steps_of(mu, cov), torch.zeros(2, dtype=F64),
+                                start_std ** 2 * torch.eye(2, dtype=F64))
+        means.append(mean)
+        variances.append(P.diagonal().mean())
+    return torch.stack(means), torch.stack(variances)
+
+
+def _linear_sched(T=1000):
+    betas = torch.linspace(1e-4, 0.02, T, dtype=F64)   # F1 linear schedule, Ho et al. defaults
+    return ds.Schedule.from_betas(betas), torch.tensor(ref_alpha_bar(betas.tolist()), dtype=F64)
+
+
+def _visited(calls):
+    """The t of each recorded eps_model call, checking it is the same for the whole batch."""
+    assert all((t == t[0]).all() for _, t, _ in calls)
+    return [int(t[0]) for _, t, _ in calls]
+
+
+def _grid_of(sampler, ab, d=3):
+    """The steps t a chain sampler visits: sampler(eps_model, x) run once, recorded."""
+    calls = []
+    sampler(ref_eps_model(lambda x, m, v: torch.zeros_like(x), ab, calls), torch.zeros(1, d))
+    return _visited(calls)
+
+
+def _gauss_points(n, seed):
+    """n points of N(MU, SIGMA), seeded."""
+    z = torch.randn(n, 3, generator=_gen(seed), dtype=F64)
+    return MU + z @ torch.linalg.cholesky(SIGMA).T
+
+
+def test_F14_F21_ref_scores_are_gradients_of_log_densities():
+    """The references themselves: autograd of the log-density (logsumexp for the mixture). [F14]"""
+    x = torch.randn(64, 2, generator=_gen(0), dtype=F64).mul(2).requires_grad_(True)
+    m, v = 0.7, 0.4
+    var = m ** 2 * MIX_STD ** 2 + v
+    logp = torch.logsumexp(MIX_W.log() - ((x[:, None] - m * MIX_MU) ** 2).sum(-1) / (2 * var)
+                           - torch.log(2 * math.pi * var), 1)
+    grad, = torch.autograd.grad(logp.sum(), x)
+    assert torch.allclose(ref_mix_score(x.detach(), m, v), grad, rtol=1e-10, atol=1e-12)
+    x3 = torch.randn(16, 3, generator=_gen(1), dtype=F64).requires_grad_(True)
+    cov = m ** 2 * SIGMA + v * torch.eye(3, dtype=F64)
+    log_p = torch.distributions.MultivariateNormal(m * MU, cov).log_prob(x3)
+    grad, = torch.autograd.grad(log_p.sum(), x3)
+    assert torch.allclose(ref_gauss_score(x3.detach(), m, v), grad, rtol=1e-10, atol=1e-12)
+    S, c = ref_gauss_affine(m, v)
+    assert torch.allclose(x3.detach() @ S.T + c, grad, rtol=1e-10, atol=1e-12)
+
+
+# --- DDPM: schedules [F1, F2, Schedules] ----------------------------------------------------------
 
 @given(linear_params())
 def test_Schedules_linear_betas_follow_the_formula(params):
@@ -323,25 +663,7 @@ def test_Schedules_cosine_alpha_bar_is_f_ratio_where_unclipped(T, s, max_beta):
                    [ref_cosine_f(t, T, s) / f0 for t in range(n_unclipped + 1)])
 
 
-@given(sigma_min=st.floats(1e-3, 1.0), ratio=st.floats(1.01, 1e4), L=st.integers(2, 50))
-def test_F19_geometric_sigmas_descend_geometrically_between_the_endpoints(sigma_min, ratio, L):
-    """[F19] sigma_1 = sigma_max > ... > sigma_L = sigma_min with a constant ratio."""
-    sigma_max = sigma_min * ratio
-    sigmas = ds.geometric_sigmas(sigma_max, sigma_min, L)
-    assert sigmas.shape == (L,) and sigmas.dtype == F64
-    assert_close64(sigmas[[0, -1]], [sigma_max, sigma_min], atol=0)
-    assert (sigmas[1:] < sigmas[:-1]).all()
-    step = (sigma_min / sigma_max) ** (1 / (L - 1))
-    assert_close64(sigmas[1:] / sigmas[:-1], [step] * (L - 1), atol=0)
-
-
-def test_F19_geometric_sigmas_song_ermon_setting():
-    """[F19] NCSN: sigma_1 = 1, sigma_L = 0.01, L = 10, i.e. sigma_i = 10^(-2 (i-1)/9)."""
-    assert_close64(ds.geometric_sigmas(1.0, 0.01, 10), [10 ** (-2 * i / 9) for i in range(10)])
-
-
-# --- forward process [F1-F5] ---------------------------------------------------------------------
-
+# --- DDPM: forward process [F1-F5] ----------------------------------------------------------------
 
 @given(cases())
 def test_F1_q_step_is_one_transition(case):
@@ -395,8 +717,7 @@ def test_F3_F4_sampled_chain_agrees_with_q_sample_in_distribution():
         ref_check_gaussian_samples(x, m * x0[0], v * torch.eye(3, dtype=F64))
 
 
-# --- posterior and ELBO [F6-F13] -----------------------------------------------------------------
-
+# --- DDPM: posterior and ELBO [F6-F11, F13, F36] --------------------------------------------------
 
 @given(cases(min_t=2))
 def test_F7_posterior_is_gaussian_conditioning(case):
@@ -781,67 +1102,7 @@ def test_F36_F10_256_levels_is_ho_et_al_decoder_and_the_default(seed):
         assert torch.equal(runs[0][key], runs[1][key]), key
 
 
-# --- parameterizations: eps, score, x0 [F21] -----------------------------------------------------
-
-
-@given(cases())
-def test_F21_eps_to_score_is_the_autograd_score_of_q(case):
-    """[F21] eps_to_score(eps, sqrt(1 - ab)) = grad_{x_t} log N(x_t; sqrt(ab) x0, (1 - ab) I) by
-    autograd, with eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab); score_to_eps inverts it."""
-    betas, t, shape, seed = case
-    x0, xt = randn(seed, shape, shape)
-    alpha_bar = ref_alpha_bar(betas)
-    ab = col([alpha_bar[k] for k in t], x0)
-    xt.requires_grad_(True)
-    log_q = (-(xt - ab.sqrt() * x0) ** 2 / (2 * (1 - ab)) - 0.5 * torch.log(2 * math.pi * (1 - ab)))
-    (score,) = torch.autograd.grad(log_q.sum(), xt)
-    xt = xt.detach()
-    eps = (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
-    std = torch.tensor([math.sqrt(1 - alpha_bar[k]) for k in t], dtype=F64)
-    assert_close64(ds.eps_to_score(eps, std), score)
-    assert_close64(ds.eps_to_score(eps, col(std, x0)), score)  # already broadcastable
-    assert_close64(ds.score_to_eps(score, std), eps)
-    assert_close64(ds.eps_to_score(eps, 0.7), -eps / 0.7)  # a Python number, full precision
-
-
-@given(cases())
-def test_F21_x0_from_eps_inverts_q_sample(case):
-    """[F21, F3] x0_from_eps(q_sample(x0, t, eps), eps, sqrt(ab_t), sqrt(1 - ab_t)) = x0."""
-    betas, t, shape, seed = case
-    x0, eps = randn(seed, shape, shape)
-    alpha_bar = ref_alpha_bar(betas)
-    xt = ds.q_sample(ds.Schedule.from_betas(betas), x0, long(t), eps)
-    scale = torch.tensor([math.sqrt(alpha_bar[k]) for k in t], dtype=F64)
-    std = torch.tensor([math.sqrt(1 - alpha_bar[k]) for k in t], dtype=F64)
-    # x0 = (x_t - std eps) / scale divides by scale >= sqrt(ab_T): the error grows like 1/scale.
-    assert_close64(ds.x0_from_eps(xt, eps, scale, std), x0, atol=ATOL / scale.min().item())
-
-
-@given(case=cases(), c=st.floats(0.1, 3.0))
-def test_F21_tweedie_is_the_posterior_mean_for_gaussian_data(case, c):
-    """[F21] x0 ~ N(m, c^2 I): with the score of the noised marginal N(sqrt(ab) m, ab c^2 + 1 - ab),
-    tweedie gives E[x0 | x_t] = m + sqrt(ab) c^2 / (ab c^2 + 1 - ab) (x_t - sqrt(ab) m); and for
-    NCSN's x~ = x0 + sigma z (scale 1, std sigma), E[x0 | x~] = m + c^2 / (c^2 + sigma^2) (x~ - m)
-    (scale and std given as Python numbers)."""
-    betas, t, shape, seed = case
-    m, xt = randn(seed, shape, shape)
-    alpha_bar = ref_alpha_bar(betas)
-    ab = col([alpha_bar[k] for k in t], m)
-    V = ab * c * c + 1 - ab
-    score = -(xt - ab.sqrt() * m) / V
-    posterior_mean = m + ab.sqrt() * c * c / V * (xt - ab.sqrt() * m)
-    scale = torch.tensor([math.sqrt(alpha_bar[k]) for k in t], dtype=F64)
-    std = torch.tensor([math.sqrt(1 - alpha_bar[k]) for k in t], dtype=F64)
-    assert_close64(ds.tweedie(xt, score, scale, std), posterior_mean,
-                   atol=ATOL / scale.min().item())
-    sigma = 0.7
-    score_ncsn = -(xt - m) / (c * c + sigma ** 2)
-    assert_close64(ds.tweedie(xt, score_ncsn, 1.0, sigma),
-                   m + c * c / (c * c + sigma ** 2) * (xt - m))
-
-
-# --- losses (per example, shape (B,), mean over the data dimensions) -----------------------------
-
+# --- DDPM: the eps loss [F12] ---------------------------------------------------------------------
 
 def test_F12_draw_t_is_uniform_on_1_to_T_including_T():
     """[F12] t ~ U{1..T}: with T = 5 and 20,000 draws every step 1..5 appears, T included, with
@@ -874,899 +1135,7 @@ def test_F12_eps_loss_is_the_mean_squared_noise_error(case):
     assert_close64(loss, expected(drawn.tolist()))
 
 
-def fake_score_model(x, sigma):
-    """A deterministic, sigma-dependent stand-in for a noise-conditional score network."""
-    return torch.sin(x) / col(sigma, x) - 0.5 * x
-
-
-@given(seed=seeds, shape=trailing_shapes, B=st.integers(1, 4))
-def test_F18_F19_dsm_loss_is_the_sigma2_weighted_denoising_error(seed, shape, B):
-    """[F18, F19] dsm_loss = sigma^2 mean_dims (s(x0 + sigma z, sigma) + z / sigma)^2, the target
-    -(x~ - x0) / sigma^2 = -z / sigma; with sigma not given it is drawn from sigmas."""
-    x_shape = (B, *shape)
-    x0, z, u = randn(seed, x_shape, x_shape, (B,))
-    sigmas = [10 ** (-2 * i / 9) for i in range(10)]  # Song & Ermon's geometric sigmas
-    sigma = (-1.5 * (1 + torch.tanh(u))).exp()
-    model = Recorder(fake_score_model)
-
-    def expected(sg):
-        s = col(sg, x0)
-        return flat_mean(s ** 2 * (fake_score_model(x0 + s * z, sg) + z / s) ** 2)
-
-    assert_close64(ds.dsm_loss(model, x0, sigmas, sigma=sigma, noise=z), expected(sigma))
-    loss = ds.dsm_loss(model, x0, sigmas, noise=z, generator=torch.Generator().manual_seed(seed))
-    drawn = model.calls[-1][1]
-    assert drawn.shape == (B,) and all(any(abs(v - s) < 1e-15 for s in sigmas)
-                                       for v in drawn.tolist())
-    assert_close64(loss, expected(drawn))
-
-
-@given(cases())
-def test_F21_F12_eps_loss_is_dsm_loss_in_the_scaled_variable(case):
-    """[F21, F12, F19] eps_loss(eps_model, x0, t, eps) = dsm_loss(s, sqrt(ab) x0, sigma =
-    sqrt(1 - ab), eps) with s(x, sigma) = -eps_model(x, t) / sigma: x~ is then exactly x_t."""
-    betas, t, shape, seed = case
-    x0, eps = randn(seed, shape, shape)
-    sched, alpha_bar = ds.Schedule.from_betas(betas), ref_alpha_bar(betas)
-    eps_model = fake_eps_model(len(betas))
-    scale = torch.tensor([math.sqrt(alpha_bar[k]) for k in t], dtype=F64)
-    std = torch.tensor([math.sqrt(1 - alpha_bar[k]) for k in t], dtype=F64)
-
-    def score_model(x, sigma):
-        return -eps_model(x, long(t)) / col(sigma, x)
-
-    dsm = ds.dsm_loss(score_model, col(scale, x0) * x0, std, sigma=std, noise=eps)
-    assert_close64(ds.eps_loss(eps_model, sched, x0, t=long(t), noise=eps), dsm)
-
-
-class FakeSDE:
-    """Only what sde_loss may use: marginal(x0, s) -> (mean, std (B,1,..)) and diffusion(s)."""
-
-    def marginal(self, x0, s):
-        s = col(s, x0).to(x0.dtype)
-        return torch.exp(-s) * x0 + 0.1 * s, (0.2 + s).sqrt()
-
-    def diffusion(self, s):
-        return 1 + s ** 2
-
-
-@given(seed=seeds, shape=trailing_shapes, B=st.integers(1, 4), weighted=st.booleans())
-def test_F25_sde_loss_is_lambda_weighted_conditional_score_error(seed, shape, B, weighted):
-    """[F25] sde_loss = lambda(s) mean_dims (s_theta(x_s, s) + z / std(s))^2, x_s = mean + std z,
-    lambda = std^2 or g(s)^2 (likelihood weighting); with s not given, s ~ U(eps_s, 1)."""
-    x_shape = (B, *shape)
-    x0, z, u = randn(seed, x_shape, x_shape, (B,))
-    s_given = torch.sigmoid(u)
-    model, sde = Recorder(fake_score_model), FakeSDE()
-
-    def expected(s):
-        scale, shift, std = torch.exp(-col(s, x0)), 0.1 * col(s, x0), (0.2 + col(s, x0)).sqrt()
-        lam = col(1 + s ** 2, x0) ** 2 if weighted else std ** 2
-        return flat_mean(lam * (fake_score_model(scale * x0 + shift + std * z, s) + z / std) ** 2)
-
-    loss = ds.sde_loss(model, sde, x0, likelihood_weighting=weighted, s=s_given, noise=z)
-    assert_close64(loss, expected(s_given))
-    loss = ds.sde_loss(model, sde, x0, likelihood_weighting=weighted, noise=z, eps_s=0.3,
-                       generator=torch.Generator().manual_seed(seed))
-    drawn = model.calls[-1][1]
-    assert drawn.shape == (B,) and ((drawn >= 0.3) & (drawn <= 1)).all()
-    assert_close64(loss, expected(drawn))
-
-
-def gaussian_problem(seed, d=3):
-    """A random Gaussian N(mu, Sigma) in d dims (Sigma well conditioned)."""
-    W, mu = randn(seed, (d, d), (d,))
-    Sigma = (0.5 * W + torch.eye(d, dtype=F64)) @ (0.5 * W + torch.eye(d, dtype=F64)).T
-    return mu, Sigma + 0.1 * torch.eye(d, dtype=F64)
-
-
-def linear_family(seed, P, mu, n=4, d=3):
-    """(A, b) for s(x) = A x + b: first the true score -P (x - mu), then n perturbations of it."""
-    family = [(-P, P @ mu)]
-    for k in range(n):
-        dA, db = randn(seed + k, (d, d), (d,))
-        family.append((-P + 0.4 * dA, P @ mu + 0.5 * db))
-    return family
-
-
-def fisher(A, b, P, mu, cov):
-    """E ||A x + b - s*(x)||^2 for x ~ N(mu, cov), s*(x) = -P (x - mu): with M = A + P,
-    c = b - P mu, it is tr(M cov M^T) + ||M mu + c||^2."""
-    M, c = A + P, b - P @ mu
-    return (torch.trace(M @ cov @ M.T) + (M @ mu + c).square().sum()).item()
-
-
-def test_F15_F18_dsm_is_the_noised_fisher_divergence_plus_a_constant():
-    """[F18, F15] Gaussian data N(mu, Sigma), d = 3, linear s(x) = A x + b, one sigma: dsm_loss
-    = sigma^2 / d E||s - grad log p_sigma||^2 + const, p_sigma = N(mu, Sigma + sigma^2 I); the
-    constant is the loss of the true score,
-    sigma^2 / d (tr(P Sigma P) + ||I / sigma - sigma P||_F^2), P = (Sigma + sigma^2 I)^-1."""
-    d, N, sigma = 3, 20000, 0.7
-    mu, Sigma = gaussian_problem(18)
-    x_noise, z = randn(180, (N, d), (N, d))
-    x = mu + x_noise @ torch.linalg.cholesky(Sigma).T
-    cov = Sigma + sigma ** 2 * torch.eye(d, dtype=F64)
-    P = torch.linalg.inv(cov)
-    sig = torch.full((N,), sigma, dtype=F64)
-    losses = [ds.dsm_loss(lambda y, _s, A=A, b=b: y @ A.T + b, x, [sigma], sigma=sig, noise=z)
-              for A, b in linear_family(181, P, mu)]
-    # With s the true score, y = -P (x - mu) + (I / sigma - sigma P) z, independent parts.
-    I = torch.eye(d, dtype=F64)
-    const = sigma ** 2 / d * (torch.trace(P @ Sigma @ P) + (I / sigma - sigma * P).square().sum())
-    se = losses[0].std() / math.sqrt(N)
-    assert abs(losses[0].mean() - const) < N_SE * se
-    # Common random numbers: the difference of two losses on the same (x, z) has a small SE.
-    for (A, b), loss in zip(linear_family(181, P, mu)[1:], losses[1:]):
-        diff = loss - losses[0]
-        se = diff.std().item() / math.sqrt(N)
-        expected = sigma ** 2 / d * fisher(A, b, P, mu, cov)
-        assert expected > 10 * se  # the check can tell the candidates apart
-        assert abs(diff.mean().item() - expected) < N_SE * se
-
-
-def test_F15_F16_implicit_score_matching_is_the_fisher_divergence_minus_a_constant():
-    """[F16, F15] Gaussian data, linear s(x) = A x + b: score_matching_loss = (1/2 E||s - s*||^2
-    - 1/2 E||s*||^2) / d with E||s*||^2 = tr(Sigma^-1); per example it is (1/2||s||^2 + tr A)/d."""
-    d, N = 3, 20000
-    mu, Sigma = gaussian_problem(16)
-    x = mu + randn(160, (N, d)) @ torch.linalg.cholesky(Sigma).T
-    P = torch.linalg.inv(Sigma)
-    family = linear_family(161, P, mu)
-    losses = [ds.score_matching_loss(lambda y, A=A, b=b: y @ A.T + b, x) for A, b in family]
-    for (A, b), loss in zip(family, losses):  # exact per example: the Jacobian is A
-        assert_close64(loss, (0.5 * (x @ A.T + b).square().sum(1) + torch.trace(A)) / d)
-    se = losses[0].std() / math.sqrt(N)
-    assert abs(losses[0].mean() + torch.trace(P) / (2 * d)) < N_SE * se
-    for (A, b), loss in zip(family[1:], losses[1:]):  # common random numbers, as for F18
-        diff = loss - losses[0]
-        se = diff.std().item() / math.sqrt(N)
-        expected = fisher(A, b, P, mu, Sigma) / (2 * d)
-        assert expected > 10 * se
-        assert abs(diff.mean().item() - expected) < N_SE * se
-
-
-class MLPScore:
-    """A small nonlinear score model with a non-symmetric, non-diagonal Jacobian (any shape)."""
-
-    def __init__(self, seed, d):
-        self.W1, self.W2, self.c = randn(seed, (8, d), (d, 8), (8,))
-
-    def __call__(self, x):
-        y = x.flatten(1)
-        return (torch.tanh(y @ self.W1.T + self.c) @ self.W2.T - 0.5 * y).reshape(x.shape)
-
-
-def exact_ism(model, x):
-    """(1/2 ||s(x)||^2 + tr(ds/dx)) / d per example, the trace by autograd (ref_trace_jacobian)."""
-    trace = ref_trace_jacobian(lambda y: model(y.reshape(x.shape)).flatten(1), x.flatten(1))
-    return (0.5 * model(x).flatten(1).square().sum(1) + trace) / x[0].numel()
-
-
-@given(seed=seeds, shape=st.sampled_from([(3,), (2, 2), (1, 2, 3)]), B=st.integers(1, 4))
-def test_F16_score_matching_loss_is_norm_plus_the_exact_jacobian_trace(seed, shape, B):
-    """[F16] score_matching_loss = (1/2 ||s(x)||^2 + tr(grad_x s(x))) / d, d = numel per example."""
-    x = randn(seed, (B, *shape))
-    model = MLPScore(seed + 1, math.prod(shape))
-    assert_close64(ds.score_matching_loss(model, x), exact_ism(model, x))
-
-
-@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
-def test_F16_sliced_score_matching_is_unbiased_for_the_exact_loss(probe):
-    """[F16] E_v[(1/2 ||s||^2 + v^T J v) / d] = (1/2 ||s||^2 + tr J) / d for E[v v^T] = I: the mean
-    of R independent calls (n_projections each) is within 5 SE of the exact loss, per example."""
-    B, d, R, P = 4, 3, 400, 4
-    x = randn(1616, (B, d))
-    model = MLPScore(1617, d)
-    g = torch.Generator().manual_seed(1618)
-    calls = torch.stack([ds.sliced_score_matching_loss(model, x, n_projections=P, probe=probe,
-                                                       generator=g).detach() for _ in range(R)])
-    se = calls.std(0) / math.sqrt(R)  # the R calls are independent draws of the estimator
-    assert (se > 0).all()
-    assert ((calls.mean(0) - exact_ism(model, x)).abs() < N_SE * se).all()
-
-
-@given(seed=seeds, B=st.integers(1, 4), d=st.integers(1, 5))
-def test_F16_sliced_rademacher_is_exact_for_a_diagonal_jacobian(seed, B, d):
-    """[F16] with an elementwise s(x) = w tanh(x) + b, J is diagonal and v_i^2 = 1 for Rademacher
-    v, so v^T J v = tr J = sum w (1 - tanh(x)^2) for every probe."""
-    x, w, b = randn(seed, (B, d), (d,), (d,))
-    loss = ds.sliced_score_matching_loss(lambda y: w * torch.tanh(y) + b, x, n_projections=3,
-                                         generator=torch.Generator().manual_seed(seed))
-    s = w * torch.tanh(x) + b
-    trace = (w * (1 - torch.tanh(x) ** 2)).sum(1)
-    assert_close64(loss.detach(), (0.5 * s.square().sum(1) + trace) / d)
-
-
-# --- dtype and device (FORMULAS.md, pitfall 11) ---------------------------------------------------
-
-
-def test_F1_F2_F3_F7_F12_outputs_follow_the_data_dtype_and_schedules_are_float64():
-    """[F1, F2, F3, F7, F8, F10, F12, F16, F18, F21, F25] float32 data in -> float32 out; schedules,
-    marginal_coefs and reverse_var are float64."""
-    sched = ds.Schedule.from_betas(ref_linear_betas(20, 1e-3, 0.2))
-    t, x = long([1, 7, 20]), torch.randn(3, 2, 2)
-    for arr in (ds.linear_betas(10), ds.cosine_betas(10), ds.geometric_sigmas(1.0, 0.1, 5),
-                sched.beta, sched.alpha, sched.alpha_bar, sched.beta_tilde,
-                *ds.marginal_coefs(sched, t), ds.reverse_var(sched, t, "beta_tilde")):
-        assert arr.dtype == F64
-    scale, std = ds.marginal_coefs(sched, t)
-    x01 = (2 * torch.randint(0, 256, (3, 2, 2)) / 255 - 1).float()
-    vlb = ds.vlb_bpd(lambda y, _t: 0.1 * y, sched, x01)
-    outputs = [ds.q_step(sched, x, t), ds.q_sample(sched, x, t), *ds.q_mean_var(sched, x, t),
-               *ds.posterior_mean_var(sched, x, x, t), ds.mu_from_eps(sched, x, t, x),
-               ds.gaussian_kl(x, x.exp(), 0 * x, x.exp()),
-               ds.discretized_gaussian_logp(x01, x, x.exp()), *vlb.values(),
-               ds.eps_to_score(x, std), ds.score_to_eps(x, std), ds.x0_from_eps(x, x, scale, std),
-               ds.tweedie(x, x, scale, std), ds.eps_loss(lambda y, _t: y, sched, x),
-               ds.dsm_loss(lambda y, _s: y, x, [1.0, 0.1]),
-               ds.sde_loss(lambda y, _s: y, FakeSDE(), x),
-               ds.score_matching_loss(lambda y: y ** 2, x),
-               ds.sliced_score_matching_loss(lambda y: y ** 2, x)]
-    for i, out in enumerate(outputs):
-        assert out.dtype == torch.float32, (i, out.dtype)
-
-
-def test_F3_F7_F8_float32_coefficients_are_float32_accurate_near_t1():
-    """[F3, F7, F8] (PITFALLS 11) float32 outputs equal the float64 formula on the same inputs to
-    float32 accuracy, also at t = 1, 2 where 1 - alpha_bar_t ~ 1e-4 would lose 3 digits if it
-    were formed after casting alpha_bar to float32."""
-    betas = ref_linear_betas(1000, 1e-4, 0.02)
-    sched, alpha_bar = ds.Schedule.from_betas(betas), ref_alpha_bar(betas)
-    t = [1, 2, 10, 500, 1000]
-    x0, xt, eps = (v.float() for v in randn(11, (5, 3), (5, 3), (5, 3)))
-    X0, XT, EPS = x0.double(), xt.double(), eps.double()
-    ab = col([alpha_bar[k] for k in t], X0)
-    mu_ref = torch.stack([X0[0]] + [ref_posterior(X0[i], XT[i], betas[k - 1], alpha_bar[k - 1])[0]
-                                    for i, k in enumerate(t) if k > 1])
-    mean, var = ds.q_mean_var(sched, x0, long(t))
-    checks = [(var, 1 - ab), (mean, ab.sqrt() * X0),
-              (ds.posterior_mean_var(sched, x0, xt, long(t))[0], mu_ref),
-              (ds.mu_from_eps(sched, xt, long(t), eps),
-               torch.stack([ref_model_mean(XT[i], EPS[i], betas[k - 1], alpha_bar[k])
-                            for i, k in enumerate(t)]))]
-    # A float32 ulp is 6e-8 relative; 1e-6 (16 ulps) covers rounding each float64 coefficient
-    # once and a few float32 operations on O(1) inputs.
-    for i, (out, ref) in enumerate(checks):
-        assert out.dtype == torch.float32
-        torch.testing.assert_close(out.double(), ref.expand_as(out), rtol=1e-6, atol=1e-6,
-                                   msg=f"check {i}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_F3_F7_F8_half_precision_coefficients_stay_finite_at_small_t(dtype):
-    """[F3, F7, F8] (PITFALLS 11) in float16/bfloat16, alpha_bar_1 = 0.9999 rounds to 1; the
-    variance 1 - alpha_bar_t must still be > 0 and every mean finite (no division by zero)."""
-    sched = ds.Schedule.from_betas(ref_linear_betas(1000, 1e-4, 0.02))
-    t = long([1, 2, 3])
-    x = torch.ones(3, 2, dtype=dtype)
-    mean, var = ds.q_mean_var(sched, x, t)
-    assert (var > 0).all() and torch.isfinite(mean).all()
-    assert torch.isfinite(ds.posterior_mean_var(sched, x, x, t)[0]).all()
-    assert torch.isfinite(ds.mu_from_eps(sched, x, t, x)).all()
-
-
-# --- bad input: ValueError naming the argument ----------------------------------------------------
-
-SCHED = ds.Schedule.from_betas(ref_linear_betas(10, 1e-3, 0.2))
-X = torch.zeros(2, 3)
-T_OK = long([1, 10])
-NAN, INF = float("nan"), float("inf")
-
-BAD_INPUT = {
-    "linear T=0": (lambda: ds.linear_betas(0), r"\bT\b"),
-    "linear T=2.5": (lambda: ds.linear_betas(2.5), r"\bT\b"),
-    "linear beta_1=0": (lambda: ds.linear_betas(10, 0.0, 0.02), "beta_1"),
-    "linear beta_1<0": (lambda: ds.linear_betas(10, -1e-4, 0.02), "beta_1"),
-    "linear beta_1=nan": (lambda: ds.linear_betas(10, NAN, 0.02), "beta_1"),
-    "linear beta_T=1": (lambda: ds.linear_betas(10, 1e-4, 1.0), "beta_T"),
-    "linear beta_T=inf": (lambda: ds.linear_betas(10, 1e-4, INF), "beta_T"),
-    "linear beta_T<beta_1": (lambda: ds.linear_betas(10, 0.02, 1e-4), "beta_T"),
-    "cosine T=0": (lambda: ds.cosine_betas(0), r"\bT\b"),
-    "cosine s<0": (lambda: ds.cosine_betas(10, s=-0.1), r"\bs\b"),
-    "cosine s=nan": (lambda: ds.cosine_betas(10, s=NAN), r"\bs\b"),
-    "cosine max_beta=1": (lambda: ds.cosine_betas(10, max_beta=1.0), "max_beta"),
-    "cosine max_beta=0": (lambda: ds.cosine_betas(10, max_beta=0.0), "max_beta"),
-    "geometric max=min": (lambda: ds.geometric_sigmas(1.0, 1.0, 5), "sigma_max"),
-    "geometric max<min": (lambda: ds.geometric_sigmas(0.5, 1.0, 5), "sigma_max"),
-    "geometric min=0": (lambda: ds.geometric_sigmas(1.0, 0.0, 5), "sigma_min"),
-    "geometric max=inf": (lambda: ds.geometric_sigmas(INF, 0.1, 5), "sigma_max"),
-    "geometric L=0": (lambda: ds.geometric_sigmas(1.0, 0.1, 0), r"\bL\b"),
-    "from_betas beta=1": (lambda: ds.Schedule.from_betas([0.1, 1.0]), "betas"),
-    "from_betas beta=0": (lambda: ds.Schedule.from_betas([0.0, 0.1]), "betas"),
-    "from_betas beta=nan": (lambda: ds.Schedule.from_betas([0.1, NAN]), "betas"),
-    "from_betas empty": (lambda: ds.Schedule.from_betas([]), "betas"),
-    "from_betas 2-D": (lambda: ds.Schedule.from_betas([[0.1, 0.2]]), "betas"),
-    "q_step t=0": (lambda: ds.q_step(SCHED, X, long([0, 1])), r"\bt\b"),
-    "q_step t=T+1": (lambda: ds.q_step(SCHED, X, long([1, 11])), r"\bt\b"),
-    "q_step t float": (lambda: ds.q_step(SCHED, X, torch.tensor([1.0, 2.0])), r"\bt\b"),
-    "q_step t shape": (lambda: ds.q_step(SCHED, X, long([1, 2, 3])), r"\bt\b"),
-    "q_step noise shape": (lambda: ds.q_step(SCHED, X, T_OK, torch.zeros(2, 4)), "noise"),
-    "q_sample t=0": (lambda: ds.q_sample(SCHED, X, long([0, 1])), r"\bt\b"),
-    "q_sample t=T+1": (lambda: ds.q_sample(SCHED, X, long([11, 1])), r"\bt\b"),
-    "q_sample noise shape": (lambda: ds.q_sample(SCHED, X, T_OK, torch.zeros(3, 3)), "noise"),
-    "q_mean_var x0 0-dim": (lambda: ds.q_mean_var(SCHED, torch.tensor(1.0), T_OK), "x0"),
-    "q_mean_var t=T+1": (lambda: ds.q_mean_var(SCHED, X, long([1, 11])), r"\bt\b"),
-    "marginal_coefs t=0": (lambda: ds.marginal_coefs(SCHED, long([0, 1])), r"\bt\b"),
-    "marginal_coefs t=T+1": (lambda: ds.marginal_coefs(SCHED, long([1, 11])), r"\bt\b"),
-    "posterior xt shape": (lambda: ds.posterior_mean_var(SCHED, X, torch.zeros(2, 4), T_OK), "xt"),
-    "posterior t=0": (lambda: ds.posterior_mean_var(SCHED, X, X, long([0, 1])), r"\bt\b"),
-    "mu_from_eps eps shape": (lambda: ds.mu_from_eps(SCHED, X, T_OK, torch.zeros(2, 4)), "eps"),
-    "mu_from_eps t=T+1": (lambda: ds.mu_from_eps(SCHED, X, long([1, 11]), X), r"\bt\b"),
-    "gaussian_kl var1=0": (lambda: ds.gaussian_kl(X, 0 * X, X, X + 1), "var1"),
-    "gaussian_kl var2<0": (lambda: ds.gaussian_kl(X, X + 1, X, X - 1), "var2"),
-    "reverse_var kind": (lambda: ds.reverse_var(SCHED, T_OK, "sigma"), "kind"),
-    "reverse_var t=0": (lambda: ds.reverse_var(SCHED, long([0, 1]), "beta"), r"\bt\b"),
-    "reverse_var t=T+1": (lambda: ds.reverse_var(SCHED, long([1, 11]), "beta_tilde"), r"\bt\b"),
-    "discretized mean shape": (lambda: ds.discretized_gaussian_logp(X, X[:, :2], 1.0), "mean"),
-    "discretized var=0": (lambda: ds.discretized_gaussian_logp(X, X, 0 * X), "var"),
-    "discretized var<0": (lambda: ds.discretized_gaussian_logp(X, X, X - 1), "var"),
-    "vlb decoder": (lambda: ds.vlb_bpd(lambda y, _t: y, SCHED, X, decoder="normal"), "decoder"),
-    "vlb sigma2": (lambda: ds.vlb_bpd(lambda y, _t: y, SCHED, X, sigma2="learned"), "sigma2"),
-    "vlb x0 0-dim": (lambda: ds.vlb_bpd(lambda y, _t: y, SCHED, torch.tensor(0.0)), "x0"),
-    "eps_to_score std=0": (lambda: ds.eps_to_score(X, torch.zeros(2)), "std"),
-    "eps_to_score std<0": (lambda: ds.eps_to_score(X, -torch.ones(2)), "std"),
-    "score_to_eps std=0": (lambda: ds.score_to_eps(X, torch.zeros(2)), "std"),
-    "x0_from_eps scale=0": (lambda: ds.x0_from_eps(X, X, torch.zeros(2), torch.ones(2)), "scale"),
-    "x0_from_eps eps shape": (lambda: ds.x0_from_eps(X, X[:, :1], 1.0, 1.0), "eps"),
-    "tweedie std<0": (lambda: ds.tweedie(X, X, torch.ones(2), -torch.ones(2)), "std"),
-    "tweedie score shape": (lambda: ds.tweedie(X, X[:1], 1.0, 1.0), "score"),
-    "eps_loss t=T+1": (lambda: ds.eps_loss(lambda y, _t: y, SCHED, X, t=long([1, 11])), r"\bt\b"),
-    "eps_loss noise shape": (lambda: ds.eps_loss(lambda y, _t: y, SCHED, X, noise=X[:1]), "noise"),
-    "dsm sigma shape": (lambda: ds.dsm_loss(lambda y, _s: y, X, [1.0], sigma=torch.ones(3)),
-                        "sigma"),
-    "dsm sigma=0": (lambda: ds.dsm_loss(lambda y, _s: y, X, [1.0], sigma=torch.zeros(2)),
-                    "sigma"),
-    "dsm sigma<0": (lambda: ds.dsm_loss(lambda y, _s: y, X, [1.0], sigma=-torch.ones(2)),
-                    "sigma"),
-    "dsm sigmas empty": (lambda: ds.dsm_loss(lambda y, _s: y, X, []), "sigmas"),
-    "dsm sigmas<=0": (lambda: ds.dsm_loss(lambda y, _s: y, X, [1.0, 0.0]), "sigmas"),
-    "dsm noise shape": (lambda: ds.dsm_loss(lambda y, _s: y, X, [1.0], noise=X[:1]), "noise"),
-    "sde_loss s shape": (lambda: ds.sde_loss(lambda y, _s: y, FakeSDE(), X, s=torch.ones(3)),
-                         r"\bs\b"),
-    "sde_loss s>1": (lambda: ds.sde_loss(lambda y, _s: y, FakeSDE(), X, s=torch.full((2,), 1.5)),
-                     r"\bs\b"),
-    "sde_loss s<0": (lambda: ds.sde_loss(lambda y, _s: y, FakeSDE(), X, s=-torch.ones(2)),
-                     r"\bs\b"),
-    "sde_loss eps_s=0": (lambda: ds.sde_loss(lambda y, _s: y, FakeSDE(), X, eps_s=0.0), "eps_s"),
-    "sde_loss noise shape": (lambda: ds.sde_loss(lambda y, _s: y, FakeSDE(), X, noise=X[:1]),
-                             "noise"),
-    "score_matching x 0-dim": (lambda: ds.score_matching_loss(lambda y: y, torch.tensor(1.0)),
-                               r"\bx\b"),
-    "sliced probe": (lambda: ds.sliced_score_matching_loss(lambda y: y, X, probe="sphere"),
-                     "probe"),
-    "sliced n_projections=0": (lambda: ds.sliced_score_matching_loss(lambda y: y, X,
-                                                                     n_projections=0),
-                               "n_projections"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
-def test_F1_to_F25_bad_input_raises_value_error_naming_the_argument(case):
-    """[F1-F25 inputs] each public function of the math core rejects bad input with ValueError
-    whose message names the offending argument."""
-    fn, match = BAD_INPUT[case]
-    with pytest.raises(ValueError, match=match):
-        fn()
-
-
-# --- Samplers and likelihood: exact-score tests --------------------------------------------------
-# Every sampler runs with the exact score of a density we know: a 3-D Gaussian N(MU, SIGMA) with a
-# non-diagonal covariance, and a 2-D mixture of four Gaussians with unequal weights and widths.
-# The references (prefix ref_) are written here from FORMULAS.md, never with the module's helpers.
-# For Gaussian data every sampler is affine in its start and its noise, so its exact output law
-# is read off the module (ref_affine_law) and compared with (a) the same sampler's update written
-# here and propagated step by step -- agreement to rounding, which is what sees an off-by-one --
-# and (b) the target, within a measured and stated discretization bound. The mixture checks are
-# statistical, each at 5 Monte Carlo standard errors (two-sided p ~ 6e-7 per check).
-
-MU = torch.tensor([1.0, -0.5, 0.25], dtype=F64)
-SIGMA = torch.tensor([[1.0, 0.5, 0.2], [0.5, 0.8, -0.2], [0.2, -0.2, 0.5]], dtype=F64)
-# eigenvalues of SIGMA: 0.158, 0.731, 1.411
-MIX_W = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=F64)
-MIX_MU = torch.tensor([[-1.5, -1.5], [1.5, -1.5], [-1.5, 1.5], [1.5, 1.5]], dtype=F64)
-MIX_STD = torch.tensor([0.3, 0.2, 0.15, 0.1], dtype=F64)
-MIX = (MIX_W, MIX_MU, MIX_STD)
-VP, VE = dict(beta_min=0.1, beta_max=20.0), dict(sigma_min=0.01, sigma_max=50.0)
-SDES = {"vp": lambda: ds.VPSDE(**VP), "subvp": lambda: ds.SubVPSDE(**VP),
-        "ve": lambda: ds.VESDE(**VE)}
-N_MIX = 10_000   # mixture samples per statistical test: SE of a weight 0.1 is 0.003
-
-
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-# Exact scores, schedules and SDE marginals --------------------------------------------------------
-
-def ref_gauss_score(x, m, v, mu=MU, cov=SIGMA):
-    """grad log N(x; m mu, m^2 cov + v I) over the last dimension of x: N(mu, cov) pushed through
-    x = m x0 + sqrt(v) eps; m and v numbers or per-example (B,)."""
-    lam, Q = torch.linalg.eigh(cov.to(x.dtype))
-    m, v = col(m, x), col(v, x)
-    y = (x - m * mu.to(x.dtype)) @ Q
-    return -(y / (m ** 2 * lam + v)) @ Q.T
-
-
-def ref_gauss_affine(m, v, mu=MU, cov=SIGMA):
-    """(S, c) with ref_gauss_score(x) = S x + c for one (m, v): S = -C^{-1}, c = C^{-1} m mu."""
-    C_inv = torch.linalg.inv(m ** 2 * cov + v * torch.eye(len(mu), dtype=F64))
-    return -C_inv, C_inv @ (m * mu)
-
-
-def ref_mix_terms(x, m, v, mix=MIX):
-    """(K, B) log(w_k N(x; m mu_k, var_k I)), var_k = m^2 std_k^2 + v, for the 2-D mixture
-    (w, mu, std) noised through x = m x0 + sqrt(v) eps; also var and the offsets x - m mu_k.
-    Laid out (K, B) with the two coordinates written out: fast for B = 10^4."""
-    w, mu, std = (c.to(x.dtype) for c in mix)
-    m, v = col(m, x).reshape(1, -1), col(v, x).reshape(1, -1)               # (1, B)
-    if (m == m[0, 0]).all() and (v == v[0, 0]).all():   # samplers share one time per batch
-        m, v = m[:, :1], v[:, :1]
-    var = m ** 2 * std[:, None] ** 2 + v                                       # (K, B)
-    dx, dy = x[:, 0] - m * mu[:, :1], x[:, 1] - m * mu[:, 1:]                  # (K, B) each
-    logp = w.log()[:, None] - (dx ** 2 + dy ** 2) / (2 * var) - torch.log(2 * math.pi * var)
-    return logp, var, (dx, dy)
-
-
-def ref_mix_score(x, m, v, mix=MIX):
-    """grad log sum_k w_k N_k = -sum_k r_k (x - m mu_k) / var_k, r_k the responsibilities."""
-    logp, var, (dx, dy) = ref_mix_terms(x, m, v, mix)
-    r = torch.softmax(logp, 0) / var
-    return -torch.stack([(r * dx).sum(0), (r * dy).sum(0)], 1)
-
-
-def ref_mix_sample(n, generator):
-    """n points of the mixture."""
-    k = torch.multinomial(MIX_W, n, replacement=True, generator=generator)
-    return MIX_MU[k] + MIX_STD[k, None] * torch.randn(n, 2, generator=generator, dtype=F64)
-
-
-def ref_eps_model(score, alpha_bar, calls=None):
-    """eps(x_t, t) = -sqrt(1 - alpha_bar_t) score_t(x_t), score_t that of x_t = sqrt(alpha_bar_t)
-    x0 + sqrt(1 - alpha_bar_t) eps [F3, F21]. With a list ``calls``, each call appends
-    (x, t, eps)."""
-    def eps_model(x, t):
-        assert t.dtype == torch.long and t.shape == x.shape[:1]
-        ab = alpha_bar[t].to(x.dtype)
-        eps = -col((1 - ab).sqrt(), x) * score(x, ab.sqrt(), 1 - ab)
-        if calls is not None:
-            calls.append((x.clone(), t.clone(), eps.clone()))
-        return eps
-    return eps_model
-
-
-def ref_sde_coefs(name, s, beta_min=0.1, beta_max=20.0, sigma_min=0.01, sigma_max=50.0):
-    """(m, var, a, g2) at time s (float or tensor) from F22/F23: mean coefficient, variance, drift
-    a(s) with f = a(s) x, and g(s)^2; int_0^s beta = beta_min s + (beta_max - beta_min) s^2 / 2."""
-    s = torch.as_tensor(s, dtype=F64)
-    if name == "ve":
-        sig2 = sigma_min ** 2 * (sigma_max / sigma_min) ** (2 * s)
-        return (torch.ones_like(s), sig2 - sigma_min ** 2, torch.zeros_like(s),
-                sig2 * 2 * math.log(sigma_max / sigma_min))
-    B = beta_min * s + (beta_max - beta_min) * s ** 2 / 2
-    beta = beta_min + s * (beta_max - beta_min)
-    if name == "vp":
-        return torch.exp(-B / 2), 1 - torch.exp(-B), -beta / 2, beta
-    return torch.exp(-B / 2), (1 - torch.exp(-B)) ** 2, -beta / 2, beta * (1 - torch.exp(-2 * B))
-
-
-def ref_sde_score(score, name):
-    """score_fn(x, s) of the marginal p_s for data whose noised score is score(x, m, v)."""
-    def score_fn(x, s):
-        m, var, _, _ = ref_sde_coefs(name, s)
-        return score(x, m, var)
-    return score_fn
-
-
-def ref_prior_std(name):
-    """Std of the prior the SDE samplers start from: 1, or sqrt(sigma_max^2 - sigma_min^2) (VE)."""
-    return math.sqrt(VE["sigma_max"] ** 2 - VE["sigma_min"] ** 2) if name == "ve" else 1.0
-
-
-def ref_sde_target(name, s, mu=MU, cov=SIGMA):
-    """p_s for data N(mu, cov): N(m mu, m^2 cov + v I) (F23). The samplers stop at s = eps_s."""
-    m, v, _, _ = (c.item() for c in ref_sde_coefs(name, s))
-    return m * mu, m ** 2 * cov + v * torch.eye(len(mu), dtype=F64)
-
-
-def ref_flow_loglik(name, x, eps_s, mu=MU, cov=SIGMA):
-    """What F27 with the exact flow returns for data N(mu, cov) and the N(0, prior_std^2 I) prior:
-    log p_{eps_s}(x) + log prior(x_1) - log p_1(x_1). For Gaussian data the flow is
-    x_s = m_s mu + C_s^{1/2} C_{eps_s}^{-1/2} (x - m_{eps_s} mu), C_s = m_s^2 cov + v_s I (the C_s
-    commute; it solves F26 since dC/ds = 2 a C + g^2 I, F23). The last two terms are the price of
-    starting from the prior instead of p_1: up to 0.005 (VP) and 0.016 (VE) nats per dimension."""
-    lam, Q = torch.linalg.eigh(cov)
-    (m0, v0, _, _), (m1, v1, _, _) = ref_sde_coefs(name, eps_s), ref_sde_coefs(name, 1.0)
-    x1 = m1 * mu + ((x - m0 * mu) @ Q * ((m1 ** 2 * lam + v1) / (m0 ** 2 * lam + v0)).sqrt()) @ Q.T
-    eye = torch.eye(len(mu), dtype=F64)
-    law = lambda m, v: torch.distributions.MultivariateNormal(m * mu, m ** 2 * cov + v * eye)
-    prior = torch.distributions.Normal(torch.zeros((), dtype=F64), ref_prior_std(name))
-    return law(m0, v0).log_prob(x) + prior.log_prob(x1).sum(1) - law(m1, v1).log_prob(x1)
-
-
-# Exact output laws of samplers on Gaussian data ------------------------------------------------
-
-def ref_affine_law(run, shape, start_std=1.0):
-    """Exact law N(mean, cov) (flattened) of run(x), x ~ N(0, start_std^2 I) of shape (B, *shape)
-    (an int shape is (d,)), for a sampler affine in x and in its noise draws (any sampler on
-    Gaussian data, without corrector). torch.randn (the module's noise source) is replaced: a
-    counting run finds the K draws; one run on rows [0, start_std e_1.., noise rows], draw k being
-    e_j in row 1 + d + k d + j and 0 elsewhere: row r - row 0 is a column of the linear map, row 0
-    the mean. No Monte Carlo; the number of draws must not depend on the batch."""
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    d, draws = math.prod(shape), []
-
-    def basis_randn(*size, generator=None, device=None, dtype=None, **kw):
-        size = tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size
-        z, k = torch.zeros(size, dtype=dtype or F64), len(draws)
-        draws.append(k)
-        if z.shape[0] > 1:
-            z.reshape(z.shape[0], d)[1 + d + k * d:1 + d + (k + 1) * d] = torch.eye(d, dtype=F64)
-        return z
-
-    with mock.patch.object(torch, "randn", basis_randn):
-        once = run(torch.ones(1, *shape, dtype=F64))
-        K, draws[:] = len(draws), []
-        assert torch.equal(once, run(torch.ones(1, *shape, dtype=F64))), "noise not via randn"
-        draws[:] = []
-        x = torch.zeros(1 + d + K * d, *shape, dtype=F64)
-        x.reshape(len(x), d)[1:1 + d] = start_std * torch.eye(d, dtype=F64)
-        out = run(x).reshape(len(x), d)
-    assert len(draws) == K, "the number of noise draws depends on the batch"
-    cols = out[1:] - out[0]
-    return out[0], cols.T @ cols
-
-
-def ref_propagate(steps, mean, cov):
-    """Push N(mean, cov) through x <- cx x + cs (S x + c) + sigma z for (cx, cs, (S, c), sigma)."""
-    I = torch.eye(len(mean), dtype=F64)
-    for cx, cs, (S, c), sigma in steps:
-        A = cx * I + cs * S
-        mean, cov = A @ mean + cs * c, A @ cov @ A.T + sigma ** 2 * I
-    return mean, cov
-
-
-def ref_w2(m1, P1, m2, P2):
-    """2-Wasserstein distance between N(m1, P1) and N(m2, P2)."""
-    def sqrtm(P):
-        lam, Q = torch.linalg.eigh(P)
-        return Q @ torch.diag(lam.clamp(min=0).sqrt()) @ Q.T
-    r = sqrtm(P2)
-    w2 = (m1 - m2).square().sum() + torch.trace(P1 + P2 - 2 * sqrtm(r @ P1 @ r))
-    return w2.clamp(min=0).sqrt().item()
-
-
-def ref_assert_same_law(law, ref, tol=1e-9):
-    """The module's law equals the one propagated here, to rounding (float64)."""
-    scale = max(1.0, ref[1].abs().max().item())
-    assert torch.allclose(law[0], ref[0], rtol=0, atol=tol * scale ** 0.5)
-    assert torch.allclose(law[1], ref[1], rtol=0, atol=tol * scale)
-
-
-# The samplers' updates, written here as x <- cx x + cs score(x) + sigma z -----------------------
-
-def ref_ddpm_steps(grid, ab, sigma2, mu=MU, cov=SIGMA):
-    """Ancestral sampling (F6, F7, F9) on a grid T = tau_S > ... > tau_1: with eps = -sqrt(1 - ab)
-    score, mu_theta = (x - beta' eps / sqrt(1 - ab)) / sqrt(alpha') = (x + beta' score)
-    / sqrt(alpha'), beta' = 1 - ab[tau_i] / ab[tau_{i-1}] (tau_0 = 0); sigma^2 = beta' or
-    beta_tilde'; no noise at the last step."""
-    steps, taus = [], list(grid) + [0]
-    for t, t_prev in zip(taus, taus[1:]):
-        a, a_prev = ab[t].item(), ab[t_prev].item()
-        beta = 1 - a / a_prev
-        var = beta if sigma2 == "beta" else (1 - a_prev) / (1 - a) * beta
-        steps.append((1 / math.sqrt(1 - beta), beta / math.sqrt(1 - beta),
-                      ref_gauss_affine(math.sqrt(a), 1 - a, mu, cov),
-                      math.sqrt(var) if t_prev > 0 else 0.0))
-    return steps
-
-
-def ref_ddim_steps(grid, ab, eta, mu=MU, cov=SIGMA):
-    """DDIM (F29) on a grid T = tau_S > ... > tau_1, the previous point of tau_1 being 0 (ab = 1).
-    With eps = -sqrt(1 - ab) score and x0_hat = (x + (1 - ab) score) / sqrt(ab):
-    x' = sqrt(ab'/ab) x + (sqrt(ab'/ab) (1 - ab) - k sqrt(1 - ab)) score + sigma z,
-    k = sqrt(1 - ab' - sigma^2), sigma = eta sqrt((1 - ab') / (1 - ab)) sqrt(1 - ab / ab')."""
-    steps, taus = [], list(grid) + [0]
-    for t, t_prev in zip(taus, taus[1:]):
-        a, a_prev = ab[t].item(), ab[t_prev].item()
-        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
-        k, r = math.sqrt(1 - a_prev - sigma ** 2), math.sqrt(a_prev / a)
-        steps.append((r, r * (1 - a) - k * math.sqrt(1 - a),
-                      ref_gauss_affine(math.sqrt(a), 1 - a, mu, cov), sigma))
-    return steps
-
-
-def ref_langevin_steps(eps, n_steps, v=0.0, mu=MU, cov=SIGMA):
-    """n_steps of F17, x' = x + (eps / 2) score(x) + sqrt(eps) z, score that of N(mu, cov + v I)."""
-    return [(1.0, eps / 2, ref_gauss_affine(1.0, v, mu, cov), math.sqrt(eps))] * n_steps
-
-
-def ref_annealed_steps(sigmas, eps, n_steps_each, mu=MU, cov=SIGMA):
-    """F20: for each sigma_i, n_steps_each of F17 with alpha_i = eps sigma_i^2 / sigma_L^2 on the
-    sigma_i-noised density; then the Tweedie step x + sigma_L^2 score(x, sigma_L) (F21)."""
-    steps, lo = [], sigmas[-1]
-    for sigma in sigmas:
-        steps += ref_langevin_steps(eps * sigma ** 2 / lo ** 2, n_steps_each, sigma ** 2, mu, cov)
-    return steps + [(1.0, lo ** 2, ref_gauss_affine(1.0, lo ** 2, mu, cov), 0.0)]
-
-
-def ref_sde_steps(name, n_steps, eps_s, ode=False, mu=MU, cov=SIGMA):
-    """Euler-Maruyama for the reverse SDE (F24), or Euler for the probability flow (F26), on the
-    grid linspace(1, eps_s, n_steps + 1), ds < 0: x' = x + (a x - c g^2 score) ds + g sqrt(-ds) z,
-    c = 1 (no noise at the last step) or c = 1/2 (ODE, no noise)."""
-    grid, steps = torch.linspace(1, eps_s, n_steps + 1, dtype=F64).tolist(), []
-    for i, (s, s_next) in enumerate(zip(grid, grid[1:])):
-        m, v, a, g2 = (c.item() for c in ref_sde_coefs(name, s))
-        ds_ = s_next - s
-        noise = 0.0 if ode or i == n_steps - 1 else math.sqrt(-g2 * ds_)
-        steps.append((1 + a * ds_, -(0.5 if ode else 1.0) * g2 * ds_,
-                      ref_gauss_affine(m, v, mu, cov), noise))
-    return steps
-
-
-# Statistical checks on the mixture --------------------------------------------------------------
-
-def ref_check_mixture(x, law=None, m=1.0, v=0.0, far=6.0, max_far=0):
-    """Samples x (N, 2) against the mixture pushed through x = m x0 + sqrt(v) eps (F3, F23): at
-    most ``max_far`` samples more than ``far`` of its mode's std from every mode (P(r > 6 std) =
-    exp(-18) in 2-D: ~2e-4 expected in 10,000) and the mode weights within 5 SE (SE =
-    sqrt(w (1 - w) / N)).
-    With ``law`` = (means (K, 2), variances (K,)), the samples nearest mode k must also have that
-    mean and per-coordinate variance within 5 SE (SE std / sqrt(n_k) for the mean; var
-    sqrt(1 / n_k) for the pooled variance of 2 n_k values)."""
-    x = x.to(F64)
-    assert torch.isfinite(x).all()
-    N, std = len(x), (m ** 2 * MIX_STD ** 2 + v).sqrt()
-    dist = (x[:, None, :] - m * MIX_MU).norm(dim=-1)                   # (N, K)
-    assert ((dist / std).min(1).values > far).sum() <= max_far, "samples far from every mode"
-    k = dist.argmin(1)
-    for j in range(len(MIX_W)):
-        y, w = x[k == j], MIX_W[j].item()
-        n = len(y)
-        assert abs(n / N - w) < 5 * math.sqrt(w * (1 - w) / N), f"weight of mode {j}: {n / N}"
-        if law is not None:
-            mean, var = law[0][j], law[1][j]
-            assert ((y.mean(0) - mean).abs() < 5 * (var / n).sqrt()).all(), f"mean of mode {j}"
-            rel = y.var(0).mean() / var - 1
-            assert abs(rel) < 5 * math.sqrt(1 / n), f"variance of mode {j} off by {rel:.4f}"
-
-
-def ref_mixture_component_laws(steps_of, start_std=1.0):
-    """Per mode k, the exact law (mean, per-coordinate variance) that a sampler -- steps_of(mu, cov)
-    gives its update written above -- produces for that component N(mu_k, std_k^2 I) alone.
-    With modes 3 apart and widths <= 0.3, the samples that land in mode k have this law to within
-    Monte Carlo error for the long samplers (full chains, 1000-step SDEs, annealed Langevin): it
-    carries the sampler's own bias for that width (e.g. the full chain with beta_tilde leaves the
-    0.1-wide mode's variance 3% low, 5 SE at N = 10,000, exactly as this law predicts)."""
-    means, variances = [], []
-    for mu, std in zip(MIX_MU, MIX_STD):
-        cov = std ** 2 * torch.eye(2, dtype=F64)
-        mean, P = ref_propagate(steps_of(mu, cov), torch.zeros(2, dtype=F64),
-                                start_std ** 2 * torch.eye(2, dtype=F64))
-        means.append(mean)
-        variances.append(P.diagonal().mean())
-    return torch.stack(means), torch.stack(variances)
-
-
-def _linear_sched(T=1000):
-    betas = torch.linspace(1e-4, 0.02, T, dtype=F64)   # F1 linear schedule, Ho et al. defaults
-    return ds.Schedule.from_betas(betas), torch.tensor(ref_alpha_bar(betas.tolist()), dtype=F64)
-
-
-def _visited(calls):
-    """The t of each recorded eps_model call, checking it is the same for the whole batch."""
-    assert all((t == t[0]).all() for _, t, _ in calls)
-    return [int(t[0]) for _, t, _ in calls]
-
-
-def _grid_of(sampler, ab, d=3):
-    """The steps t a chain sampler visits: sampler(eps_model, x) run once, recorded."""
-    calls = []
-    sampler(ref_eps_model(lambda x, m, v: torch.zeros_like(x), ab, calls), torch.zeros(1, d))
-    return _visited(calls)
-
-
-def _gauss_points(n, seed):
-    """n points of N(MU, SIGMA), seeded."""
-    z = torch.randn(n, 3, generator=_gen(seed), dtype=F64)
-    return MU + z @ torch.linalg.cholesky(SIGMA).T
-
-
-def test_F14_F21_ref_scores_are_gradients_of_log_densities():
-    """The references themselves: autograd of the log-density (logsumexp for the mixture). [F14]"""
-    x = torch.randn(64, 2, generator=_gen(0), dtype=F64).mul(2).requires_grad_(True)
-    m, v = 0.7, 0.4
-    var = m ** 2 * MIX_STD ** 2 + v
-    logp = torch.logsumexp(MIX_W.log() - ((x[:, None] - m * MIX_MU) ** 2).sum(-1) / (2 * var)
-                           - torch.log(2 * math.pi * var), 1)
-    grad, = torch.autograd.grad(logp.sum(), x)
-    assert torch.allclose(ref_mix_score(x.detach(), m, v), grad, rtol=1e-10, atol=1e-12)
-    x3 = torch.randn(16, 3, generator=_gen(1), dtype=F64).requires_grad_(True)
-    cov = m ** 2 * SIGMA + v * torch.eye(3, dtype=F64)
-    log_p = torch.distributions.MultivariateNormal(m * MU, cov).log_prob(x3)
-    grad, = torch.autograd.grad(log_p.sum(), x3)
-    assert torch.allclose(ref_gauss_score(x3.detach(), m, v), grad, rtol=1e-10, atol=1e-12)
-    S, c = ref_gauss_affine(m, v)
-    assert torch.allclose(x3.detach() @ S.T + c, grad, rtol=1e-10, atol=1e-12)
-
-
-# Langevin dynamics and NCSN [F17, F20] ------------------------------------------------------------
-
-def test_F17_langevin_exact_law_has_the_discretization_bias():
-    """Unadjusted Langevin with the exact score of N(MU, SIGMA): the module's exact law after n
-    steps is the update propagated here, and it converges to the chain's stationary law
-    N(MU, (SIGMA^-1 - eps/4 SIGMA^-2)^-1) -- per eigenvalue c^2: c^2 / (1 - eps / (4 c^2)) --
-    not to SIGMA: with eps = 0.1 the smallest variance is 19% too large. [F17]"""
-    eps, n = 0.1, 400
-    score = lambda x: ref_gauss_score(x, 1.0, 0.0)
-    start = 2.0 * torch.ones(3, dtype=F64)                       # start away from the target
-    law = ref_affine_law(lambda x: ds.langevin(score, x + start, step_size=eps, n_steps=n), 3)
-    ref_assert_same_law(law, ref_propagate(ref_langevin_steps(eps, n), start,
-                                           torch.eye(3, dtype=F64)))
-    P_inv = torch.linalg.inv(SIGMA)
-    stationary = torch.linalg.inv(P_inv - eps / 4 * P_inv @ P_inv)
-    # contraction per step 1 - eps / (2 * 1.411): after 400 steps the start is forgotten (1e-6)
-    assert torch.allclose(law[0], MU, atol=1e-5)
-    assert torch.allclose(law[1], stationary, atol=1e-5)
-    assert (law[1] - SIGMA).abs().max() > 0.02
-
-
-def test_F17_langevin_samples_match_the_biased_stationary_variance():
-    """Statistically, on 1-D N(0, c^2) with c = 0.5 and eps = 0.2: the sample variance of 20,000
-    chains matches c^2 / (1 - eps / (4 c^2)) = 0.3125 within 5 SE (SE = var sqrt(2 / N)), and is
-    more than 5 SE away from c^2 = 0.25: the test sees the bias it accounts for. [F17]"""
-    c2, eps, N = 0.25, 0.2, 20000
-    x = torch.randn(N, 1, generator=_gen(11), dtype=F64)
-    x = ds.langevin(lambda y: -y / c2, x, step_size=eps, n_steps=100, generator=_gen(12))
-    stationary = c2 / (1 - eps / (4 * c2))
-    se = stationary * math.sqrt(2 / N)                           # 0.0031
-    assert abs(x.var().item() - stationary) < 5 * se
-    assert abs(x.var().item() - c2) > 5 * se
-    assert abs(x.mean().item()) < 5 * math.sqrt(stationary / N)
-
-
-def test_F20_F21_annealed_langevin_exact_law():
-    """Annealed Langevin with the exact noised scores of N(MU, SIGMA), sigmas geometric 3 -> 0.01
-    (L = 10), eps = 2e-5, 100 steps each, Tweedie denoising: the module's exact law is the update
-    propagated here, and near the target (W2 measured 0.060: the steps alpha_i = eps sigma_i^2 /
-    sigma_L^2 of the last levels are too short to finish mixing). [F20, F21]"""
-    sigmas = torch.exp(torch.linspace(math.log(3.0), math.log(0.01), 10, dtype=F64)).tolist()
-    score = lambda x, sigma: ref_gauss_score(x, 1.0, sigma ** 2)
-    law = ref_affine_law(lambda x: ds.annealed_langevin(score, 3.0 * x, sigmas), 3)
-    start = torch.zeros(3, dtype=F64), 9.0 * torch.eye(3, dtype=F64)      # x = 3 N(0, I)
-    ref_assert_same_law(law, ref_propagate(ref_annealed_steps(sigmas, 2e-5, 100), *start))
-    assert ref_w2(*law, MU, SIGMA) < 0.09
-
-
-def test_F20_annealed_langevin_noise_levels_stay_float32_for_bfloat16_data():
-    """[F20, F21] PITFALLS #11: with bfloat16 data the score sees every sigma as a float32 (B,)
-    tensor holding the level's float32 value (bfloat16 would turn 0.3 into 0.30078), including the
-    final Tweedie step; the output keeps the data's dtype."""
-    seen = []
-
-    def score_fn(y, sigma):
-        seen.append(sigma)
-        return -y
-    out = ds.annealed_langevin(score_fn, torch.zeros(4, 2, dtype=torch.bfloat16), [1.0, 0.3, 0.07],
-                               n_steps_each=1, generator=_gen(13))
-    assert out.dtype == torch.bfloat16 and len(seen) == 4
-    for sigma, level in zip(seen, [1.0, 0.3, 0.07, 0.07]):
-        assert sigma.dtype == torch.float32 and sigma.shape == (4,)
-        assert (sigma == torch.tensor(level, dtype=torch.float32)).all()
-
-
-def test_F20_annealed_langevin_on_the_mixture():
-    """Annealed Langevin with sigma_1 = 3 (about the largest distance between modes, so the first
-    level mixes them), sigma_L = 0.01, eps = 2e-5, 100 steps each, 5,000 points: mode weights, and
-    each mode's law as the same schedule gives that component alone. Annealed Langevin has its own
-    mode-weight bias, shrinking as the annealing gets finer (measured, weight-0.1 mode: 0.117 with
-    L = 10, 0.105 with L = 10 and 1000 steps each, 0.106 with L = 20); with L = 20 it is ~1.5 SE
-    here, so this check sees gross errors (a wrong sign or step size), not that bias. [F20]"""
-    sigmas = torch.exp(torch.linspace(math.log(3.0), math.log(0.01), 20, dtype=F64)).tolist()
-    x = 3.0 * torch.randn(N_MIX // 2, 2, generator=_gen(24), dtype=F64)
-    out = ds.annealed_langevin(lambda y, sigma: ref_mix_score(y, 1.0, sigma ** 2), x, sigmas,
-                               generator=_gen(25))
-    ref_check_mixture(out, ref_mixture_component_laws(
-        lambda mu, cov: ref_annealed_steps(sigmas, 2e-5, 100, mu, cov), start_std=3.0))
-
-
-# The SDE classes [F22, F23] ---------------------------------------------------------------------
-
-@settings(deadline=None)
-@given(name=st.sampled_from(["vp", "subvp", "ve"]), lo=st.floats(0.01, 2.0),
-       ratio=st.floats(1.5, 5000.0), s=st.floats(0.02, 0.98))
-def test_F22_F23_sde_drift_diffusion_marginal_agree(name, lo, ratio, s):
-    """drift = a(s) x and diffusion g(s) as in F22, marginal as in F23 (float64, 1e-12), and the
-    module's marginal obeys dm/ds = a m, dv/ds = 2 a v + g^2 with the module's drift and diffusion
-    (central differences, h = 1e-5, to 1e-6 of the size of the terms). [F22, F23]"""
-    params = (dict(sigma_min=lo, sigma_max=lo * ratio) if name == "ve"
-              else dict(beta_min=lo, beta_max=lo * min(ratio, 100.0)))
-    sde = {"vp": ds.VPSDE, "subvp": ds.SubVPSDE, "ve": ds.VESDE}[name](**params)
-    x0 = torch.randn(3, 2, generator=_gen(60), dtype=F64)
-    full = lambda u, B=3: torch.full((B,), u, dtype=F64)
-    m, v, a, g2 = (c.item() for c in ref_sde_coefs(name, s, **params))
-    mean, std = sde.marginal(x0, full(s))
-    assert std.shape == (3, 1)
-    assert torch.allclose(mean, m * x0, rtol=1e-12, atol=0)
-    assert torch.allclose(std ** 2, torch.full_like(std, v), rtol=1e-10, atol=0)
-    assert torch.allclose(sde.drift(x0, full(s)), a * x0, rtol=1e-12, atol=0)
-    assert torch.allclose(sde.diffusion(full(s)) ** 2, full(g2), rtol=1e-12, atol=0)
-    h, one = 1e-5, torch.ones(1, 1, dtype=F64)
-    coefs = lambda u: [c.item() for c in sde.marginal(one, full(u, 1))]
-    (m_hi, std_hi), (m_lo, std_lo) = coefs(s + h), coefs(s - h)
-    a_s, g2_s = sde.drift(one, full(s, 1)).item(), sde.diffusion(full(s, 1)).item() ** 2
-    assert abs((m_hi - m_lo) / (2 * h) - a_s * m) <= 1e-6 * abs(a_s * m)
-    dv = (std_hi ** 2 - std_lo ** 2) / (2 * h)      # a small difference when v is near 1
-    assert abs(dv - (2 * a_s * v + g2_s)) < 1e-6 * (abs(2 * a_s * v) + g2_s)
-
-
-@settings(deadline=None)
-@given(betas=betas_lists(min_T=2, max_T=300), seed=seeds)
-def test_F35_F3_F22_F23_discrete_vp_sde_is_the_schedule_in_continuous_time(betas, seed):
-    """[F35, F3, F22, F23] DiscreteVPSDE(sched): at every s = t / T (float64 and float32) the
-    marginal is q(x_t | x0) with alpha_bar_t from the product loop; between steps log alpha_bar is
-    linear in t; beta(s) = -T log(1 - beta_t) on ((t-1)/T, t/T]; the marginal obeys F23's ODEs
-    dm/ds = a m and dv/ds = 2 a v + g^2 with the module's drift and diffusion (central
-    differences inside a step, h = 1e-5 / T, to 1e-5 of the terms); the prior is N(0, I)."""
-    T, ab = len(betas), ref_alpha_bar(betas)
-    sde = ds.DiscreteVPSDE(ds.Schedule.from_betas(betas))
-    x0 = randn(seed, (T + 1, 2))
-    s = torch.arange(T + 1, dtype=F64) / T
-    mean, std = sde.marginal(x0, s)
-    assert_close64(mean, col([math.sqrt(a) for a in ab], x0) * x0)
-    assert_close64(std ** 2, col([1 - a for a in ab], x0), atol=1e-14)
-    m32, std32 = sde.marginal_coefs(s.float())
-    assert m32.dtype == torch.float32
-    assert torch.allclose(m32.double() ** 2, torch.tensor(ab, dtype=F64), rtol=1e-5, atol=1e-6)
-    g = torch.Generator().manual_seed(seed)
-    k = torch.randint(1, T + 1, (8,), generator=g)
-    w = 0.05 + 0.9 * torch.rand(8, generator=g, dtype=F64)
-    u = (k - 1 + w) / T                               # strictly inside step k's piece
-    log_ab = torch.tensor(ab, dtype=F64).log()
-    m_ref = ((1 - w) * log_ab[k - 1] + w * log_ab[k]).exp().sqrt()
-    assert_close64(sde.marginal_coefs(u)[0], m_ref)
-    beta_ref = -T * torch.log1p(-torch.tensor(betas, dtype=F64))[k - 1]
-    assert_close64(sde.beta(u), beta_ref)
-    assert_close64(sde.beta(k.double() / T), beta_ref)       # the right end belongs to step k
-    assert_close64(sde.diffusion(u) ** 2, beta_ref)
-    x8 = randn(seed + 1, (8, 2))
-    assert_close64(sde.drift(x8, u), -0.5 * col(beta_ref, x8) * x8)
-    h = 1e-5 / T
-    (m_hi, s_hi), (m_lo, s_lo), (m, sd) = (sde.marginal_coefs(u + e) for e in (h, -h, 0))
-    a = -0.5 * beta_ref
-    assert ((m_hi - m_lo) / (2 * h) - a * m).abs().le(1e-5 * (a * m).abs() + 1e-9).all()
-    dv, v = (s_hi ** 2 - s_lo ** 2) / (2 * h), sd ** 2
-    assert (dv - (2 * a * v + beta_ref)).abs().le(1e-5 * (2 * a.abs() * v + beta_ref)).all()
-    z = randn(seed, (4, 3))
-    assert_close64(sde.prior_logp(z), Normal(0.0, 1.0).log_prob(z).sum(1))
-
-
-@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_F5_F22_sde_prior(name):
-    """prior_logp is log N(z; 0, prior_std^2 I) summed per example (torch.distributions), for
-    points and images; prior_sample has that std (5 SE, SE = std / sqrt(2 n)), shape and dtype,
-    and is reproducible. [F22, F5]"""
-    sde, std = SDES[name](), ref_prior_std(name)
-    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=F64), torch.tensor(std, dtype=F64))
-    for shape in [(5, 2), (5, 1, 4, 4)]:
-        z = std * torch.randn(shape, generator=_gen(61), dtype=F64)
-        assert torch.allclose(sde.prior_logp(z), normal.log_prob(z).flatten(1).sum(1), rtol=1e-12)
-    z = sde.prior_sample((20000, 2), generator=_gen(62), dtype=F64)
-    assert z.shape == (20000, 2) and z.dtype == F64
-    assert abs(z.std().item() / std - 1) < 5 / math.sqrt(2 * z.numel())
-    assert torch.equal(z, sde.prior_sample((20000, 2), generator=_gen(62), dtype=F64))
-
-
-@pytest.mark.parametrize("make", [
-    lambda: ds.VPSDE(beta_min=-0.1), lambda: ds.VPSDE(beta_min=0.0),
-    lambda: ds.VPSDE(beta_max=-1.0), lambda: ds.VPSDE(beta_min=float("nan")),
-    lambda: ds.SubVPSDE(beta_min=-0.1), lambda: ds.SubVPSDE(beta_max=float("inf")),
-    lambda: ds.VESDE(sigma_min=0.0), lambda: ds.VESDE(sigma_min=-0.01),
-    lambda: ds.VESDE(sigma_min=1.0, sigma_max=0.5), lambda: ds.VESDE(sigma_max=float("nan"))])
-def test_F22_sde_invalid_parameters_raise(make):
-    """beta(s) must be > 0 and finite; VE needs 0 < sigma_min < sigma_max for a real g(s). [F22]"""
-    with pytest.raises(ValueError):
-        make()
-
+# --- DDPM: samplers, ancestral and DDIM [F6, F9, F29] ---------------------------------------------
 
 # DDPM ancestral sampling [F6, F7, F9] -------------------------------------------------------------
 
@@ -2028,7 +1397,568 @@ def test_F6_F9_F29_chain_samplers_finite_in_half_precision(schedule, dtype):
         assert out.dtype == dtype and torch.isfinite(out).all()
 
 
-# Reverse SDE, predictor-corrector [F24, F28] ----------------------------------------------------
+@pytest.mark.parametrize("T,S", [(1000, 7), (1000, 50), (100, 99), (10, 1), (10, 10)])
+def test_F6_F29_integer_grid_is_evenly_spaced_from_T_to_1(T, S):
+    """[F6, F29] an integer step count S makes ddpm_sample and ddim_sample visit
+    round(T - (T - 1) i / (S - 1)), i = 0..S-1 (T alone for S = 1), computed here."""
+    sched, ab = _linear_sched(T)
+    expected = [T] if S == 1 else [round(T - (T - 1) * i / (S - 1)) for i in range(S)]
+    for sample in (lambda em, x: ds.ddpm_sample(em, sched, x, steps=S),
+                   lambda em, x: ds.ddim_sample(em, sched, x, steps=S)):
+        assert _grid_of(sample, ab) == expected
+
+
+# --- energy-based models and score matching [F14-F16] ---------------------------------------------
+
+def g_energy_net(d, seed):
+    """A random MLP energy E(x, s) -> (B,) in float64, softplus activations (smooth)."""
+    net = torch.nn.Sequential(torch.nn.Linear(d + 1, 32), torch.nn.Softplus(),
+                              torch.nn.Linear(32, 32), torch.nn.Softplus(),
+                              torch.nn.Linear(32, 1)).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=F64) / math.sqrt(p.shape[-1]))
+    return net, lambda x, s: net(torch.cat([x, s[:, None]], 1)).squeeze(1)
+
+
+def ref_g_jacobian(field, x):
+    """J[b, i, j] = d field(x)_i / d x_j by autograd, one backward pass per output coordinate."""
+    x = x.clone().requires_grad_(True)
+    out = field(x)
+    return torch.stack([torch.autograd.grad(out[:, i].sum(), x, retain_graph=True)[0]
+                        for i in range(x.shape[1])], 1)
+
+
+def ref_trace_jacobian(field, x):
+    """tr(d field / d x) per example, from ref_g_jacobian (autograd, one pass per coordinate)."""
+    return ref_g_jacobian(field, x).diagonal(dim1=1, dim2=2).sum(1)
+
+
+@settings(deadline=None)
+@given(seed=seeds, d=st.integers(2, 5))
+def test_F14_energy_score_is_minus_grad_e_a_conservative_field_and_ignores_z(seed, d):
+    """[F14] for a random MLP energy E(x, s): energy_score(E) = -grad_x E (autograd here); its
+    Jacobian is symmetric (a gradient field), while a non-conservative field (the network's
+    first-layer output) is not, so the check has power; adding a constant and a function of s
+    (a log-normalizer log Z(s)) leaves the score unchanged."""
+    net, E = g_energy_net(d, seed)
+    g = torch.Generator().manual_seed(seed)
+    x, s = torch.randn(8, d, generator=g, dtype=F64), torch.rand(8, generator=g, dtype=F64)
+    score = ds.energy_score(E)
+    x_ = x.clone().requires_grad_(True)
+    expected = -torch.autograd.grad(E(x_, s).sum(), x_)[0]
+    assert_close64(score(x, s), expected, atol=1e-14)
+    J = ref_g_jacobian(lambda x: score(x, s), x)
+    tol = RTOL * J.abs().max().item()
+    assert_close64(J, J.transpose(1, 2), atol=tol, rtol=0)
+    J_rot = ref_g_jacobian(lambda x: net[0](torch.cat([x, s[:, None]], 1))[:, :d], x)
+    assert (J_rot - J_rot.transpose(1, 2)).abs().max() > 1e3 * tol
+    shifted = ds.energy_score(lambda x, s: E(x, s) + 3.7 + 5 * s ** 2 - s.exp())
+    assert_close64(shifted(x, s), score(x, s), atol=1e-14)
+
+
+@settings(deadline=None)
+@given(seed=seeds, d=st.integers(1, 5))
+def test_F14_F16_quadratic_energy_gives_the_gaussian_score(seed, d):
+    """[F14, F16] E(x) = 1/2 (x - mu)^T P (x - mu): energy_score(E)(x) = -P (x - mu) exactly, and
+    through score_matching_loss (which differentiates the score in x, so the wrapper must keep
+    the graph) it gives the closed form (1/2 ||P (x - mu)||^2 - tr P) / d."""
+    g = torch.Generator().manual_seed(seed)
+    A, mu, x = (torch.randn(*shape, generator=g, dtype=F64) for shape in ((d, d), (d,), (6, d)))
+    P = A @ A.T + 0.5 * torch.eye(d, dtype=F64)
+    E = lambda x: 0.5 * torch.einsum("bi,ij,bj->b", x - mu, P, x - mu)
+    expected = -(x - mu) @ P
+    scale = expected.abs().max().item()
+    assert_close64(ds.energy_score(E)(x), expected, atol=RTOL * scale)
+    loss = ds.score_matching_loss(ds.energy_score(E), x)
+    assert_close64(loss, (0.5 * (expected ** 2).sum(1) - P.trace()) / d,
+                   atol=RTOL * (scale ** 2 + P.trace().item()))
+
+
+def test_F14_F19_energy_score_trains_through_dsm_loss():
+    """[F14, F19] with gradients on, dsm_loss(energy_score(E_net), ...) backpropagates to the
+    energy's parameters: the gradients are finite, non-zero and equal those of the same loss
+    written here with -grad_x E (create_graph); the output bias (a constant added to E) gets
+    none."""
+    net, E = g_energy_net(3, 0)
+    g = torch.Generator().manual_seed(0)
+    x0, z = (torch.randn(64, 3, generator=g, dtype=F64) for _ in range(2))
+    sigmas = [0.1, 0.5, 1.0, 2.0]
+    sigma = torch.tensor(sigmas, dtype=F64).repeat(16)
+    ds.dsm_loss(ds.energy_score(E), x0, sigmas, sigma=sigma, noise=z).mean().backward()
+    *params, out_bias = net.parameters()
+    assert out_bias.grad is None
+    grads = [p.grad.clone() for p in params]
+    net.zero_grad(set_to_none=True)
+    x_tilde = (x0 + sigma[:, None] * z).requires_grad_(True)     # F18, F19 written here
+    score = -torch.autograd.grad(E(x_tilde, sigma).sum(), x_tilde, create_graph=True)[0]
+    (sigma[:, None] ** 2 * (score + z / sigma[:, None]) ** 2).mean(1).mean().backward()
+    for got, p in zip(grads, params):
+        assert torch.isfinite(got).all() and got.abs().max() > 0
+        assert_close64(got, p.grad, atol=1e-12, rtol=1e-9)
+
+
+def gaussian_problem(seed, d=3):
+    """A random Gaussian N(mu, Sigma) in d dims (Sigma well conditioned)."""
+    W, mu = randn(seed, (d, d), (d,))
+    Sigma = (0.5 * W + torch.eye(d, dtype=F64)) @ (0.5 * W + torch.eye(d, dtype=F64)).T
+    return mu, Sigma + 0.1 * torch.eye(d, dtype=F64)
+
+
+def linear_family(seed, P, mu, n=4, d=3):
+    """(A, b) for s(x) = A x + b: first the true score -P (x - mu), then n perturbations of it."""
+    family = [(-P, P @ mu)]
+    for k in range(n):
+        dA, db = randn(seed + k, (d, d), (d,))
+        family.append((-P + 0.4 * dA, P @ mu + 0.5 * db))
+    return family
+
+
+def fisher(A, b, P, mu, cov):
+    """E ||A x + b - s*(x)||^2 for x ~ N(mu, cov), s*(x) = -P (x - mu): with M = A + P,
+    c = b - P mu, it is tr(M cov M^T) + ||M mu + c||^2."""
+    M, c = A + P, b - P @ mu
+    return (torch.trace(M @ cov @ M.T) + (M @ mu + c).square().sum()).item()
+
+
+def test_F15_F18_dsm_is_the_noised_fisher_divergence_plus_a_constant():
+    """[F18, F15] Gaussian data N(mu, Sigma), d = 3, linear s(x) = A x + b, one sigma: dsm_loss
+    = sigma^2 / d E||s - grad log p_sigma||^2 + const, p_sigma = N(mu, Sigma + sigma^2 I); the
+    constant is the loss of the true score,
+    sigma^2 / d (tr(P Sigma P) + ||I / sigma - sigma P||_F^2), P = (Sigma + sigma^2 I)^-1."""
+    d, N, sigma = 3, 20000, 0.7
+    mu, Sigma = gaussian_problem(18)
+    x_noise, z = randn(180, (N, d), (N, d))
+    x = mu + x_noise @ torch.linalg.cholesky(Sigma).T
+    cov = Sigma + sigma ** 2 * torch.eye(d, dtype=F64)
+    P = torch.linalg.inv(cov)
+    sig = torch.full((N,), sigma, dtype=F64)
+    losses = [ds.dsm_loss(lambda y, _s, A=A, b=b: y @ A.T + b, x, [sigma], sigma=sig, noise=z)
+              for A, b in linear_family(181, P, mu)]
+    # With s the true score, y = -P (x - mu) + (I / sigma - sigma P) z, independent parts.
+    I = torch.eye(d, dtype=F64)
+    const = sigma ** 2 / d * (torch.trace(P @ Sigma @ P) + (I / sigma - sigma * P).square().sum())
+    se = losses[0].std() / math.sqrt(N)
+    assert abs(losses[0].mean() - const) < N_SE * se
+    # Common random numbers: the difference of two losses on the same (x, z) has a small SE.
+    for (A, b), loss in zip(linear_family(181, P, mu)[1:], losses[1:]):
+        diff = loss - losses[0]
+        se = diff.std().item() / math.sqrt(N)
+        expected = sigma ** 2 / d * fisher(A, b, P, mu, cov)
+        assert expected > 10 * se  # the check can tell the candidates apart
+        assert abs(diff.mean().item() - expected) < N_SE * se
+
+
+def test_F15_F16_implicit_score_matching_is_the_fisher_divergence_minus_a_constant():
+    """[F16, F15] Gaussian data, linear s(x) = A x + b: score_matching_loss = (1/2 E||s - s*||^2
+    - 1/2 E||s*||^2) / d with E||s*||^2 = tr(Sigma^-1); per example it is (1/2||s||^2 + tr A)/d."""
+    d, N = 3, 20000
+    mu, Sigma = gaussian_problem(16)
+    x = mu + randn(160, (N, d)) @ torch.linalg.cholesky(Sigma).T
+    P = torch.linalg.inv(Sigma)
+    family = linear_family(161, P, mu)
+    losses = [ds.score_matching_loss(lambda y, A=A, b=b: y @ A.T + b, x) for A, b in family]
+    for (A, b), loss in zip(family, losses):  # exact per example: the Jacobian is A
+        assert_close64(loss, (0.5 * (x @ A.T + b).square().sum(1) + torch.trace(A)) / d)
+    se = losses[0].std() / math.sqrt(N)
+    assert abs(losses[0].mean() + torch.trace(P) / (2 * d)) < N_SE * se
+    for (A, b), loss in zip(family[1:], losses[1:]):  # common random numbers, as for F18
+        diff = loss - losses[0]
+        se = diff.std().item() / math.sqrt(N)
+        expected = fisher(A, b, P, mu, Sigma) / (2 * d)
+        assert expected > 10 * se
+        assert abs(diff.mean().item() - expected) < N_SE * se
+
+
+class MLPScore:
+    """A small nonlinear score model with a non-symmetric, non-diagonal Jacobian (any shape)."""
+
+    def __init__(self, seed, d):
+        self.W1, self.W2, self.c = randn(seed, (8, d), (d, 8), (8,))
+
+    def __call__(self, x):
+        y = x.flatten(1)
+        return (torch.tanh(y @ self.W1.T + self.c) @ self.W2.T - 0.5 * y).reshape(x.shape)
+
+
+def exact_ism(model, x):
+    """(1/2 ||s(x)||^2 + tr(ds/dx)) / d per example, the trace by autograd (ref_trace_jacobian)."""
+    trace = ref_trace_jacobian(lambda y: model(y.reshape(x.shape)).flatten(1), x.flatten(1))
+    return (0.5 * model(x).flatten(1).square().sum(1) + trace) / x[0].numel()
+
+
+@given(seed=seeds, shape=st.sampled_from([(3,), (2, 2), (1, 2, 3)]), B=st.integers(1, 4))
+def test_F16_score_matching_loss_is_norm_plus_the_exact_jacobian_trace(seed, shape, B):
+    """[F16] score_matching_loss = (1/2 ||s(x)||^2 + tr(grad_x s(x))) / d, d = numel per example."""
+    x = randn(seed, (B, *shape))
+    model = MLPScore(seed + 1, math.prod(shape))
+    assert_close64(ds.score_matching_loss(model, x), exact_ism(model, x))
+
+
+@pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
+def test_F16_sliced_score_matching_is_unbiased_for_the_exact_loss(probe):
+    """[F16] E_v[(1/2 ||s||^2 + v^T J v) / d] = (1/2 ||s||^2 + tr J) / d for E[v v^T] = I: the mean
+    of R independent calls (n_projections each) is within 5 SE of the exact loss, per example."""
+    B, d, R, P = 4, 3, 400, 4
+    x = randn(1616, (B, d))
+    model = MLPScore(1617, d)
+    g = torch.Generator().manual_seed(1618)
+    calls = torch.stack([ds.sliced_score_matching_loss(model, x, n_projections=P, probe=probe,
+                                                       generator=g).detach() for _ in range(R)])
+    se = calls.std(0) / math.sqrt(R)  # the R calls are independent draws of the estimator
+    assert (se > 0).all()
+    assert ((calls.mean(0) - exact_ism(model, x)).abs() < N_SE * se).all()
+
+
+@given(seed=seeds, B=st.integers(1, 4), d=st.integers(1, 5))
+def test_F16_sliced_rademacher_is_exact_for_a_diagonal_jacobian(seed, B, d):
+    """[F16] with an elementwise s(x) = w tanh(x) + b, J is diagonal and v_i^2 = 1 for Rademacher
+    v, so v^T J v = tr J = sum w (1 - tanh(x)^2) for every probe."""
+    x, w, b = randn(seed, (B, d), (d,), (d,))
+    loss = ds.sliced_score_matching_loss(lambda y: w * torch.tanh(y) + b, x, n_projections=3,
+                                         generator=torch.Generator().manual_seed(seed))
+    s = w * torch.tanh(x) + b
+    trace = (w * (1 - torch.tanh(x) ** 2)).sum(1)
+    assert_close64(loss.detach(), (0.5 * s.square().sum(1) + trace) / d)
+
+
+# --- Langevin dynamics [F17] ----------------------------------------------------------------------
+
+def test_F17_langevin_exact_law_has_the_discretization_bias():
+    """Unadjusted Langevin with the exact score of N(MU, SIGMA): the module's exact law after n
+    steps is the update propagated here, and it converges to the chain's stationary law
+    N(MU, (SIGMA^-1 - eps/4 SIGMA^-2)^-1) -- per eigenvalue c^2: c^2 / (1 - eps / (4 c^2)) --
+    not to SIGMA: with eps = 0.1 the smallest variance is 19% too large. [F17]"""
+    eps, n = 0.1, 400
+    score = lambda x: ref_gauss_score(x, 1.0, 0.0)
+    start = 2.0 * torch.ones(3, dtype=F64)                       # start away from the target
+    law = ref_affine_law(lambda x: ds.langevin(score, x + start, step_size=eps, n_steps=n), 3)
+    ref_assert_same_law(law, ref_propagate(ref_langevin_steps(eps, n), start,
+                                           torch.eye(3, dtype=F64)))
+    P_inv = torch.linalg.inv(SIGMA)
+    stationary = torch.linalg.inv(P_inv - eps / 4 * P_inv @ P_inv)
+    # contraction per step 1 - eps / (2 * 1.411): after 400 steps the start is forgotten (1e-6)
+    assert torch.allclose(law[0], MU, atol=1e-5)
+    assert torch.allclose(law[1], stationary, atol=1e-5)
+    assert (law[1] - SIGMA).abs().max() > 0.02
+
+
+def test_F17_langevin_samples_match_the_biased_stationary_variance():
+    """Statistically, on 1-D N(0, c^2) with c = 0.5 and eps = 0.2: the sample variance of 20,000
+    chains matches c^2 / (1 - eps / (4 c^2)) = 0.3125 within 5 SE (SE = var sqrt(2 / N)), and is
+    more than 5 SE away from c^2 = 0.25: the test sees the bias it accounts for. [F17]"""
+    c2, eps, N = 0.25, 0.2, 20000
+    x = torch.randn(N, 1, generator=_gen(11), dtype=F64)
+    x = ds.langevin(lambda y: -y / c2, x, step_size=eps, n_steps=100, generator=_gen(12))
+    stationary = c2 / (1 - eps / (4 * c2))
+    se = stationary * math.sqrt(2 / N)                           # 0.0031
+    assert abs(x.var().item() - stationary) < 5 * se
+    assert abs(x.var().item() - c2) > 5 * se
+    assert abs(x.mean().item()) < 5 * math.sqrt(stationary / N)
+
+
+# --- denoising score matching and NCSN [F18-F20] --------------------------------------------------
+
+@given(sigma_min=st.floats(1e-3, 1.0), ratio=st.floats(1.01, 1e4), L=st.integers(2, 50))
+def test_F19_geometric_sigmas_descend_geometrically_between_the_endpoints(sigma_min, ratio, L):
+    """[F19] sigma_1 = sigma_max > ... > sigma_L = sigma_min with a constant ratio."""
+    sigma_max = sigma_min * ratio
+    sigmas = ds.geometric_sigmas(sigma_max, sigma_min, L)
+    assert sigmas.shape == (L,) and sigmas.dtype == F64
+    assert_close64(sigmas[[0, -1]], [sigma_max, sigma_min], atol=0)
+    assert (sigmas[1:] < sigmas[:-1]).all()
+    step = (sigma_min / sigma_max) ** (1 / (L - 1))
+    assert_close64(sigmas[1:] / sigmas[:-1], [step] * (L - 1), atol=0)
+
+
+def test_F19_geometric_sigmas_song_ermon_setting():
+    """[F19] NCSN: sigma_1 = 1, sigma_L = 0.01, L = 10, i.e. sigma_i = 10^(-2 (i-1)/9)."""
+    assert_close64(ds.geometric_sigmas(1.0, 0.01, 10), [10 ** (-2 * i / 9) for i in range(10)])
+
+
+def fake_score_model(x, sigma):
+    """A deterministic, sigma-dependent stand-in for a noise-conditional score network."""
+    return torch.sin(x) / col(sigma, x) - 0.5 * x
+
+
+@given(seed=seeds, shape=trailing_shapes, B=st.integers(1, 4))
+def test_F18_F19_dsm_loss_is_the_sigma2_weighted_denoising_error(seed, shape, B):
+    """[F18, F19] dsm_loss = sigma^2 mean_dims (s(x0 + sigma z, sigma) + z / sigma)^2, the target
+    -(x~ - x0) / sigma^2 = -z / sigma; with sigma not given it is drawn from sigmas."""
+    x_shape = (B, *shape)
+    x0, z, u = randn(seed, x_shape, x_shape, (B,))
+    sigmas = [10 ** (-2 * i / 9) for i in range(10)]  # Song & Ermon's geometric sigmas
+    sigma = (-1.5 * (1 + torch.tanh(u))).exp()
+    model = Recorder(fake_score_model)
+
+    def expected(sg):
+        s = col(sg, x0)
+        return flat_mean(s ** 2 * (fake_score_model(x0 + s * z, sg) + z / s) ** 2)
+
+    assert_close64(ds.dsm_loss(model, x0, sigmas, sigma=sigma, noise=z), expected(sigma))
+    loss = ds.dsm_loss(model, x0, sigmas, noise=z, generator=torch.Generator().manual_seed(seed))
+    drawn = model.calls[-1][1]
+    assert drawn.shape == (B,) and all(any(abs(v - s) < 1e-15 for s in sigmas)
+                                       for v in drawn.tolist())
+    assert_close64(loss, expected(drawn))
+
+
+def test_F20_F21_annealed_langevin_exact_law():
+    """Annealed Langevin with the exact noised scores of N(MU, SIGMA), sigmas geometric 3 -> 0.01
+    (L = 10), eps = 2e-5, 100 steps each, Tweedie denoising: the module's exact law is the update
+    propagated here, and near the target (W2 measured 0.060: the steps alpha_i = eps sigma_i^2 /
+    sigma_L^2 of the last levels are too short to finish mixing). [F20, F21]"""
+    sigmas = torch.exp(torch.linspace(math.log(3.0), math.log(0.01), 10, dtype=F64)).tolist()
+    score = lambda x, sigma: ref_gauss_score(x, 1.0, sigma ** 2)
+    law = ref_affine_law(lambda x: ds.annealed_langevin(score, 3.0 * x, sigmas), 3)
+    start = torch.zeros(3, dtype=F64), 9.0 * torch.eye(3, dtype=F64)      # x = 3 N(0, I)
+    ref_assert_same_law(law, ref_propagate(ref_annealed_steps(sigmas, 2e-5, 100), *start))
+    assert ref_w2(*law, MU, SIGMA) < 0.09
+
+
+def test_F20_annealed_langevin_noise_levels_stay_float32_for_bfloat16_data():
+    """[F20, F21] PITFALLS #11: with bfloat16 data the score sees every sigma as a float32 (B,)
+    tensor holding the level's float32 value (bfloat16 would turn 0.3 into 0.30078), including the
+    final Tweedie step; the output keeps the data's dtype."""
+    seen = []
+
+    def score_fn(y, sigma):
+        seen.append(sigma)
+        return -y
+    out = ds.annealed_langevin(score_fn, torch.zeros(4, 2, dtype=torch.bfloat16), [1.0, 0.3, 0.07],
+                               n_steps_each=1, generator=_gen(13))
+    assert out.dtype == torch.bfloat16 and len(seen) == 4
+    for sigma, level in zip(seen, [1.0, 0.3, 0.07, 0.07]):
+        assert sigma.dtype == torch.float32 and sigma.shape == (4,)
+        assert (sigma == torch.tensor(level, dtype=torch.float32)).all()
+
+
+def test_F20_annealed_langevin_on_the_mixture():
+    """Annealed Langevin with sigma_1 = 3 (about the largest distance between modes, so the first
+    level mixes them), sigma_L = 0.01, eps = 2e-5, 100 steps each, 5,000 points: mode weights, and
+    each mode's law as the same schedule gives that component alone. Annealed Langevin has its own
+    mode-weight bias, shrinking as the annealing gets finer (measured, weight-0.1 mode: 0.117 with
+    L = 10, 0.105 with L = 10 and 1000 steps each, 0.106 with L = 20); with L = 20 it is ~1.5 SE
+    here, so this check sees gross errors (a wrong sign or step size), not that bias. [F20]"""
+    sigmas = torch.exp(torch.linspace(math.log(3.0), math.log(0.01), 20, dtype=F64)).tolist()
+    x = 3.0 * torch.randn(N_MIX // 2, 2, generator=_gen(24), dtype=F64)
+    out = ds.annealed_langevin(lambda y, sigma: ref_mix_score(y, 1.0, sigma ** 2), x, sigmas,
+                               generator=_gen(25))
+    ref_check_mixture(out, ref_mixture_component_laws(
+        lambda mu, cov: ref_annealed_steps(sigmas, 2e-5, 100, mu, cov), start_std=3.0))
+
+
+# --- parameterizations: eps, score, x0 [F21] ------------------------------------------------------
+
+@given(cases())
+def test_F21_eps_to_score_is_the_autograd_score_of_q(case):
+    """[F21] eps_to_score(eps, sqrt(1 - ab)) = grad_{x_t} log N(x_t; sqrt(ab) x0, (1 - ab) I) by
+    autograd, with eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab); score_to_eps inverts it."""
+    betas, t, shape, seed = case
+    x0, xt = randn(seed, shape, shape)
+    alpha_bar = ref_alpha_bar(betas)
+    ab = col([alpha_bar[k] for k in t], x0)
+    xt.requires_grad_(True)
+    log_q = (-(xt - ab.sqrt() * x0) ** 2 / (2 * (1 - ab)) - 0.5 * torch.log(2 * math.pi * (1 - ab)))
+    (score,) = torch.autograd.grad(log_q.sum(), xt)
+    xt = xt.detach()
+    eps = (xt - ab.sqrt() * x0) / (1 - ab).sqrt()
+    std = torch.tensor([math.sqrt(1 - alpha_bar[k]) for k in t], dtype=F64)
+    assert_close64(ds.eps_to_score(eps, std), score)
+    assert_close64(ds.eps_to_score(eps, col(std, x0)), score)  # already broadcastable
+    assert_close64(ds.score_to_eps(score, std), eps)
+    assert_close64(ds.eps_to_score(eps, 0.7), -eps / 0.7)  # a Python number, full precision
+
+
+@given(cases())
+def test_F21_x0_from_eps_inverts_q_sample(case):
+    """[F21, F3] x0_from_eps(q_sample(x0, t, eps), eps, sqrt(ab_t), sqrt(1 - ab_t)) = x0."""
+    betas, t, shape, seed = case
+    x0, eps = randn(seed, shape, shape)
+    alpha_bar = ref_alpha_bar(betas)
+    xt = ds.q_sample(ds.Schedule.from_betas(betas), x0, long(t), eps)
+    scale = torch.tensor([math.sqrt(alpha_bar[k]) for k in t], dtype=F64)
+    std = torch.tensor([math.sqrt(1 - alpha_bar[k]) for k in t], dtype=F64)
+    # x0 = (x_t - std eps) / scale divides by scale >= sqrt(ab_T): the error grows like 1/scale.
+    assert_close64(ds.x0_from_eps(xt, eps, scale, std), x0, atol=ATOL / scale.min().item())
+
+
+@given(case=cases(), c=st.floats(0.1, 3.0))
+def test_F21_tweedie_is_the_posterior_mean_for_gaussian_data(case, c):
+    """[F21] x0 ~ N(m, c^2 I): with the score of the noised marginal N(sqrt(ab) m, ab c^2 + 1 - ab),
+    tweedie gives E[x0 | x_t] = m + sqrt(ab) c^2 / (ab c^2 + 1 - ab) (x_t - sqrt(ab) m); and for
+    NCSN's x~ = x0 + sigma z (scale 1, std sigma), E[x0 | x~] = m + c^2 / (c^2 + sigma^2) (x~ - m)
+    (scale and std given as Python numbers)."""
+    betas, t, shape, seed = case
+    m, xt = randn(seed, shape, shape)
+    alpha_bar = ref_alpha_bar(betas)
+    ab = col([alpha_bar[k] for k in t], m)
+    V = ab * c * c + 1 - ab
+    score = -(xt - ab.sqrt() * m) / V
+    posterior_mean = m + ab.sqrt() * c * c / V * (xt - ab.sqrt() * m)
+    scale = torch.tensor([math.sqrt(alpha_bar[k]) for k in t], dtype=F64)
+    std = torch.tensor([math.sqrt(1 - alpha_bar[k]) for k in t], dtype=F64)
+    assert_close64(ds.tweedie(xt, score, scale, std), posterior_mean,
+                   atol=ATOL / scale.min().item())
+    sigma = 0.7
+    score_ncsn = -(xt - m) / (c * c + sigma ** 2)
+    assert_close64(ds.tweedie(xt, score_ncsn, 1.0, sigma),
+                   m + c * c / (c * c + sigma ** 2) * (xt - m))
+
+
+@given(cases())
+def test_F21_F12_eps_loss_is_dsm_loss_in_the_scaled_variable(case):
+    """[F21, F12, F19] eps_loss(eps_model, x0, t, eps) = dsm_loss(s, sqrt(ab) x0, sigma =
+    sqrt(1 - ab), eps) with s(x, sigma) = -eps_model(x, t) / sigma: x~ is then exactly x_t."""
+    betas, t, shape, seed = case
+    x0, eps = randn(seed, shape, shape)
+    sched, alpha_bar = ds.Schedule.from_betas(betas), ref_alpha_bar(betas)
+    eps_model = fake_eps_model(len(betas))
+    scale = torch.tensor([math.sqrt(alpha_bar[k]) for k in t], dtype=F64)
+    std = torch.tensor([math.sqrt(1 - alpha_bar[k]) for k in t], dtype=F64)
+
+    def score_model(x, sigma):
+        return -eps_model(x, long(t)) / col(sigma, x)
+
+    dsm = ds.dsm_loss(score_model, col(scale, x0) * x0, std, sigma=std, noise=eps)
+    assert_close64(ds.eps_loss(eps_model, sched, x0, t=long(t), noise=eps), dsm)
+
+
+# --- score SDEs and their loss [F22, F23, F25, F35] -----------------------------------------------
+
+@settings(deadline=None)
+@given(name=st.sampled_from(["vp", "subvp", "ve"]), lo=st.floats(0.01, 2.0),
+       ratio=st.floats(1.5, 5000.0), s=st.floats(0.02, 0.98))
+def test_F22_F23_sde_drift_diffusion_marginal_agree(name, lo, ratio, s):
+    """drift = a(s) x and diffusion g(s) as in F22, marginal as in F23 (float64, 1e-12), and the
+    module's marginal obeys dm/ds = a m, dv/ds = 2 a v + g^2 with the module's drift and diffusion
+    (central differences, h = 1e-5, to 1e-6 of the size of the terms). [F22, F23]"""
+    params = (dict(sigma_min=lo, sigma_max=lo * ratio) if name == "ve"
+              else dict(beta_min=lo, beta_max=lo * min(ratio, 100.0)))
+    sde = {"vp": ds.VPSDE, "subvp": ds.SubVPSDE, "ve": ds.VESDE}[name](**params)
+    x0 = torch.randn(3, 2, generator=_gen(60), dtype=F64)
+    full = lambda u, B=3: torch.full((B,), u, dtype=F64)
+    m, v, a, g2 = (c.item() for c in ref_sde_coefs(name, s, **params))
+    mean, std = sde.marginal(x0, full(s))
+    assert std.shape == (3, 1)
+    assert torch.allclose(mean, m * x0, rtol=1e-12, atol=0)
+    assert torch.allclose(std ** 2, torch.full_like(std, v), rtol=1e-10, atol=0)
+    assert torch.allclose(sde.drift(x0, full(s)), a * x0, rtol=1e-12, atol=0)
+    assert torch.allclose(sde.diffusion(full(s)) ** 2, full(g2), rtol=1e-12, atol=0)
+    h, one = 1e-5, torch.ones(1, 1, dtype=F64)
+    coefs = lambda u: [c.item() for c in sde.marginal(one, full(u, 1))]
+    (m_hi, std_hi), (m_lo, std_lo) = coefs(s + h), coefs(s - h)
+    a_s, g2_s = sde.drift(one, full(s, 1)).item(), sde.diffusion(full(s, 1)).item() ** 2
+    assert abs((m_hi - m_lo) / (2 * h) - a_s * m) <= 1e-6 * abs(a_s * m)
+    dv = (std_hi ** 2 - std_lo ** 2) / (2 * h)      # a small difference when v is near 1
+    assert abs(dv - (2 * a_s * v + g2_s)) < 1e-6 * (abs(2 * a_s * v) + g2_s)
+
+
+@settings(deadline=None)
+@given(betas=betas_lists(min_T=2, max_T=300), seed=seeds)
+def test_F35_F3_F22_F23_discrete_vp_sde_is_the_schedule_in_continuous_time(betas, seed):
+    """[F35, F3, F22, F23] DiscreteVPSDE(sched): at every s = t / T (float64 and float32) the
+    marginal is q(x_t | x0) with alpha_bar_t from the product loop; between steps log alpha_bar is
+    linear in t; beta(s) = -T log(1 - beta_t) on ((t-1)/T, t/T]; the marginal obeys F23's ODEs
+    dm/ds = a m and dv/ds = 2 a v + g^2 with the module's drift and diffusion (central
+    differences inside a step, h = 1e-5 / T, to 1e-5 of the terms); the prior is N(0, I)."""
+    T, ab = len(betas), ref_alpha_bar(betas)
+    sde = ds.DiscreteVPSDE(ds.Schedule.from_betas(betas))
+    x0 = randn(seed, (T + 1, 2))
+    s = torch.arange(T + 1, dtype=F64) / T
+    mean, std = sde.marginal(x0, s)
+    assert_close64(mean, col([math.sqrt(a) for a in ab], x0) * x0)
+    assert_close64(std ** 2, col([1 - a for a in ab], x0), atol=1e-14)
+    m32, std32 = sde.marginal_coefs(s.float())
+    assert m32.dtype == torch.float32
+    assert torch.allclose(m32.double() ** 2, torch.tensor(ab, dtype=F64), rtol=1e-5, atol=1e-6)
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randint(1, T + 1, (8,), generator=g)
+    w = 0.05 + 0.9 * torch.rand(8, generator=g, dtype=F64)
+    u = (k - 1 + w) / T                               # strictly inside step k's piece
+    log_ab = torch.tensor(ab, dtype=F64).log()
+    m_ref = ((1 - w) * log_ab[k - 1] + w * log_ab[k]).exp().sqrt()
+    assert_close64(sde.marginal_coefs(u)[0], m_ref)
+    beta_ref = -T * torch.log1p(-torch.tensor(betas, dtype=F64))[k - 1]
+    assert_close64(sde.beta(u), beta_ref)
+    assert_close64(sde.beta(k.double() / T), beta_ref)       # the right end belongs to step k
+    assert_close64(sde.diffusion(u) ** 2, beta_ref)
+    x8 = randn(seed + 1, (8, 2))
+    assert_close64(sde.drift(x8, u), -0.5 * col(beta_ref, x8) * x8)
+    h = 1e-5 / T
+    (m_hi, s_hi), (m_lo, s_lo), (m, sd) = (sde.marginal_coefs(u + e) for e in (h, -h, 0))
+    a = -0.5 * beta_ref
+    assert ((m_hi - m_lo) / (2 * h) - a * m).abs().le(1e-5 * (a * m).abs() + 1e-9).all()
+    dv, v = (s_hi ** 2 - s_lo ** 2) / (2 * h), sd ** 2
+    assert (dv - (2 * a * v + beta_ref)).abs().le(1e-5 * (2 * a.abs() * v + beta_ref)).all()
+    z = randn(seed, (4, 3))
+    assert_close64(sde.prior_logp(z), Normal(0.0, 1.0).log_prob(z).sum(1))
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_F5_F22_sde_prior(name):
+    """prior_logp is log N(z; 0, prior_std^2 I) summed per example (torch.distributions), for
+    points and images; prior_sample has that std (5 SE, SE = std / sqrt(2 n)), shape and dtype,
+    and is reproducible. [F22, F5]"""
+    sde, std = SDES[name](), ref_prior_std(name)
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=F64), torch.tensor(std, dtype=F64))
+    for shape in [(5, 2), (5, 1, 4, 4)]:
+        z = std * torch.randn(shape, generator=_gen(61), dtype=F64)
+        assert torch.allclose(sde.prior_logp(z), normal.log_prob(z).flatten(1).sum(1), rtol=1e-12)
+    z = sde.prior_sample((20000, 2), generator=_gen(62), dtype=F64)
+    assert z.shape == (20000, 2) and z.dtype == F64
+    assert abs(z.std().item() / std - 1) < 5 / math.sqrt(2 * z.numel())
+    assert torch.equal(z, sde.prior_sample((20000, 2), generator=_gen(62), dtype=F64))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ds.VPSDE(beta_min=-0.1), lambda: ds.VPSDE(beta_min=0.0),
+    lambda: ds.VPSDE(beta_max=-1.0), lambda: ds.VPSDE(beta_min=float("nan")),
+    lambda: ds.SubVPSDE(beta_min=-0.1), lambda: ds.SubVPSDE(beta_max=float("inf")),
+    lambda: ds.VESDE(sigma_min=0.0), lambda: ds.VESDE(sigma_min=-0.01),
+    lambda: ds.VESDE(sigma_min=1.0, sigma_max=0.5), lambda: ds.VESDE(sigma_max=float("nan"))])
+def test_F22_sde_invalid_parameters_raise(make):
+    """beta(s) must be > 0 and finite; VE needs 0 < sigma_min < sigma_max for a real g(s). [F22]"""
+    with pytest.raises(ValueError):
+        make()
+
+
+class FakeSDE:
+    """Only what sde_loss may use: marginal(x0, s) -> (mean, std (B,1,..)) and diffusion(s)."""
+
+    def marginal(self, x0, s):
+        s = col(s, x0).to(x0.dtype)
+        return torch.exp(-s) * x0 + 0.1 * s, (0.2 + s).sqrt()
+
+    def diffusion(self, s):
+        return 1 + s ** 2
+
+
+@given(seed=seeds, shape=trailing_shapes, B=st.integers(1, 4), weighted=st.booleans())
+def test_F25_sde_loss_is_lambda_weighted_conditional_score_error(seed, shape, B, weighted):
+    """[F25] sde_loss = lambda(s) mean_dims (s_theta(x_s, s) + z / std(s))^2, x_s = mean + std z,
+    lambda = std^2 or g(s)^2 (likelihood weighting); with s not given, s ~ U(eps_s, 1)."""
+    x_shape = (B, *shape)
+    x0, z, u = randn(seed, x_shape, x_shape, (B,))
+    s_given = torch.sigmoid(u)
+    model, sde = Recorder(fake_score_model), FakeSDE()
+
+    def expected(s):
+        scale, shift, std = torch.exp(-col(s, x0)), 0.1 * col(s, x0), (0.2 + col(s, x0)).sqrt()
+        lam = col(1 + s ** 2, x0) ** 2 if weighted else std ** 2
+        return flat_mean(lam * (fake_score_model(scale * x0 + shift + std * z, s) + z / std) ** 2)
+
+    loss = ds.sde_loss(model, sde, x0, likelihood_weighting=weighted, s=s_given, noise=z)
+    assert_close64(loss, expected(s_given))
+    loss = ds.sde_loss(model, sde, x0, likelihood_weighting=weighted, noise=z, eps_s=0.3,
+                       generator=torch.Generator().manual_seed(seed))
+    drawn = model.calls[-1][1]
+    assert drawn.shape == (B,) and ((drawn >= 0.3) & (drawn <= 1)).all()
+    assert_close64(loss, expected(drawn))
+
+
+# --- reverse SDE and predictor-corrector [F24, F28] -----------------------------------------------
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
 def test_F24_reverse_sde_exact_law(name):
@@ -2107,6 +2037,33 @@ def test_F24_F28_reverse_sde_on_the_mixture(name, corrector_steps):
         law = m * MIX_MU, m ** 2 * MIX_STD ** 2 + v
     ref_check_mixture(out, law, m, v)
 
+
+def test_F28_reverse_diffusion_on_the_discretized_vp_is_ancestral_ddpm():
+    """[F28, F6, F9] the reverse-diffusion predictor on DiscreteVPSDE(sched) with the grid t / T,
+    t = T..0, and the score -eps / sqrt(1 - alpha_bar_t) (F21) is ancestral DDPM (sigma2 = 'beta')
+    step for step: the same x after every step (1e-10), on the same noise."""
+    T = 100
+    sched, ab = _linear_sched(T)
+    em = ref_eps_model(ref_mix_score, ab)
+
+    def score_fn(x, s):
+        t = (s.double() * T).round().long()
+        return -em(x, t) / col((1 - ab[t]).sqrt(), x)
+
+    x = torch.randn(256, 2, generator=_gen(40), dtype=F64)
+    a, b = [], []
+    out_a = ds.reverse_sde_sample(score_fn, ds.DiscreteVPSDE(sched), x,
+                                  steps=[t / T for t in range(T, -1, -1)],
+                                  predictor="reverse_diffusion", generator=_gen(41),
+                                  callback=lambda i, y: a.append(y))
+    out_b = ds.ddpm_sample(em, sched, x, generator=_gen(41), callback=lambda i, y: b.append(y))
+    assert len(a) == len(b) == T
+    for ya, yb in zip(a, b):
+        assert torch.allclose(ya, yb, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(out_a, out_b, rtol=1e-10, atol=1e-10)
+
+
+# --- probability-flow ODE and likelihood [F26, F27, F33] ------------------------------------------
 
 # Probability-flow ODE [F26] ---------------------------------------------------------------------
 
@@ -2227,63 +2184,7 @@ def test_F27_dequantized_bits_per_dim_are_the_8bit_bin_masses():
     assert abs(((u - 0.5) ** 2).mean() - 1 / 12) < N_SE * math.sqrt(1 / 180 / n)
 
 
-# Time grids, the adaptive solver, DPM-Solver++ and the F28 predictor ---------------------------
-
-def ref_lambda(name, s):
-    """lambda = log(m / std) of the marginal (F23), at s (float or tensor)."""
-    m, v, _, _ = ref_sde_coefs(name, s)
-    return torch.log(m / v.sqrt())
-
-
-@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-def test_F34_s_grid_spacings_follow_their_formulas(name):
-    """[F34, F26] each spacing runs from 1 to eps_s, strictly descending, with its defining property
-    checked here: equal steps in s; (s - eps_s) / (1 - eps_s) = (1 - i/N)^2; equal steps in
-    lambda = log(m / std) (F23 written here; also to 1e-10 down to eps_s = 1e-6, below the
-    module's table); equal steps in sigma^(1/7), sigma = std / m. The
-    default is quadratic for VP and sub-VP, uniform for VE; an explicit grid comes back as given,
-    and the solvers follow it exactly as they follow a step count on the same spacing."""
-    sde, N, eps = SDES[name](), 12, 1e-3
-    u = torch.arange(N + 1, dtype=F64) / N
-    const_steps = lambda v: torch.allclose(v.diff(), v.diff().mean().expand(N), rtol=1e-8)
-    grids = {}
-    for spacing in ("uniform", "quadratic", "logsnr", "edm"):
-        s = grids[spacing] = torch.tensor(ds.s_grid(sde, N, eps, spacing), dtype=F64)
-        assert len(s) == N + 1 and s[0] == 1 and abs(s[-1] - eps) < 1e-12
-        assert (s[1:] < s[:-1]).all()
-    assert torch.allclose(grids["uniform"], 1 - (1 - eps) * u, rtol=0, atol=1e-15)
-    assert torch.allclose((grids["quadratic"] - eps) / (1 - eps), (1 - u) ** 2, rtol=0, atol=1e-14)
-    assert const_steps(ref_lambda(name, grids["logsnr"]))
-    m, v, _, _ = ref_sde_coefs(name, grids["edm"])
-    assert const_steps((v.sqrt() / m) ** (1 / 7))
-    lam = ref_lambda(name, torch.tensor(ds.s_grid(sde, N, 1e-6, "logsnr"), dtype=F64)).diff()
-    assert torch.allclose(lam, lam.mean().expand(N), rtol=1e-10, atol=0)   # below the table
-    default = torch.tensor(ds.s_grid(sde, N, eps), dtype=F64)
-    assert torch.equal(default, grids["uniform" if name == "ve" else "quadratic"])
-    assert ds.s_grid(sde, [1.0, 0.5, 0.0]) == [1.0, 0.5, 0.0]
-    score_fn, x = ref_sde_score(ref_gauss_score, name), _gauss_points(4, 45)
-    runs = (ds.ode_sample, ds.ode_encode, lambda *a, **kw: ds.reverse_sde_sample(
-        *a, generator=_gen(1), **kw))
-    for run in runs:                       # an explicit grid, or the count that makes it
-        assert torch.equal(run(score_fn, sde, x, steps=5, spacing="logsnr"),
-                           run(score_fn, sde, x, steps=ds.s_grid(sde, 5, spacing="logsnr")))
-    for bad in ([1.0], [1.0, 0.5, 0.5], [1.0, 0.2, 0.4], [1.5, 0.5], [1.0, -0.1]):
-        with pytest.raises(ValueError, match="steps"):
-            ds.s_grid(sde, bad)
-    with pytest.raises(ValueError, match="spacing"):
-        ds.s_grid(sde, 5, spacing="cosine")
-
-
-@pytest.mark.parametrize("T,S", [(1000, 7), (1000, 50), (100, 99), (10, 1), (10, 10)])
-def test_F6_F29_integer_grid_is_evenly_spaced_from_T_to_1(T, S):
-    """[F6, F29] an integer step count S makes ddpm_sample and ddim_sample visit
-    round(T - (T - 1) i / (S - 1)), i = 0..S-1 (T alone for S = 1), computed here."""
-    sched, ab = _linear_sched(T)
-    expected = [T] if S == 1 else [round(T - (T - 1) * i / (S - 1)) for i in range(S)]
-    for sample in (lambda em, x: ds.ddpm_sample(em, sched, x, steps=S),
-                   lambda em, x: ds.ddim_sample(em, sched, x, steps=S)):
-        assert _grid_of(sample, ab) == expected
-
+# The adaptive solver, rk45 [F33] ------------------------------------------------------------------
 
 def ref_flow_map(name, x, s_from, s_to, mu=MU, cov=SIGMA):
     """The exact probability flow (F26) of N(mu, cov) data from s_from to s_to: x -> m' mu +
@@ -2395,6 +2296,53 @@ def test_F33_rk45_is_dormand_prince_with_the_f33_controller(s0, s1, start):
     assert torch.allclose(out, ref_x, rtol=1e-12, atol=1e-14)
     with pytest.raises(RuntimeError, match="max_steps"):
         ds._rk45(field([]), x, s0, s1, 1e-6, 1e-6, attempts - 1)
+
+
+# --- few-step solvers and time grids [F32, F34, F37, F38] -----------------------------------------
+
+def ref_lambda(name, s):
+    """lambda = log(m / std) of the marginal (F23), at s (float or tensor)."""
+    m, v, _, _ = ref_sde_coefs(name, s)
+    return torch.log(m / v.sqrt())
+
+
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
+def test_F34_s_grid_spacings_follow_their_formulas(name):
+    """[F34, F26] each spacing runs from 1 to eps_s, strictly descending, with its defining property
+    checked here: equal steps in s; (s - eps_s) / (1 - eps_s) = (1 - i/N)^2; equal steps in
+    lambda = log(m / std) (F23 written here; also to 1e-10 down to eps_s = 1e-6, below the
+    module's table); equal steps in sigma^(1/7), sigma = std / m. The
+    default is quadratic for VP and sub-VP, uniform for VE; an explicit grid comes back as given,
+    and the solvers follow it exactly as they follow a step count on the same spacing."""
+    sde, N, eps = SDES[name](), 12, 1e-3
+    u = torch.arange(N + 1, dtype=F64) / N
+    const_steps = lambda v: torch.allclose(v.diff(), v.diff().mean().expand(N), rtol=1e-8)
+    grids = {}
+    for spacing in ("uniform", "quadratic", "logsnr", "edm"):
+        s = grids[spacing] = torch.tensor(ds.s_grid(sde, N, eps, spacing), dtype=F64)
+        assert len(s) == N + 1 and s[0] == 1 and abs(s[-1] - eps) < 1e-12
+        assert (s[1:] < s[:-1]).all()
+    assert torch.allclose(grids["uniform"], 1 - (1 - eps) * u, rtol=0, atol=1e-15)
+    assert torch.allclose((grids["quadratic"] - eps) / (1 - eps), (1 - u) ** 2, rtol=0, atol=1e-14)
+    assert const_steps(ref_lambda(name, grids["logsnr"]))
+    m, v, _, _ = ref_sde_coefs(name, grids["edm"])
+    assert const_steps((v.sqrt() / m) ** (1 / 7))
+    lam = ref_lambda(name, torch.tensor(ds.s_grid(sde, N, 1e-6, "logsnr"), dtype=F64)).diff()
+    assert torch.allclose(lam, lam.mean().expand(N), rtol=1e-10, atol=0)   # below the table
+    default = torch.tensor(ds.s_grid(sde, N, eps), dtype=F64)
+    assert torch.equal(default, grids["uniform" if name == "ve" else "quadratic"])
+    assert ds.s_grid(sde, [1.0, 0.5, 0.0]) == [1.0, 0.5, 0.0]
+    score_fn, x = ref_sde_score(ref_gauss_score, name), _gauss_points(4, 45)
+    runs = (ds.ode_sample, ds.ode_encode, lambda *a, **kw: ds.reverse_sde_sample(
+        *a, generator=_gen(1), **kw))
+    for run in runs:                       # an explicit grid, or the count that makes it
+        assert torch.equal(run(score_fn, sde, x, steps=5, spacing="logsnr"),
+                           run(score_fn, sde, x, steps=ds.s_grid(sde, 5, spacing="logsnr")))
+    for bad in ([1.0], [1.0, 0.5, 0.5], [1.0, 0.2, 0.4], [1.5, 0.5], [1.0, -0.1]):
+        with pytest.raises(ValueError, match="steps"):
+            ds.s_grid(sde, bad)
+    with pytest.raises(ValueError, match="spacing"):
+        ds.s_grid(sde, 5, spacing="cosine")
 
 
 def ref_dpm_pp_2m(x0_of, x, alphas, sigmas):
@@ -2731,160 +2679,8 @@ def test_F37_F38_steps_count_the_model_calls():
                                      order=bad)
 
 
-def test_F28_reverse_diffusion_on_the_discretized_vp_is_ancestral_ddpm():
-    """[F28, F6, F9] the reverse-diffusion predictor on DiscreteVPSDE(sched) with the grid t / T,
-    t = T..0, and the score -eps / sqrt(1 - alpha_bar_t) (F21) is ancestral DDPM (sigma2 = 'beta')
-    step for step: the same x after every step (1e-10), on the same noise."""
-    T = 100
-    sched, ab = _linear_sched(T)
-    em = ref_eps_model(ref_mix_score, ab)
+# --- controllable generation [F30, F31] -----------------------------------------------------------
 
-    def score_fn(x, s):
-        t = (s.double() * T).round().long()
-        return -em(x, t) / col((1 - ab[t]).sqrt(), x)
-
-    x = torch.randn(256, 2, generator=_gen(40), dtype=F64)
-    a, b = [], []
-    out_a = ds.reverse_sde_sample(score_fn, ds.DiscreteVPSDE(sched), x,
-                                  steps=[t / T for t in range(T, -1, -1)],
-                                  predictor="reverse_diffusion", generator=_gen(41),
-                                  callback=lambda i, y: a.append(y))
-    out_b = ds.ddpm_sample(em, sched, x, generator=_gen(41), callback=lambda i, y: b.append(y))
-    assert len(a) == len(b) == T
-    for ya, yb in zip(a, b):
-        assert torch.allclose(ya, yb, rtol=1e-10, atol=1e-10)
-    assert torch.allclose(out_a, out_b, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="no CUDA device here: host synchronization is a GPU-stream question")
-def test_F6_F24_F26_F29_F32_sampler_steps_never_synchronize_with_the_host():
-    """[F6, F24, F26, F28, F29, F32] a few steps of every fixed-step sampler on CUDA under
-    torch.cuda.set_sync_debug_mode('error'): validation and coefficients come before the loop,
-    so no step waits for the device (rk45 is adaptive and syncs once per attempt by design)."""
-    dev = torch.device("cuda")
-    sched, ab = _linear_sched(50)
-    ab_d = ab.to(dev)
-    eps_model = lambda x, t: (1 - ab_d[t]).sqrt()[:, None] * x
-    score_fn = lambda x, s: -x
-    vp, dvp = ds.VPSDE(**VP), ds.DiscreteVPSDE(sched)
-    x = torch.randn(64, 2, device=dev)
-    g = torch.Generator(device=dev).manual_seed(0)
-    runs = [lambda: ds.ddpm_sample(eps_model, sched, x, steps=5, generator=g),
-            lambda: ds.ddim_sample(eps_model, sched, x, steps=5, eta=0.5, generator=g),
-            lambda: ds.dpm_solver_sample(eps_model, sched, x, steps=5),
-            lambda: ds.dpm_solver_sde_sample(score_fn, vp, x, steps=5),
-            lambda: ds.reverse_sde_sample(score_fn, vp, x, steps=5, corrector_steps=1,
-                                          generator=g),
-            lambda: ds.reverse_sde_sample(score_fn, dvp, x, steps=5,
-                                          predictor="reverse_diffusion", generator=g),
-            lambda: ds.ode_sample(score_fn, vp, x, steps=5),
-            lambda: ds.annealed_langevin(lambda y, sg: -y, x, [1.0, 0.1], n_steps_each=2,
-                                         generator=g)]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for run in runs:
-            assert run().shape == x.shape
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-
-
-# Every sampler: reproducibility, shapes, argument checks ----------------------------------------
-
-def _all_samplers():
-    """Every sampler as run(x, generator), with the exact score of N(0, I) data, few steps."""
-    sched, ab = _linear_sched(50)
-    eps_model = lambda x, t: col((1 - ab[t]).sqrt(), x) * x
-
-    def sde_score(name):                     # data N(0, I): p_s = N(0, (m^2 + v) I)
-        def score_fn(x, s):
-            m, v, _, _ = ref_sde_coefs(name, s)
-            return -x / col(m ** 2 + v, x)
-        return score_fn
-
-    vp, ve = ds.VPSDE(**VP), ds.VESDE(**VE)
-    return {
-        "ddpm": lambda x, g: ds.ddpm_sample(eps_model, sched, x, generator=g),
-        "ddpm respaced": lambda x, g: ds.ddpm_sample(eps_model, sched, x, steps=10,
-                                                     sigma2="beta_tilde", generator=g),
-        "ddim": lambda x, g: ds.ddim_sample(eps_model, sched, x, steps=10, eta=0.5, generator=g),
-        "langevin": lambda x, g: ds.langevin(lambda y: -y, x, step_size=0.1, n_steps=20,
-                                             generator=g),
-        "annealed": lambda x, g: ds.annealed_langevin(
-            lambda y, sigma: -y / col(1 + sigma ** 2, y), x, [1.0, 0.3, 0.1], n_steps_each=10,
-            generator=g),
-        "pc vp": lambda x, g: ds.reverse_sde_sample(sde_score("vp"), vp, x, steps=20,
-                                                    corrector_steps=1, generator=g),
-        "pc ve": lambda x, g: ds.reverse_sde_sample(sde_score("ve"), ve, 50 * x, steps=20,
-                                                    corrector_steps=1, generator=g),
-        "ode": lambda x, g: ds.ode_sample(sde_score("vp"), vp, x, steps=10, method="heun"),
-        "ode_encode": lambda x, g: ds.ode_encode(sde_score("vp"), vp, x, steps=10),
-        "ode rk45": lambda x, g: ds.ode_sample(sde_score("vp"), vp, x, method="rk45"),
-        "dpm": lambda x, g: ds.dpm_solver_sample(eps_model, sched, x, steps=8),
-        "dpm sde": lambda x, g: ds.dpm_solver_sde_sample(sde_score("vp"), vp, x, steps=8),
-        "pc rd": lambda x, g: ds.reverse_sde_sample(sde_score("vp"), vp, x, steps=20,
-                                                    corrector_steps=1, generator=g,
-                                                    predictor="reverse_diffusion"),
-        "ode_likelihood": lambda x, g: ds.ode_likelihood(      # (Rademacher probes are exact
-            sde_score("vp"), vp, x, steps=5, divergence="hutchinson", probe="gaussian",
-            generator=g)["nats"]}                              # here: the Jacobian is c(s) I)
-
-
-@pytest.mark.parametrize("name", list(_all_samplers()))
-def test_F6_to_F32_samplers_are_reproducible_and_shape_agnostic(name):
-    """The same generator seed gives bit-identical output and another seed another output;
-    image-shaped input (B, 1, 4, 4) keeps its shape and gives the same numbers as the same data
-    flattened to (B, 16): one broadcasting rule for points and images (ode_likelihood: (B,)).
-    [F6, F17, F20, F24, F26, F27, F28, F29, F32]"""
-    run = _all_samplers()[name]
-    x = torch.randn(8, 1, 4, 4, generator=_gen(50), dtype=F64)
-    a, b = run(x, _gen(51)), run(x, _gen(51))
-    assert torch.equal(a, b) and torch.isfinite(a).all()
-    assert a.shape == ((8,) if name == "ode_likelihood" else x.shape)
-    flat = run(x.reshape(8, 16), _gen(51))
-    assert torch.allclose(flat.reshape(a.shape), a, rtol=1e-12, atol=1e-12)
-    if name not in ("ode", "ode_encode", "ode rk45", "dpm", "dpm sde"):   # deterministic
-        assert not torch.equal(run(x, _gen(52)), a)
-
-
-def test_F6_F26_F27_F29_sampler_arguments_are_checked():
-    """Unknown names, impossible step grids, counts, tolerances and times raise ValueError naming
-    the argument. [F6, F10, F26, F27, F28, F29, F32]"""
-    sched, ab = _linear_sched(50)
-    eps_model, x = ref_eps_model(ref_mix_score, ab), torch.zeros(4, 2, dtype=F64)
-    score_fn, vp = ref_sde_score(ref_mix_score, "vp"), ds.VPSDE(**VP)
-    bad = [(lambda: ds.ode_sample(score_fn, vp, x, method="midpoint"), "method"),
-           (lambda: ds.ode_likelihood(score_fn, vp, x, divergence="skilling"), "divergence"),
-           (lambda: ds.ddpm_sample(eps_model, sched, x, sigma2="learned"), "sigma2"),
-           (lambda: ds.ddpm_sample(eps_model, sched, x, steps=[40, 20, 1]), "steps"),
-           (lambda: ds.ddim_sample(eps_model, sched, x, steps=51), "steps"),
-           (lambda: ds.ddim_sample(eps_model, sched, x, steps=0), "steps"),
-           (lambda: ds.ddim_sample(eps_model, sched, x, steps=[50, 30, 30, 1]), "steps"),
-           (lambda: ds.reverse_sde_sample(score_fn, vp, x, steps=0), "steps"),
-           (lambda: ds.reverse_sde_sample(score_fn, vp, x, steps=5, eps_s=1.5), "eps_s"),
-           (lambda: ds.reverse_sde_sample(score_fn, vp, x, corrector_steps=-1), "corrector_steps"),
-           (lambda: ds.ode_sample(score_fn, vp, x, eps_s=-1.0), "eps_s"),
-           (lambda: ds.ode_encode(score_fn, vp, x, steps=2.5), "steps"),
-           (lambda: ds.ode_likelihood(score_fn, vp, x, divergence="hutchinson", n_probes=0),
-            "n_probes"),
-           (lambda: ds.langevin(lambda y: -y, x, step_size=0.1, n_steps=2.5), "n_steps"),
-           (lambda: ds.annealed_langevin(lambda y, sg: -y, x, []), "sigmas"),
-           (lambda: ds.annealed_langevin(lambda y, sg: -y, x, [1.0, 0.0]), "sigmas"),
-           (lambda: ds.reverse_sde_sample(score_fn, vp, x, predictor="heun"), "predictor"),
-           (lambda: ds.ode_sample(score_fn, vp, x, spacing="cosine"), "spacing"),
-           (lambda: ds.ode_sample(score_fn, vp, x, method="rk45", rtol=0.0), "rtol"),
-           (lambda: ds.ode_likelihood(score_fn, vp, x, method="rk45", max_steps=0), "max_steps"),
-           (lambda: ds.dpm_solver_sample(eps_model, sched, x, steps=51), "steps"),
-           (lambda: ds.dpm_solver_sample(eps_model, sched, x, clip_x0=(1, 0)), "clip_x0"),
-           (lambda: ds.dpm_solver_sde_sample(score_fn, vp, x, steps=0), "steps"),
-           (lambda: ds.vlb_bpd(eps_model, sched, x, decoder_var="beta_1"), "decoder_var")]
-    for call, arg in bad:
-        with pytest.raises(ValueError, match=arg):
-            call()
-
-
-# --- controllable generation [F30, F31] and energy-based scores [F14] ---
 # Guidance is checked where p_s(y | x) is known in closed form: a 2-D mixture of isotropic Gaussians
 # under the VP SDE (F23) and the linear DDPM schedule (F3); inpainting and colorization on Gaussian
 # data, where the exact conditional is a Schur complement and the replacement sampler's exact
@@ -3206,12 +3002,7 @@ def test_F31_colorization_keeps_the_grey_and_fills_in_near_the_conditional():
     assert max(b for _, b in gaps) == pytest.approx(G_COLOUR_GAP[1], abs=5e-4)
 
 
-# Energy-based scores [F14] ------------------------------------------------------------------------
-
-def ref_trace_jacobian(field, x):
-    """tr(d field / d x) per example, from ref_g_jacobian (autograd, one pass per coordinate)."""
-    return ref_g_jacobian(field, x).diagonal(dim1=1, dim2=2).sum(1)
-
+# Score wrappers keep their graph; an energy inside a sampler [F14, F24, F27, F30, F31] ------------
 
 def ref_laplacian(logp, x):
     """Laplacian of a log-density, the divergence its score must have, by double autograd."""
@@ -3247,90 +3038,6 @@ def test_F27_F30_F14_F31_score_wrappers_have_the_divergence_of_their_log_density
                           rtol=1e-10)
 
 
-def g_energy_net(d, seed):
-    """A random MLP energy E(x, s) -> (B,) in float64, softplus activations (smooth)."""
-    net = torch.nn.Sequential(torch.nn.Linear(d + 1, 32), torch.nn.Softplus(),
-                              torch.nn.Linear(32, 32), torch.nn.Softplus(),
-                              torch.nn.Linear(32, 1)).double()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=F64) / math.sqrt(p.shape[-1]))
-    return net, lambda x, s: net(torch.cat([x, s[:, None]], 1)).squeeze(1)
-
-
-def ref_g_jacobian(field, x):
-    """J[b, i, j] = d field(x)_i / d x_j by autograd, one backward pass per output coordinate."""
-    x = x.clone().requires_grad_(True)
-    out = field(x)
-    return torch.stack([torch.autograd.grad(out[:, i].sum(), x, retain_graph=True)[0]
-                        for i in range(x.shape[1])], 1)
-
-
-@settings(deadline=None)
-@given(seed=seeds, d=st.integers(2, 5))
-def test_F14_energy_score_is_minus_grad_e_a_conservative_field_and_ignores_z(seed, d):
-    """[F14] for a random MLP energy E(x, s): energy_score(E) = -grad_x E (autograd here); its
-    Jacobian is symmetric (a gradient field), while a non-conservative field (the network's
-    first-layer output) is not, so the check has power; adding a constant and a function of s
-    (a log-normalizer log Z(s)) leaves the score unchanged."""
-    net, E = g_energy_net(d, seed)
-    g = torch.Generator().manual_seed(seed)
-    x, s = torch.randn(8, d, generator=g, dtype=F64), torch.rand(8, generator=g, dtype=F64)
-    score = ds.energy_score(E)
-    x_ = x.clone().requires_grad_(True)
-    expected = -torch.autograd.grad(E(x_, s).sum(), x_)[0]
-    assert_close64(score(x, s), expected, atol=1e-14)
-    J = ref_g_jacobian(lambda x: score(x, s), x)
-    tol = RTOL * J.abs().max().item()
-    assert_close64(J, J.transpose(1, 2), atol=tol, rtol=0)
-    J_rot = ref_g_jacobian(lambda x: net[0](torch.cat([x, s[:, None]], 1))[:, :d], x)
-    assert (J_rot - J_rot.transpose(1, 2)).abs().max() > 1e3 * tol
-    shifted = ds.energy_score(lambda x, s: E(x, s) + 3.7 + 5 * s ** 2 - s.exp())
-    assert_close64(shifted(x, s), score(x, s), atol=1e-14)
-
-
-@settings(deadline=None)
-@given(seed=seeds, d=st.integers(1, 5))
-def test_F14_F16_quadratic_energy_gives_the_gaussian_score(seed, d):
-    """[F14, F16] E(x) = 1/2 (x - mu)^T P (x - mu): energy_score(E)(x) = -P (x - mu) exactly, and
-    through score_matching_loss (which differentiates the score in x, so the wrapper must keep
-    the graph) it gives the closed form (1/2 ||P (x - mu)||^2 - tr P) / d."""
-    g = torch.Generator().manual_seed(seed)
-    A, mu, x = (torch.randn(*shape, generator=g, dtype=F64) for shape in ((d, d), (d,), (6, d)))
-    P = A @ A.T + 0.5 * torch.eye(d, dtype=F64)
-    E = lambda x: 0.5 * torch.einsum("bi,ij,bj->b", x - mu, P, x - mu)
-    expected = -(x - mu) @ P
-    scale = expected.abs().max().item()
-    assert_close64(ds.energy_score(E)(x), expected, atol=RTOL * scale)
-    loss = ds.score_matching_loss(ds.energy_score(E), x)
-    assert_close64(loss, (0.5 * (expected ** 2).sum(1) - P.trace()) / d,
-                   atol=RTOL * (scale ** 2 + P.trace().item()))
-
-
-def test_F14_F19_energy_score_trains_through_dsm_loss():
-    """[F14, F19] with gradients on, dsm_loss(energy_score(E_net), ...) backpropagates to the
-    energy's parameters: the gradients are finite, non-zero and equal those of the same loss
-    written here with -grad_x E (create_graph); the output bias (a constant added to E) gets
-    none."""
-    net, E = g_energy_net(3, 0)
-    g = torch.Generator().manual_seed(0)
-    x0, z = (torch.randn(64, 3, generator=g, dtype=F64) for _ in range(2))
-    sigmas = [0.1, 0.5, 1.0, 2.0]
-    sigma = torch.tensor(sigmas, dtype=F64).repeat(16)
-    ds.dsm_loss(ds.energy_score(E), x0, sigmas, sigma=sigma, noise=z).mean().backward()
-    *params, out_bias = net.parameters()
-    assert out_bias.grad is None
-    grads = [p.grad.clone() for p in params]
-    net.zero_grad(set_to_none=True)
-    x_tilde = (x0 + sigma[:, None] * z).requires_grad_(True)     # F18, F19 written here
-    score = -torch.autograd.grad(E(x_tilde, sigma).sum(), x_tilde, create_graph=True)[0]
-    (sigma[:, None] ** 2 * (score + z / sigma[:, None]) ** 2).mean(1).mean().backward()
-    for got, p in zip(grads, params):
-        assert torch.isfinite(got).all() and got.abs().max() > 0
-        assert_close64(got, p.grad, atol=1e-12, rtol=1e-9)
-
-
 def ref_g_noised_gauss_energy(x, s, mu=G_MU3, cov=G_SIGMA3):
     """-log N(x; m mu, C) + const = 1/2 (x - m mu)^T C^{-1} (x - m mu), C = m^2 cov + v I. [F23]"""
     (m, v), r = ref_g_vp(s[0]), x - ref_g_vp(s[0])[0] * mu
@@ -3357,7 +3064,304 @@ def test_F14_F24_energy_score_works_inside_a_no_grad_sampler():
     assert_close64(runs[0], runs[1], atol=1e-12, rtol=1e-9)
 
 
-# Bad input: ValueError naming the argument --------------------------------------------------------
+# --- across sections: every sampler, reproducibility, shapes, argument checks ---------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device here: host synchronization is a GPU-stream question")
+def test_F6_F24_F26_F29_F32_sampler_steps_never_synchronize_with_the_host():
+    """[F6, F24, F26, F28, F29, F32] a few steps of every fixed-step sampler on CUDA under
+    torch.cuda.set_sync_debug_mode('error'): validation and coefficients come before the loop,
+    so no step waits for the device (rk45 is adaptive and syncs once per attempt by design)."""
+    dev = torch.device("cuda")
+    sched, ab = _linear_sched(50)
+    ab_d = ab.to(dev)
+    eps_model = lambda x, t: (1 - ab_d[t]).sqrt()[:, None] * x
+    score_fn = lambda x, s: -x
+    vp, dvp = ds.VPSDE(**VP), ds.DiscreteVPSDE(sched)
+    x = torch.randn(64, 2, device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    runs = [lambda: ds.ddpm_sample(eps_model, sched, x, steps=5, generator=g),
+            lambda: ds.ddim_sample(eps_model, sched, x, steps=5, eta=0.5, generator=g),
+            lambda: ds.dpm_solver_sample(eps_model, sched, x, steps=5),
+            lambda: ds.dpm_solver_sde_sample(score_fn, vp, x, steps=5),
+            lambda: ds.reverse_sde_sample(score_fn, vp, x, steps=5, corrector_steps=1,
+                                          generator=g),
+            lambda: ds.reverse_sde_sample(score_fn, dvp, x, steps=5,
+                                          predictor="reverse_diffusion", generator=g),
+            lambda: ds.ode_sample(score_fn, vp, x, steps=5),
+            lambda: ds.annealed_langevin(lambda y, sg: -y, x, [1.0, 0.1], n_steps_each=2,
+                                         generator=g)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for run in runs:
+            assert run().shape == x.shape
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def _all_samplers():
+    """Every sampler as run(x, generator), with the exact score of N(0, I) data, few steps."""
+    sched, ab = _linear_sched(50)
+    eps_model = lambda x, t: col((1 - ab[t]).sqrt(), x) * x
+
+    def sde_score(name):                     # data N(0, I): p_s = N(0, (m^2 + v) I)
+        def score_fn(x, s):
+            m, v, _, _ = ref_sde_coefs(name, s)
+            return -x / col(m ** 2 + v, x)
+        return score_fn
+
+    vp, ve = ds.VPSDE(**VP), ds.VESDE(**VE)
+    return {
+        "ddpm": lambda x, g: ds.ddpm_sample(eps_model, sched, x, generator=g),
+        "ddpm respaced": lambda x, g: ds.ddpm_sample(eps_model, sched, x, steps=10,
+                                                     sigma2="beta_tilde", generator=g),
+        "ddim": lambda x, g: ds.ddim_sample(eps_model, sched, x, steps=10, eta=0.5, generator=g),
+        "langevin": lambda x, g: ds.langevin(lambda y: -y, x, step_size=0.1, n_steps=20,
+                                             generator=g),
+        "annealed": lambda x, g: ds.annealed_langevin(
+            lambda y, sigma: -y / col(1 + sigma ** 2, y), x, [1.0, 0.3, 0.1], n_steps_each=10,
+            generator=g),
+        "pc vp": lambda x, g: ds.reverse_sde_sample(sde_score("vp"), vp, x, steps=20,
+                                                    corrector_steps=1, generator=g),
+        "pc ve": lambda x, g: ds.reverse_sde_sample(sde_score("ve"), ve, 50 * x, steps=20,
+                                                    corrector_steps=1, generator=g),
+        "ode": lambda x, g: ds.ode_sample(sde_score("vp"), vp, x, steps=10, method="heun"),
+        "ode_encode": lambda x, g: ds.ode_encode(sde_score("vp"), vp, x, steps=10),
+        "ode rk45": lambda x, g: ds.ode_sample(sde_score("vp"), vp, x, method="rk45"),
+        "dpm": lambda x, g: ds.dpm_solver_sample(eps_model, sched, x, steps=8),
+        "dpm sde": lambda x, g: ds.dpm_solver_sde_sample(sde_score("vp"), vp, x, steps=8),
+        "pc rd": lambda x, g: ds.reverse_sde_sample(sde_score("vp"), vp, x, steps=20,
+                                                    corrector_steps=1, generator=g,
+                                                    predictor="reverse_diffusion"),
+        "ode_likelihood": lambda x, g: ds.ode_likelihood(      # (Rademacher probes are exact
+            sde_score("vp"), vp, x, steps=5, divergence="hutchinson", probe="gaussian",
+            generator=g)["nats"]}                              # here: the Jacobian is c(s) I)
+
+
+@pytest.mark.parametrize("name", list(_all_samplers()))
+def test_F6_to_F32_samplers_are_reproducible_and_shape_agnostic(name):
+    """The same generator seed gives bit-identical output and another seed another output;
+    image-shaped input (B, 1, 4, 4) keeps its shape and gives the same numbers as the same data
+    flattened to (B, 16): one broadcasting rule for points and images (ode_likelihood: (B,)).
+    [F6, F17, F20, F24, F26, F27, F28, F29, F32]"""
+    run = _all_samplers()[name]
+    x = torch.randn(8, 1, 4, 4, generator=_gen(50), dtype=F64)
+    a, b = run(x, _gen(51)), run(x, _gen(51))
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert a.shape == ((8,) if name == "ode_likelihood" else x.shape)
+    flat = run(x.reshape(8, 16), _gen(51))
+    assert torch.allclose(flat.reshape(a.shape), a, rtol=1e-12, atol=1e-12)
+    if name not in ("ode", "ode_encode", "ode rk45", "dpm", "dpm sde"):   # deterministic
+        assert not torch.equal(run(x, _gen(52)), a)
+
+
+def test_F6_F26_F27_F29_sampler_arguments_are_checked():
+    """Unknown names, impossible step grids, counts, tolerances and times raise ValueError naming
+    the argument. [F6, F10, F26, F27, F28, F29, F32]"""
+    sched, ab = _linear_sched(50)
+    eps_model, x = ref_eps_model(ref_mix_score, ab), torch.zeros(4, 2, dtype=F64)
+    score_fn, vp = ref_sde_score(ref_mix_score, "vp"), ds.VPSDE(**VP)
+    bad = [(lambda: ds.ode_sample(score_fn, vp, x, method="midpoint"), "method"),
+           (lambda: ds.ode_likelihood(score_fn, vp, x, divergence="skilling"), "divergence"),
+           (lambda: ds.ddpm_sample(eps_model, sched, x, sigma2="learned"), "sigma2"),
+           (lambda: ds.ddpm_sample(eps_model, sched, x, steps=[40, 20, 1]), "steps"),
+           (lambda: ds.ddim_sample(eps_model, sched, x, steps=51), "steps"),
+           (lambda: ds.ddim_sample(eps_model, sched, x, steps=0), "steps"),
+           (lambda: ds.ddim_sample(eps_model, sched, x, steps=[50, 30, 30, 1]), "steps"),
+           (lambda: ds.reverse_sde_sample(score_fn, vp, x, steps=0), "steps"),
+           (lambda: ds.reverse_sde_sample(score_fn, vp, x, steps=5, eps_s=1.5), "eps_s"),
+           (lambda: ds.reverse_sde_sample(score_fn, vp, x, corrector_steps=-1), "corrector_steps"),
+           (lambda: ds.ode_sample(score_fn, vp, x, eps_s=-1.0), "eps_s"),
+           (lambda: ds.ode_encode(score_fn, vp, x, steps=2.5), "steps"),
+           (lambda: ds.ode_likelihood(score_fn, vp, x, divergence="hutchinson", n_probes=0),
+            "n_probes"),
+           (lambda: ds.langevin(lambda y: -y, x, step_size=0.1, n_steps=2.5), "n_steps"),
+           (lambda: ds.annealed_langevin(lambda y, sg: -y, x, []), "sigmas"),
+           (lambda: ds.annealed_langevin(lambda y, sg: -y, x, [1.0, 0.0]), "sigmas"),
+           (lambda: ds.reverse_sde_sample(score_fn, vp, x, predictor="heun"), "predictor"),
+           (lambda: ds.ode_sample(score_fn, vp, x, spacing="cosine"), "spacing"),
+           (lambda: ds.ode_sample(score_fn, vp, x, method="rk45", rtol=0.0), "rtol"),
+           (lambda: ds.ode_likelihood(score_fn, vp, x, method="rk45", max_steps=0), "max_steps"),
+           (lambda: ds.dpm_solver_sample(eps_model, sched, x, steps=51), "steps"),
+           (lambda: ds.dpm_solver_sample(eps_model, sched, x, clip_x0=(1, 0)), "clip_x0"),
+           (lambda: ds.dpm_solver_sde_sample(score_fn, vp, x, steps=0), "steps"),
+           (lambda: ds.vlb_bpd(eps_model, sched, x, decoder_var="beta_1"), "decoder_var")]
+    for call, arg in bad:
+        with pytest.raises(ValueError, match=arg):
+            call()
+
+
+# --- across sections: dtype and device (FORMULAS.md, pitfall 11) ----------------------------------
+
+def test_F1_F2_F3_F7_F12_outputs_follow_the_data_dtype_and_schedules_are_float64():
+    """[F1, F2, F3, F7, F8, F10, F12, F16, F18, F21, F25] float32 data in -> float32 out; schedules,
+    marginal_coefs and reverse_var are float64."""
+    sched = ds.Schedule.from_betas(ref_linear_betas(20, 1e-3, 0.2))
+    t, x = long([1, 7, 20]), torch.randn(3, 2, 2)
+    for arr in (ds.linear_betas(10), ds.cosine_betas(10), ds.geometric_sigmas(1.0, 0.1, 5),
+                sched.beta, sched.alpha, sched.alpha_bar, sched.beta_tilde,
+                *ds.marginal_coefs(sched, t), ds.reverse_var(sched, t, "beta_tilde")):
+        assert arr.dtype == F64
+    scale, std = ds.marginal_coefs(sched, t)
+    x01 = (2 * torch.randint(0, 256, (3, 2, 2)) / 255 - 1).float()
+    vlb = ds.vlb_bpd(lambda y, _t: 0.1 * y, sched, x01)
+    outputs = [ds.q_step(sched, x, t), ds.q_sample(sched, x, t), *ds.q_mean_var(sched, x, t),
+               *ds.posterior_mean_var(sched, x, x, t), ds.mu_from_eps(sched, x, t, x),
+               ds.gaussian_kl(x, x.exp(), 0 * x, x.exp()),
+               ds.discretized_gaussian_logp(x01, x, x.exp()), *vlb.values(),
+               ds.eps_to_score(x, std), ds.score_to_eps(x, std), ds.x0_from_eps(x, x, scale, std),
+               ds.tweedie(x, x, scale, std), ds.eps_loss(lambda y, _t: y, sched, x),
+               ds.dsm_loss(lambda y, _s: y, x, [1.0, 0.1]),
+               ds.sde_loss(lambda y, _s: y, FakeSDE(), x),
+               ds.score_matching_loss(lambda y: y ** 2, x),
+               ds.sliced_score_matching_loss(lambda y: y ** 2, x)]
+    for i, out in enumerate(outputs):
+        assert out.dtype == torch.float32, (i, out.dtype)
+
+
+def test_F3_F7_F8_float32_coefficients_are_float32_accurate_near_t1():
+    """[F3, F7, F8] (PITFALLS 11) float32 outputs equal the float64 formula on the same inputs to
+    float32 accuracy, also at t = 1, 2 where 1 - alpha_bar_t ~ 1e-4 would lose 3 digits if it
+    were formed after casting alpha_bar to float32."""
+    betas = ref_linear_betas(1000, 1e-4, 0.02)
+    sched, alpha_bar = ds.Schedule.from_betas(betas), ref_alpha_bar(betas)
+    t = [1, 2, 10, 500, 1000]
+    x0, xt, eps = (v.float() for v in randn(11, (5, 3), (5, 3), (5, 3)))
+    X0, XT, EPS = x0.double(), xt.double(), eps.double()
+    ab = col([alpha_bar[k] for k in t], X0)
+    mu_ref = torch.stack([X0[0]] + [ref_posterior(X0[i], XT[i], betas[k - 1], alpha_bar[k - 1])[0]
+                                    for i, k in enumerate(t) if k > 1])
+    mean, var = ds.q_mean_var(sched, x0, long(t))
+    checks = [(var, 1 - ab), (mean, ab.sqrt() * X0),
+              (ds.posterior_mean_var(sched, x0, xt, long(t))[0], mu_ref),
+              (ds.mu_from_eps(sched, xt, long(t), eps),
+               torch.stack([ref_model_mean(XT[i], EPS[i], betas[k - 1], alpha_bar[k])
+                            for i, k in enumerate(t)]))]
+    # A float32 ulp is 6e-8 relative; 1e-6 (16 ulps) covers rounding each float64 coefficient
+    # once and a few float32 operations on O(1) inputs.
+    for i, (out, ref) in enumerate(checks):
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref.expand_as(out), rtol=1e-6, atol=1e-6,
+                                   msg=f"check {i}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_F3_F7_F8_half_precision_coefficients_stay_finite_at_small_t(dtype):
+    """[F3, F7, F8] (PITFALLS 11) in float16/bfloat16, alpha_bar_1 = 0.9999 rounds to 1; the
+    variance 1 - alpha_bar_t must still be > 0 and every mean finite (no division by zero)."""
+    sched = ds.Schedule.from_betas(ref_linear_betas(1000, 1e-4, 0.02))
+    t = long([1, 2, 3])
+    x = torch.ones(3, 2, dtype=dtype)
+    mean, var = ds.q_mean_var(sched, x, t)
+    assert (var > 0).all() and torch.isfinite(mean).all()
+    assert torch.isfinite(ds.posterior_mean_var(sched, x, x, t)[0]).all()
+    assert torch.isfinite(ds.mu_from_eps(sched, x, t, x)).all()
+
+
+# --- across sections: bad input, ValueError naming the argument -----------------------------------
+
+SCHED = ds.Schedule.from_betas(ref_linear_betas(10, 1e-3, 0.2))
+X = torch.zeros(2, 3)
+T_OK = long([1, 10])
+NAN, INF = float("nan"), float("inf")
+
+BAD_INPUT = {
+    "linear T=0": (lambda: ds.linear_betas(0), r"\bT\b"),
+    "linear T=2.5": (lambda: ds.linear_betas(2.5), r"\bT\b"),
+    "linear beta_1=0": (lambda: ds.linear_betas(10, 0.0, 0.02), "beta_1"),
+    "linear beta_1<0": (lambda: ds.linear_betas(10, -1e-4, 0.02), "beta_1"),
+    "linear beta_1=nan": (lambda: ds.linear_betas(10, NAN, 0.02), "beta_1"),
+    "linear beta_T=1": (lambda: ds.linear_betas(10, 1e-4, 1.0), "beta_T"),
+    "linear beta_T=inf": (lambda: ds.linear_betas(10, 1e-4, INF), "beta_T"),
+    "linear beta_T<beta_1": (lambda: ds.linear_betas(10, 0.02, 1e-4), "beta_T"),
+    "cosine T=0": (lambda: ds.cosine_betas(0), r"\bT\b"),
+    "cosine s<0": (lambda: ds.cosine_betas(10, s=-0.1), r"\bs\b"),
+    "cosine s=nan": (lambda: ds.cosine_betas(10, s=NAN), r"\bs\b"),
+    "cosine max_beta=1": (lambda: ds.cosine_betas(10, max_beta=1.0), "max_beta"),
+    "cosine max_beta=0": (lambda: ds.cosine_betas(10, max_beta=0.0), "max_beta"),
+    "geometric max=min": (lambda: ds.geometric_sigmas(1.0, 1.0, 5), "sigma_max"),
+    "geometric max<min": (lambda: ds.geometric_sigmas(0.5, 1.0, 5), "sigma_max"),
+    "geometric min=0": (lambda: ds.geometric_sigmas(1.0, 0.0, 5), "sigma_min"),
+    "geometric max=inf": (lambda: ds.geometric_sigmas(INF, 0.1, 5), "sigma_max"),
+    "geometric L=0": (lambda: ds.geometric_sigmas(1.0, 0.1, 0), r"\bL\b"),
+    "from_betas beta=1": (lambda: ds.Schedule.from_betas([0.1, 1.0]), "betas"),
+    "from_betas beta=0": (lambda: ds.Schedule.from_betas([0.0, 0.1]), "betas"),
+    "from_betas beta=nan": (lambda: ds.Schedule.from_betas([0.1, NAN]), "betas"),
+    "from_betas empty": (lambda: ds.Schedule.from_betas([]), "betas"),
+    "from_betas 2-D": (lambda: ds.Schedule.from_betas([[0.1, 0.2]]), "betas"),
+    "q_step t=0": (lambda: ds.q_step(SCHED, X, long([0, 1])), r"\bt\b"),
+    "q_step t=T+1": (lambda: ds.q_step(SCHED, X, long([1, 11])), r"\bt\b"),
+    "q_step t float": (lambda: ds.q_step(SCHED, X, torch.tensor([1.0, 2.0])), r"\bt\b"),
+    "q_step t shape": (lambda: ds.q_step(SCHED, X, long([1, 2, 3])), r"\bt\b"),
+    "q_step noise shape": (lambda: ds.q_step(SCHED, X, T_OK, torch.zeros(2, 4)), "noise"),
+    "q_sample t=0": (lambda: ds.q_sample(SCHED, X, long([0, 1])), r"\bt\b"),
+    "q_sample t=T+1": (lambda: ds.q_sample(SCHED, X, long([11, 1])), r"\bt\b"),
+    "q_sample noise shape": (lambda: ds.q_sample(SCHED, X, T_OK, torch.zeros(3, 3)), "noise"),
+    "q_mean_var x0 0-dim": (lambda: ds.q_mean_var(SCHED, torch.tensor(1.0), T_OK), "x0"),
+    "q_mean_var t=T+1": (lambda: ds.q_mean_var(SCHED, X, long([1, 11])), r"\bt\b"),
+    "marginal_coefs t=0": (lambda: ds.marginal_coefs(SCHED, long([0, 1])), r"\bt\b"),
+    "marginal_coefs t=T+1": (lambda: ds.marginal_coefs(SCHED, long([1, 11])), r"\bt\b"),
+    "posterior xt shape": (lambda: ds.posterior_mean_var(SCHED, X, torch.zeros(2, 4), T_OK), "xt"),
+    "posterior t=0": (lambda: ds.posterior_mean_var(SCHED, X, X, long([0, 1])), r"\bt\b"),
+    "mu_from_eps eps shape": (lambda: ds.mu_from_eps(SCHED, X, T_OK, torch.zeros(2, 4)), "eps"),
+    "mu_from_eps t=T+1": (lambda: ds.mu_from_eps(SCHED, X, long([1, 11]), X), r"\bt\b"),
+    "gaussian_kl var1=0": (lambda: ds.gaussian_kl(X, 0 * X, X, X + 1), "var1"),
+    "gaussian_kl var2<0": (lambda: ds.gaussian_kl(X, X + 1, X, X - 1), "var2"),
+    "reverse_var kind": (lambda: ds.reverse_var(SCHED, T_OK, "sigma"), "kind"),
+    "reverse_var t=0": (lambda: ds.reverse_var(SCHED, long([0, 1]), "beta"), r"\bt\b"),
+    "reverse_var t=T+1": (lambda: ds.reverse_var(SCHED, long([1, 11]), "beta_tilde"), r"\bt\b"),
+    "discretized mean shape": (lambda: ds.discretized_gaussian_logp(X, X[:, :2], 1.0), "mean"),
+    "discretized var=0": (lambda: ds.discretized_gaussian_logp(X, X, 0 * X), "var"),
+    "discretized var<0": (lambda: ds.discretized_gaussian_logp(X, X, X - 1), "var"),
+    "vlb decoder": (lambda: ds.vlb_bpd(lambda y, _t: y, SCHED, X, decoder="normal"), "decoder"),
+    "vlb sigma2": (lambda: ds.vlb_bpd(lambda y, _t: y, SCHED, X, sigma2="learned"), "sigma2"),
+    "vlb x0 0-dim": (lambda: ds.vlb_bpd(lambda y, _t: y, SCHED, torch.tensor(0.0)), "x0"),
+    "eps_to_score std=0": (lambda: ds.eps_to_score(X, torch.zeros(2)), "std"),
+    "eps_to_score std<0": (lambda: ds.eps_to_score(X, -torch.ones(2)), "std"),
+    "score_to_eps std=0": (lambda: ds.score_to_eps(X, torch.zeros(2)), "std"),
+    "x0_from_eps scale=0": (lambda: ds.x0_from_eps(X, X, torch.zeros(2), torch.ones(2)), "scale"),
+    "x0_from_eps eps shape": (lambda: ds.x0_from_eps(X, X[:, :1], 1.0, 1.0), "eps"),
+    "tweedie std<0": (lambda: ds.tweedie(X, X, torch.ones(2), -torch.ones(2)), "std"),
+    "tweedie score shape": (lambda: ds.tweedie(X, X[:1], 1.0, 1.0), "score"),
+    "eps_loss t=T+1": (lambda: ds.eps_loss(lambda y, _t: y, SCHED, X, t=long([1, 11])), r"\bt\b"),
+    "eps_loss noise shape": (lambda: ds.eps_loss(lambda y, _t: y, SCHED, X, noise=X[:1]), "noise"),
+    "dsm sigma shape": (lambda: ds.dsm_loss(lambda y, _s: y, X, [1.0], sigma=torch.ones(3)),
+                        "sigma"),
+    "dsm sigma=0": (lambda: ds.dsm_loss(lambda y, _s: y, X, [1.0], sigma=torch.zeros(2)),
+                    "sigma"),
+    "dsm sigma<0": (lambda: ds.dsm_loss(lambda y, _s: y, X, [1.0], sigma=-torch.ones(2)),
+                    "sigma"),
+    "dsm sigmas empty": (lambda: ds.dsm_loss(lambda y, _s: y, X, []), "sigmas"),
+    "dsm sigmas<=0": (lambda: ds.dsm_loss(lambda y, _s: y, X, [1.0, 0.0]), "sigmas"),
+    "dsm noise shape": (lambda: ds.dsm_loss(lambda y, _s: y, X, [1.0], noise=X[:1]), "noise"),
+    "sde_loss s shape": (lambda: ds.sde_loss(lambda y, _s: y, FakeSDE(), X, s=torch.ones(3)),
+                         r"\bs\b"),
+    "sde_loss s>1": (lambda: ds.sde_loss(lambda y, _s: y, FakeSDE(), X, s=torch.full((2,), 1.5)),
+                     r"\bs\b"),
+    "sde_loss s<0": (lambda: ds.sde_loss(lambda y, _s: y, FakeSDE(), X, s=-torch.ones(2)),
+                     r"\bs\b"),
+    "sde_loss eps_s=0": (lambda: ds.sde_loss(lambda y, _s: y, FakeSDE(), X, eps_s=0.0), "eps_s"),
+    "sde_loss noise shape": (lambda: ds.sde_loss(lambda y, _s: y, FakeSDE(), X, noise=X[:1]),
+                             "noise"),
+    "score_matching x 0-dim": (lambda: ds.score_matching_loss(lambda y: y, torch.tensor(1.0)),
+                               r"\bx\b"),
+    "sliced probe": (lambda: ds.sliced_score_matching_loss(lambda y: y, X, probe="sphere"),
+                     "probe"),
+    "sliced n_projections=0": (lambda: ds.sliced_score_matching_loss(lambda y: y, X,
+                                                                     n_projections=0),
+                               "n_projections"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
+def test_F1_to_F25_bad_input_raises_value_error_naming_the_argument(case):
+    """[F1-F25 inputs] each public function of the math core rejects bad input with ValueError
+    whose message names the offending argument."""
+    fn, match = BAD_INPUT[case]
+    with pytest.raises(ValueError, match=match):
+        fn()
+
 
 G_MASK = torch.ones(2, 3, dtype=torch.bool)
 G_SAMPLERS = {"ddpm": lambda **kw: ds.ddpm_sample(lambda x, t: x, SCHED, X, **kw),
