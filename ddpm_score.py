@@ -87,7 +87,7 @@ def _full(x, s):
                       dtype=torch.promote_types(x.dtype, torch.float32))
 
 
-def _check_batch(x, name="x"):
+def _check_batch(name, x):
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] < 1:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a tensor of shape (B, ...) with B >= 1, got {got}")
@@ -114,6 +114,49 @@ def _check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
 
 
+def _check_clip(name, clip_x0):
+    if not (clip_x0 is None or isinstance(clip_x0, (tuple, list)) and len(clip_x0) == 2 and all(
+            isinstance(v, (int, float)) for v in clip_x0) and clip_x0[0] < clip_x0[1]):
+        raise ValueError(f"{name} must be None or a range (lo, hi) with lo < hi, got {clip_x0!r}")
+
+
+ODE_METHODS = ("euler", "heun", "rk4", "rk45")
+GRIDS = ("uniform", "quadratic", "logsnr", "edm")
+ARGS = {  # what each argument of the math must be, by name: the rules _check applies
+    **dict.fromkeys(("x", "x0", "xt", "x_prev"), (_check_batch,)),
+    **dict.fromkeys(("T", "L", "steps", "n_projections", "n_probes", "max_steps"),
+                    (_check_count, 1)),
+    **dict.fromkeys(("n_steps", "corrector_steps"), (_check_count, 0)),
+    "levels": (_check_count, 2),
+    **dict.fromkeys(("s", "beta_min", "beta_max", "sigma_min", "sigma_max", "step_size", "eps",
+                     "rtol", "atol"), (_check_real,)),
+    **dict.fromkeys(("beta_1", "beta_T", "max_beta", "eps_s"), (_check_real, 1)),
+    **dict.fromkeys(("sigma2", "kind"), (_check_choice, {"beta", "beta_tilde"})),
+    "decoder": (_check_choice, {"discretized", "gaussian"}),
+    "decoder_var": (_check_choice, {"published", "sigma2"}),
+    "probe": (_check_choice, {"rademacher", "gaussian"}),
+    "divergence": (_check_choice, {"exact", "hutchinson"}),
+    "predictor": (_check_choice, {"euler_maruyama", "reverse_diffusion"}),
+    "method": (_check_choice, set(ODE_METHODS)),
+    "spacing": (_check_choice, set(GRIDS)),
+    "clip_x0": (_check_clip,),
+}
+
+
+def _check(**args):
+    """Check each argument by the rule ARGS gives its name; a ValueError names the first bad one."""
+    for name, value in args.items():
+        rule, *spec = ARGS[name]
+        rule(name, value, *spec)
+
+
+def _check_above(name, value, low_name, low, strict=False):
+    """value >= low (> if strict), e.g. beta_T >= beta_1: a ValueError naming both."""
+    if value < low or strict and value == low:
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {low_name} = {low}, "
+                         f"got {value}")
+
+
 def _mean_flat(x):
     """Per-example mean over every non-batch dimension: (B, ...) -> (B,)."""
     return reduce(x, "b ... -> b", "mean")
@@ -130,13 +173,11 @@ def linear_betas(T=1000, beta_1=None, beta_T=None):
     """beta_t = beta_1 + (t - 1) / (T - 1) (beta_T - beta_1), t = 1..T, float64. [Schedules, F1, F5]
     Defaults 1e-4 and 0.02 (Ho et al.) scaled by 1000 / T as improved DDPM does, capped at 0.999:
     every T >= 20 ends near N(0, I), sqrt(alpha_bar_T) < 0.007 (unscaled, T = 100 gives 0.60)."""
-    _check_count("T", T, 1)
+    _check(T=T)
     beta_1 = min(0.1 / T, 0.999) if beta_1 is None else beta_1
     beta_T = min(20 / T, 0.999) if beta_T is None else beta_T
-    _check_real("beta_1", beta_1, 1)
-    _check_real("beta_T", beta_T, 1)
-    if beta_T < beta_1:
-        raise ValueError(f"beta_T must be >= beta_1 = {beta_1}, got {beta_T}")
+    _check(beta_1=beta_1, beta_T=beta_T)
+    _check_above("beta_T", beta_T, "beta_1", beta_1)
     return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
 
 
@@ -144,9 +185,7 @@ def cosine_betas(T=1000, s=0.008, max_beta=0.999):
     """alpha_bar_t = f(t) / f(0), f(t) = cos^2(((t / T) + s) / (1 + s) pi / 2). [Schedules]
     beta_t = min(1 - f(t) / f(t-1), max_beta), float64 (T,): the last steps are clipped, which
     is why every sampler coefficient is tested for them (PITFALLS #1)."""
-    _check_count("T", T, 1)
-    _check_real("s", s)
-    _check_real("max_beta", max_beta, 1)
+    _check(T=T, s=s, max_beta=max_beta)
     f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
     return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
 
@@ -214,7 +253,7 @@ def _noise(x, noise, generator, name="noise"):
 
 def q_step(sched, x_prev, t, noise=None, *, generator=None):
     """x_t = sqrt(alpha_t) x_{t-1} + sqrt(beta_t) z, one step of q(x_t | x_{t-1}). [F1]"""
-    _check_batch(x_prev, "x_prev")
+    _check(x_prev=x_prev)
     t = _check_t(sched, t, x_prev)
     z = _noise(x_prev, noise, generator)
     return bcast(sched.alpha[t].sqrt(), x_prev) * x_prev + bcast(sched.beta[t].sqrt(), z) * z
@@ -222,7 +261,7 @@ def q_step(sched, x_prev, t, noise=None, *, generator=None):
 
 def q_mean_var(sched, x0, t):
     """q(x_t | x0) = N(sqrt(alpha_bar_t) x0, (1 - alpha_bar_t) I); returns (mean, var). [F3]"""
-    _check_batch(x0, "x0")
+    _check(x0=x0)
     alpha_bar = sched.alpha_bar[_check_t(sched, t, x0)]    # float64, cast at use (PITFALLS #11)
     return bcast(alpha_bar.sqrt(), x0) * x0, bcast(1 - alpha_bar, x0)
 
@@ -240,7 +279,7 @@ def posterior_mean_var(sched, x0, xt, t):
     """q(x_{t-1} | x_t, x0) = N(mu_tilde, beta_tilde I); returns (mu_tilde, beta_tilde). [F7]
     mu_tilde = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x0
              + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t."""
-    _check_batch(x0, "x0")
+    _check(x0=x0)
     _check_shape(xt, x0.shape, "xt")
     t = _check_t(sched, t, x0)
     beta, (alpha_bar, alpha_bar_prev) = sched.beta[t], sched.alpha_bar[torch.stack([t, t - 1])]
@@ -252,7 +291,7 @@ def posterior_mean_var(sched, x0, xt, t):
 def mu_from_eps(sched, xt, t, eps):
     """mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t): mu_tilde with the
     true eps (F8), the model mean with eps_theta (F9). [F8, F9]"""
-    _check_batch(xt, "xt")
+    _check(xt=xt)
     _check_shape(eps, xt.shape, "eps")
     t = _check_t(sched, t, xt)
     coef = sched.beta[t] / (1 - sched.alpha_bar[t]).sqrt()
@@ -273,7 +312,7 @@ def reverse_var(sched, t, kind="beta"):
     """sigma_t^2 = beta_t or beta_tilde_t, the variance of p_theta(x_{t-1} | x_t). [F6, F7]
     (B,) float64; at t = 1 beta_tilde is clipped to beta_tilde_2 (beta_1 if T = 1), as in improved
     DDPM."""
-    _check_choice("kind", kind, {"beta", "beta_tilde"})
+    _check(kind=kind)
     t = _check_t(sched, t)
     if kind == "beta":
         return sched.beta[t]
@@ -288,7 +327,7 @@ def discretized_gaussian_logp(x0, mean, var, levels=256):
     +inf (the K masses sum to 1). As Ho et al.'s code: log Phi at k = 0, log(1 - Phi) at k = K - 1,
     log of the CDF difference between, each mass floored at 1e-12 (K = 256: their decoder)."""
     _check_shape(mean, x0.shape, "mean")
-    _check_count("levels", levels, 2)
+    _check(levels=levels)
     var = torch.as_tensor(var, dtype=x0.dtype, device=x0.device)
     if not (var > 0).all():
         raise ValueError(f"var must be > 0, got min {var.min().item()}")
@@ -307,10 +346,7 @@ def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized",
     'gaussian', with sigma_1^2 = beta_tilde_2 by ``decoder_var='published'`` (Ho et al.'s and
     improved DDPM's code: bits/dim as in papers) or reverse_var(1, sigma2) by 'sigma2'. Returns (B,)
     'total', 'prior'; (B, T) 'terms'."""
-    _check_batch(x0, "x0")
-    _check_choice("decoder", decoder, {"discretized", "gaussian"})
-    _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
-    _check_choice("decoder_var", decoder_var, {"published", "sigma2"})
+    _check(x0=x0, decoder=decoder, sigma2=sigma2, decoder_var=decoder_var)
     if decoder == "discretized" and not ((x0 >= -1) & (x0 <= 1)).all():
         raise ValueError(f"x0 must be {levels}-level data scaled to [-1, 1] for decoder='"
                          f"discretized', got values in {x0.min().item():.4g}.."
@@ -347,7 +383,7 @@ def draw_t(sched, x0, generator=None):
 def eps_loss(eps_model, sched, x0, *, t=None, noise=None, generator=None):
     """L_simple = ||eps - eps_theta(sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t)||^2 / d.
     [F12] Per example; t ~ U{1..T}, eps ~ N(0, I) unless given; eps_model(xt, t), t (B,) long."""
-    _check_batch(x0, "x0")
+    _check(x0=x0)
     t = draw_t(sched, x0, generator) if t is None else t
     eps = _noise(x0, noise, generator)
     return _mean_flat((eps - eps_model(q_sample(sched, x0, t, eps), t)) ** 2)
@@ -410,10 +446,8 @@ def ddpm_sample(eps_model, sched, x, *, steps=None, sigma2="beta", clip_x0=None,
     the last step. ``clip_x0=(lo, hi)`` (off by default) clips x0_hat and takes mu_tilde(x_t,
     x0_hat) (F7). Inpainting (F31): where ``mask`` is True, x is replaced after each step by a
     sample of q(x_t | known); the rest approximates p(x_unknown | known)."""
-    _check_batch(x, "x")
-    _check_choice("sigma2", sigma2, {"beta", "beta_tilde"})
+    _check(x=x, sigma2=sigma2, clip_x0=clip_x0)
     _check_inpainting(x, known, mask)
-    _check_clip(clip_x0)
     grid, t_bs = _time_grid(sched, steps, x)
     ab = sched.alpha_bar[grid + [0]].tolist()        # alpha_bar at tau_S, ..., tau_1, tau_0 = 0
     x = _replace_known(x, known, mask, math.sqrt(ab[0]), math.sqrt(1 - ab[0]), generator)
@@ -442,10 +476,9 @@ def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, clip_x0=None, generat
     [F29] x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), t' the previous grid
     point (0 after the last: the result is x0_hat), sigma = eta sqrt((1 - alpha_bar_t') / (1 -
     alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_t'). ``clip_x0`` clips x0_hat (eps follows)."""
-    _check_batch(x, "x")
+    _check(x=x, clip_x0=clip_x0)
     if not (isinstance(eta, (int, float)) and 0 <= eta <= 1):
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
-    _check_clip(clip_x0)
     grid, t_bs = _time_grid(sched, steps, x)
     ab = sched.alpha_bar[grid + [0]].tolist()
     for i, t_b in enumerate(t_bs):
@@ -485,7 +518,7 @@ def energy_score(energy_fn):
 def score_matching_loss(score_model, x):
     """Implicit score matching: (1/2 ||s_theta(x)||^2 + tr(grad_x s_theta(x))) / d. [F16]
     F15 / d minus a theta-free constant; the trace is exact (one backward pass per dimension)."""
-    _check_batch(x, "x")
+    _check(x=x)
     x = x.detach().requires_grad_(True)
     score = score_model(x).flatten(1)
     trace = sum(torch.autograd.grad(score[:, i].sum(), x, create_graph=True)[0].flatten(1)[:, i]
@@ -497,9 +530,7 @@ def sliced_score_matching_loss(score_model, x, *, n_projections=1, probe="radema
                                generator=None):
     """Sliced score matching: (1/2 ||s_theta(x)||^2 + v^T grad_x s_theta(x) v) / d. [F16]
     E[v v^T] = I (Rademacher or Gaussian), so E_v[v^T J v] = tr(J); averaged over n_projections."""
-    _check_batch(x, "x")
-    _check_choice("probe", probe, {"rademacher", "gaussian"})
-    _check_count("n_projections", n_projections, 1)
+    _check(x=x, probe=probe, n_projections=n_projections)
     x = x.detach().requires_grad_(True)
     score = score_model(x)
     vjv = sum(_sum_flat(torch.autograd.grad((score * v).sum(), x, create_graph=True)[0] * v)
@@ -521,9 +552,7 @@ def _probe(x, kind, generator):
 def langevin(score_fn, x, *, step_size, n_steps, generator=None, callback=None):
     """x_k = x_{k-1} + (eps / 2) grad log p(x_{k-1}) + sqrt(eps) z_k, k = 1..n_steps. [F17]
     Exact only as eps -> 0: for N(0, c^2) the stationary variance is c^2 / (1 - eps / (4 c^2))."""
-    _check_batch(x, "x")
-    _check_real("step_size", step_size)
-    _check_count("n_steps", n_steps, 0)
+    _check(x=x, step_size=step_size, n_steps=n_steps)
     for i in range(n_steps):
         x = x + step_size / 2 * score_fn(x) + math.sqrt(step_size) * _randn_like(x, generator)
         if callback is not None:
@@ -536,11 +565,9 @@ def langevin(score_fn, x, *, step_size, n_steps, generator=None, callback=None):
 
 def geometric_sigmas(sigma_max, sigma_min, L):
     """sigma_1 > ... > sigma_L, geometric from sigma_max to sigma_min, float64 (L,). [F19]"""
-    _check_real("sigma_max", sigma_max)
-    _check_real("sigma_min", sigma_min)
-    _check_count("L", L, 1)
-    if L > 1 and not sigma_max > sigma_min:
-        raise ValueError(f"sigma_max must be > sigma_min = {sigma_min}, got {sigma_max}")
+    _check(sigma_max=sigma_max, sigma_min=sigma_min, L=L)
+    if L > 1:
+        _check_above("sigma_max", sigma_max, "sigma_min", sigma_min, strict=True)
     return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), L, dtype=torch.float64)
 
 
@@ -562,7 +589,7 @@ def draw_sigma(sigmas, x0, generator=None):
 def dsm_loss(score_model, x0, sigmas, *, sigma=None, noise=None, generator=None):
     """NCSN: lambda(sigma) ||s_theta(x~, sigma) + (x~ - x0) / sigma^2||^2 / d, x~ = x0 + sigma z.
     [F18, F19] sigma (B,) given or drawn from ``sigmas``; lambda = sigma^2 (PITFALLS #6)."""
-    _check_batch(x0, "x0")
+    _check(x0=x0)
     sigma = draw_sigma(sigmas, x0, generator) if sigma is None else sigma
     _check_shape(sigma, x0.shape[:1], "sigma")
     if not (sigma > 0).all():
@@ -572,24 +599,23 @@ def dsm_loss(score_model, x0, sigmas, *, sigma=None, noise=None, generator=None)
 
 
 @torch.no_grad()
-def annealed_langevin(score_fn, x, sigmas, *, eps=2e-5, n_steps_each=100, denoise=True,
-                      generator=None, callback=None):
+def annealed_langevin(score_fn, sigmas, x, *, steps=100, eps=2e-5, denoise=True, generator=None,
+                      callback=None):
     """Annealed Langevin (NCSN): for i = 1..L, K steps of F17 with s_theta(., sigma_i). [F20]
-    alpha_i = eps sigma_i^2 / sigma_L^2, Tweedie last (``denoise``), float32 sigma (PITFALLS 11);
-    callback(j, x) sees the state after each of the L K steps and Tweedie's (j = L K)."""
-    _check_batch(x, "x")
-    _check_real("eps", eps)
+    K = ``steps``, alpha_i = eps sigma_i^2 / sigma_L^2, Tweedie last (``denoise``), float32 sigma
+    (PITFALLS 11); callback(j, x) sees the state after each of the L K steps and Tweedie's (j =
+    L K). Called as the other samplers are: (model, noise process, x)."""
+    _check(x=x, eps=eps)
     sigmas = _sigmas(sigmas).tolist()
     for i, sigma in enumerate(sigmas):
         alpha, sigma_b = eps * sigma ** 2 / sigmas[-1] ** 2, _full(x, sigma)
-        done = i * n_steps_each
-        step_done = None if callback is None else lambda k, y: callback(done + k, y)
-        x = langevin(lambda y: score_fn(y, sigma_b), x, step_size=alpha, n_steps=n_steps_each,
+        step_done = None if callback is None else lambda k, y: callback(i * steps + k, y)
+        x = langevin(lambda y: score_fn(y, sigma_b), x, step_size=alpha, n_steps=steps,
                      generator=generator, callback=step_done)
     if denoise:
         x = tweedie(x, score_fn(x, _full(x, sigmas[-1])), 1.0, sigmas[-1])
         if callback is not None:
-            callback(len(sigmas) * n_steps_each, x)
+            callback(len(sigmas) * steps, x)
     return x
 
 
@@ -645,7 +671,7 @@ class _LinearSDE:
 
     def marginal(self, x0, s):
         """p_{0s}(x_s | x0) = N(m(s) x0, std(s)^2 I); returns (mean, std (B, 1, ..., 1)). [F23]"""
-        _check_batch(x0, "x0")
+        _check(x0=x0)
         _check_shape(s, x0.shape[:1], "s")
         scale, std = self.marginal_coefs(s)
         return bcast(scale, x0) * x0, bcast(std, x0)
@@ -667,10 +693,8 @@ class VPSDE(_LinearSDE):
     spacing = "quadratic"
 
     def __init__(self, beta_min=0.1, beta_max=20.0):
-        _check_real("beta_min", beta_min)
-        _check_real("beta_max", beta_max)
-        if beta_max < beta_min:
-            raise ValueError(f"beta_max must be >= beta_min = {beta_min}, got {beta_max}")
+        _check(beta_min=beta_min, beta_max=beta_max)
+        _check_above("beta_max", beta_max, "beta_min", beta_min)
         self.beta_min, self.beta_max = beta_min, beta_max
 
     def beta(self, s):
@@ -707,10 +731,8 @@ class VESDE(_LinearSDE):
     sigma_min (sigma_max / sigma_min)^s; mean x0, variance sigma(s)^2 - sigma_min^2. [F22, F23]"""
 
     def __init__(self, sigma_min=0.01, sigma_max=50.0):
-        _check_real("sigma_min", sigma_min)
-        _check_real("sigma_max", sigma_max)
-        if not sigma_max > sigma_min:
-            raise ValueError(f"sigma_max must be > sigma_min = {sigma_min}, got {sigma_max}")
+        _check(sigma_min=sigma_min, sigma_max=sigma_max)
+        _check_above("sigma_max", sigma_max, "sigma_min", sigma_min, strict=True)
         self.sigma_min, self.sigma_max = sigma_min, sigma_max
         self.prior_std = math.sqrt(sigma_max ** 2 - sigma_min ** 2)
 
@@ -766,8 +788,7 @@ def sde_loss(score_model, sde, x0, *, likelihood_weighting=False, s=None, noise=
              eps_s=1e-5, generator=None):
     """E_s lambda(s) ||s_theta(x_s, s) - grad log p_{0s}(x_s | x0)||^2 / d, s ~ U(eps_s, 1). [F25]
     lambda = std(s)^2, or g(s)^2 with ``likelihood_weighting`` (then a bound on the KL)."""
-    _check_batch(x0, "x0")
-    _check_real("eps_s", eps_s, 1)
+    _check(x0=x0, eps_s=eps_s)
     s = draw_s(x0, generator, eps_s) if s is None else s
     _check_shape(s, x0.shape[:1], "s")
     if not ((s > 0) & (s <= 1)).all():
@@ -806,10 +827,8 @@ def reverse_sde_sample(score_fn, sde, x, *, steps=1000, corrector_steps=0, snr=0
     ||z|| / ||score||)^2 (batch-averaged norms), alpha = 1, or A^2 (F28's alpha_i) with reverse
     diffusion. Grid: uniform (s_grid) or explicit, ending >= 0. Inpainting (F31) as in
     ddpm_sample, with p_{0s}(x_s | known)."""
-    _check_batch(x, "x")
+    _check(x=x, corrector_steps=corrector_steps, predictor=predictor)
     _check_inpainting(x, known, mask)
-    _check_count("corrector_steps", corrector_steps, 0)
-    _check_choice("predictor", predictor, {"euler_maruyama", "reverse_diffusion"})
     grid = s_grid(sde, steps, eps_s, spacing)
     coefs, s_b = list(_coefs(sde, grid).values()), [_full(x, s) for s in grid]
     x = _replace_known(x, known, mask, *coefs[0][2:], generator)
@@ -853,7 +872,6 @@ def _ode_step(f, x, s, ds, method):
     return x + ds / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
-ODE_METHODS = ("euler", "heun", "rk4", "rk45")
 _STAGES = {"euler": (0.0,), "heun": (0.0, 1.0), "rk4": (0.0, 0.5, 0.5, 1.0)}
 # Dormand-Prince 5(4): c_2..c_7, a_2..a_7 (a_7 = b: k_7 = f(x_new) is reused), b - b*.
 _DOPRI_C = (1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
@@ -900,9 +918,7 @@ def _rk45(f, x, s0, s1, rtol, atol, max_steps):
 def _solve_ode(f, x, grid, method, rtol, atol, max_steps, stats, callback=None):
     """dx/ds = f along grid (either direction): fixed steps, or rk45 between its ends."""
     if method == "rk45":
-        _check_real("rtol", rtol)
-        _check_real("atol", atol)
-        _check_count("max_steps", max_steps, 1)
+        _check(rtol=rtol, atol=atol, max_steps=max_steps)
         x, nfe = _rk45(f, x, grid[0], grid[-1], rtol, atol, max_steps)
     else:
         for i, (s, s_next) in enumerate(zip(grid, grid[1:])):
@@ -919,7 +935,7 @@ def _flow(score_fn, sde, x, steps, eps_s, spacing, method, forward=False):
     """(f, grid): the flow a(s) x - 1/2 g(s)^2 score(x, s) as f(x, s float) [F26], its floats and
     time tensors for every stage made before the loop, and the grid from 1 (from eps_s if
     ``forward``): rk45 needs only its ends; Euler's default is uniform."""
-    _check_choice("method", method, set(ODE_METHODS))
+    _check(method=method)
     steps = 1 if method == "rk45" and isinstance(steps, int) else steps
     spacing = "uniform" if spacing is None and method == "euler" else spacing
     grid = s_grid(sde, steps, eps_s, spacing)[::-1 if forward else 1]
@@ -942,7 +958,7 @@ def ode_sample(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-3, spacing
     ``method`` 'euler', 'heun', 'rk4' (1, 2, 4 evaluations per step) on the grid ``steps``,
     ``spacing`` (s_grid; by default the SDE's, uniform for Euler), or 'rk45' between the grid's
     ends (``rtol``, ``atol``, RuntimeError after ``max_steps``); ``stats`` receives 'nfe'."""
-    _check_batch(x, "x")
+    _check(x=x)
     f, grid = _flow(score_fn, sde, x, steps, eps_s, spacing, method)
     return _solve_ode(f, x, grid, method, rtol, atol, max_steps, stats, callback)
 
@@ -952,7 +968,7 @@ def ode_encode(score_fn, sde, x0, *, steps=100, method="rk4", eps_s=1e-3, spacin
                rtol=1e-5, atol=1e-5, max_steps=10_000, stats=None):
     """dx/ds = f - 1/2 g^2 score forward, data -> latent, from s = eps_s to 1. [F26]
     The probability-flow ODE on ode_sample's grid backwards, with the same methods."""
-    _check_batch(x0, "x0")
+    _check(x0=x0)
     f, grid = _flow(score_fn, sde, x0, steps, eps_s, spacing, method, forward=True)
     return _solve_ode(f, x0, grid, method, rtol, atol, max_steps, stats)
 
@@ -982,9 +998,7 @@ def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5, spa
     'exact' or 'hutchinson' (n_probes fixed probes, unbiased). Returns (B,) 'nats', 'bpd' = -nats
     / (d ln 2), and 'nfe'. ``dequantize`` (8-bit x = 2 k / 255 - 1): y = x + (2 / 255)(u - 1/2),
     'nats' = log p(y), 'bpd' = -(log p(y) + d log(2 / 255)) / (d ln 2), as in the papers."""
-    _check_batch(x, "x")
-    _check_choice("divergence", divergence, {"exact", "hutchinson"})
-    _check_count("n_probes", n_probes, 1)
+    _check(x=x, divergence=divergence, n_probes=n_probes)
     shape, d = x.shape, x[0].numel()
     if dequantize:
         x = x + 2 / 255 * (torch.rand(shape, generator=generator, device=x.device,
@@ -1025,9 +1039,6 @@ def _s_at_log_sigma(sde, targets):
     return s
 
 
-GRIDS = ("uniform", "quadratic", "logsnr", "edm")
-
-
 def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
     """Times 1 = s_0 > ... > s_N = eps_s (N = steps) for the SDE solvers. [F34]
     'uniform'; 'quadratic', s_i = eps_s + (1 - eps_s) (1 - i / N)^2; 'logsnr', uniform in log(m /
@@ -1039,10 +1050,8 @@ def s_grid(sde, steps, eps_s=1e-3, spacing=None, rho=7.0):
             raise ValueError(f"steps must be an int or a strictly descending grid of at least two "
                              f"times in [0, 1], got {grid}")
         return grid
-    _check_count("steps", steps, 1)
-    _check_real("eps_s", eps_s, 1)
     spacing = sde.spacing if spacing is None else spacing
-    _check_choice("spacing", spacing, set(GRIDS))
+    _check(steps=steps, eps_s=eps_s, spacing=spacing)
     u = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
     if spacing in ("uniform", "quadratic"):
         s = eps_s + (1 - eps_s) * (1 - u) ** (1 if spacing == "uniform" else 2)
@@ -1064,7 +1073,7 @@ def few_step_grid(sde, steps):
     lambda_K + e^c; K <= 12: lambda_K = 3.5, c = 0.7 + 8.2 / (K - 3) (K <= 3: near uniform);
     K >= 13: lambda_K = 5, c = 18.7 / (K - 1); fitted on a family of Gaussians; K = 5: nodes
     fitted alone, and the samplers (order 2) correct its first step."""
-    _check_count("steps", steps, 1)
+    _check(steps=steps)
     m, std = sde.marginal_coefs(torch.ones(1, dtype=torch.float64))
     lam_0 = torch.log(m / std).clamp(min=-5.03)
     if steps <= 12:                 # stop at std / m = e^-3.5: a full step, no final denoise
@@ -1135,8 +1144,7 @@ def dpm_solver_sample(eps_model, sched, x, *, steps=10, order=2, clip_x0=None, c
     calls, on the few-step grid (F38) rounded to distinct integer steps >= 1 (K < T; K = T ends
     at t = 0), or a grid T >= t_0 > ... > t_K >= 0, x at t_0 (K calls; a last t_K = 0 returns
     x0_hat, clipped)."""
-    _check_batch(x, "x")
-    _check_clip(clip_x0)
+    _check(x=x, clip_x0=clip_x0)
     first = isinstance(steps, int) and steps == 5 and order == 2    # F38's K = 5 grid
     if isinstance(steps, int):
         if isinstance(steps, bool) or not 1 <= steps <= sched.T:
@@ -1165,7 +1173,7 @@ def dpm_solver_sde_sample(score_fn, sde, x, *, steps=10, order=2, eps_s=None, sp
     x0_hat = (x + std^2 score) / m. ``steps``: K, the number of score_fn calls; with eps_s and
     spacing None, the few-step grid (F38, which picks its end), else s_grid(sde, K, eps_s or
     1e-3, spacing or 'logsnr'); or a grid of K + 1 times."""
-    _check_batch(x, "x")
+    _check(x=x)
     first = False
     if isinstance(steps, int) and eps_s is None and spacing is None:
         first = steps == 5 and order == 2                           # F38's K = 5 grid
@@ -1733,9 +1741,8 @@ METHODS = {
         level=ncsn_level,
         prior=lambda sigmas, shape, g, dev: sigmas.max().item() * torch.randn(
             shape, generator=g, device=dev),
-        samplers={"als": Sampler(lambda score_fn, sigmas, x, *, steps, **kw: annealed_langevin(
-            score_fn, x, sigmas, n_steps_each=steps, **kw), 100,
-            states=lambda n, sigmas: len(sigmas) * n + 1)}),
+        samplers={"als": Sampler(annealed_langevin, 100,
+                                 states=lambda n, sigmas: len(sigmas) * n + 1)}),
     **{name: Method(
         process=make, model_of=sde_score_of,
         loss=lambda m, sde, x0, g: sde_loss(m, sde, x0, generator=g), level=lambda sde, s: 1000 * s,
@@ -1823,13 +1830,11 @@ def check_config(config):
         problem = f.type in (int, float) and value is not None and out_of_range(value, **meta)
         if problem:
             raise ValueError(f"{f.name}: {problem}")
-    method = METHODS[config.method]
+    method, _ = METHODS[config.method], pick_sampler(config)
     labels = "conditional" if config.conditional else "classifier" if config.classifier else ""
     checks = [
         (config.data in DATASETS or config.data.endswith((".pt", ".npy")),
          f"data: {config.data!r} is neither one of {sorted(DATASETS)} nor a .pt/.npy file"),
-        (config.sampler in ("", *method.samplers),
-         f"sampler: {config.sampler!r} is not one of {sorted(method.samplers)} ({config.method})"),
         (config.channels % 8 == 0, f"channels: {config.channels} is not a multiple of 8"),
         (config.method != "ddpm" or config.sample_steps <= config.T,
          f"sample_steps: {config.sample_steps} is more than the T = {config.T} steps of the chain"),
@@ -1911,13 +1916,14 @@ def load_checkpoint(path, device="cpu"):
     return state
 
 
-def train(config, stop=None):
-    """Train as `config` says; rank 0 writes ckpt.pt (tensors only), config.json, loss.csv and
-    samples.png (a classifier: prints its accuracy). Returns TrainResult. Leaves threads, signal
-    handlers and process groups as found; in a joined process group it trains with DDP. Once the
-    threading.Event `stop` is set it ends after the step (DDP: after the next, on every rank,
-    whichever rank's `stop` was set), with a checkpoint. A non-finite loss raises
-    FloatingPointError and leaves the last checkpoint."""
+OUTPUTS = ("ckpt.pt", "config.json", "loss.csv", "samples*.p*", "trajectory_*.png",
+           "inpaint_*.p*", "classifier")  # a run's own outputs: --overwrite deletes them
+
+
+def start_run(config):
+    """Check the config and the run folder, read the data and settle the config (resolve_config)
+    before any work; rank 0 deletes an overwritten run's outputs. Returns (config, data, device,
+    rank, world size, number of classes or None)."""
     check_config(config)
     check_out(config)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -1925,43 +1931,83 @@ def train(config, stop=None):
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     data = get_data(config)
-    config, out, shape = resolve_config(config, data), Path(config.out), tuple(data.x.shape[1:])
+    config, labels = resolve_config(config, data), config.conditional or config.classifier
     if config.batch_size % world:
         raise ValueError(f"batch_size: {config.batch_size} is not divisible by {world} ranks")
-    if (config.conditional or config.classifier) and data.y is None:
+    if labels and data.y is None:
         raise ValueError(f"data: {config.data} has no labels y (save a .pt dict {{'x', 'y'}})")
-    k = int(data.y.max()) + 1 if config.conditional or config.classifier else None
-    outputs = ("ckpt.pt", "config.json", "loss.csv", "samples*.p*", "trajectory_*.png",
-               "inpaint_*.p*", "classifier")  # the run's own outputs: --overwrite deletes them
     if rank == 0 and config.overwrite:
-        for path in [p for pattern in outputs for p in out.glob(pattern)]:
+        for path in [p for pattern in OUTPUTS for p in Path(config.out).glob(pattern)]:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     if rank == 0 and config.data not in DATASETS:
         print(f"data: {len(data.x)} training and {len(data.x_test)} held-out examples of shape "
-              f"{shape}, {config.levels or 'continuous'} levels", file=sys.stderr)
+              f"{tuple(data.x.shape[1:])}, {config.levels or 'continuous'} levels",
+              file=sys.stderr)
+    return config, data, device, rank, world, int(data.y.max()) + 1 if labels else None
 
-    # The network (the same initial weights on every rank), its EMA and the optimizer.
-    method = METHODS[config.method]
+
+def resume_run(config, device, net, ema, opt):
+    """Load OUT/ckpt.pt into the network, its EMA and the optimizer; (steps done, loss log)."""
+    path = Path(config.out) / "ckpt.pt"
+    state = load_checkpoint(path, device)
+    try:
+        net.load_state_dict(state["model"])
+        ema.module.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: does not fit this config ({one_line(e)})")
+    ema.n_averaged.copy_(state["ema_n"])
+    step, log = int(state["step"]), state["loss_log"].tolist()
+    if step > config.steps:
+        raise ValueError(f"steps: {config.steps} is below the {step} steps done (the total)")
+    return step, log
+
+
+def learning_rate(config, step):
+    """Linear warm-up over lr_warmup steps to config.lr, then (lr_decay) cosine decay to 0."""
+    lr = config.lr * min(1.0, step / max(config.lr_warmup, 1))
+    return lr * (1 + math.cos(math.pi * step / config.steps)) / 2 if config.lr_decay else lr
+
+
+def save_run(config, net, ema, opt, step, log, shape, k):
+    """Write OUT/ckpt.pt (tensors only: loads with weights_only=True), config.json and
+    loss.csv, each atomically."""
+    out = Path(config.out)
+    write_atomic(out / "ckpt.pt", {
+        "model": net.state_dict(), "ema": ema.module.state_dict(), "ema_n": ema.n_averaged,
+        "opt": opt.state_dict(), "step": torch.tensor(step),
+        "loss_log": torch.tensor(log, dtype=torch.float64).reshape(-1, 3),
+        "shape": torch.tensor(shape), "num_classes": torch.tensor(k or 0)})
+    write_atomic(out / "config.json", json.dumps(asdict(config), indent=2).encode())
+    rows = "".join(f"{int(s)},{loss:.6g},{t:.2f}\n" for s, loss, t in log)
+    write_atomic(out / "loss.csv", ("step,loss,seconds\n" + rows).encode())
+
+
+def nonfinite(loss, step, config):
+    """The FloatingPointError of a non-finite loss or gradient, naming the last good checkpoint."""
+    kept = Path(config.out) / "ckpt.pt"
+    kept = f'{kept} (step {int(load_checkpoint(kept)["step"])})' if kept.exists() else "none"
+    return FloatingPointError(f"non-finite loss ({loss.item():.4g}) or gradient at step {step}; "
+                              f"training stopped, last good checkpoint: {kept}")
+
+
+def train(config, stop=None):
+    """Train as `config` says; rank 0 writes ckpt.pt (tensors only), config.json, loss.csv and
+    samples.png (a classifier: prints its accuracy). Returns TrainResult. Leaves threads, signal
+    handlers and process groups as found; in a joined process group it trains with DDP. Once the
+    threading.Event `stop` is set it ends after the step (DDP: after the next, on every rank,
+    whichever rank's `stop` was set), with a checkpoint. A non-finite loss raises
+    FloatingPointError and leaves the last checkpoint."""
+    config, data, device, rank, world, k = start_run(config)
+    method, shape = METHODS[config.method], tuple(data.x.shape[1:])
     process = method.process(config)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # the same initial weights on every rank
         torch.manual_seed(config.seed)
         net = make_network(config, shape, k).to(device)
     model = DistributedDataParallel(net) if world > 1 else net
     ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
-    step, log = 0, []
-    if config.resume:
-        state = load_checkpoint(out / "ckpt.pt", device)
-        try:
-            net.load_state_dict(state["model"])
-            ema.module.load_state_dict(state["ema"])
-            opt.load_state_dict(state["opt"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise ValueError(f"{out / 'ckpt.pt'}: does not fit this config ({one_line(e)})")
-        ema.n_averaged.copy_(state["ema_n"])
-        step, log = int(state["step"]), state["loss_log"].tolist()
-        if step > config.steps:
-            raise ValueError(f"steps: {config.steps} is below the {step} steps done (the total)")
+    step, log = resume_run(config, device, net, ema, opt) if config.resume else (0, [])
 
     # This rank's shard; each step: batch, loss, backward, clip, Adam, EMA, log, checkpoint.
     x, y = data.x[rank::world].to(device), None if k is None else data.y[rank::world].to(device)
@@ -1986,15 +2032,9 @@ def train(config, stop=None):
         loss.backward()
         norm = nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip or math.inf)
         if not (torch.isfinite(loss) and torch.isfinite(norm)):  # the same on every DDP rank
-            kept = out / "ckpt.pt"
-            kept = f'{kept} (step {int(load_checkpoint(kept)["step"])})' if kept.exists() \
-                else "none"
-            raise FloatingPointError(f"non-finite loss ({loss.item():.4g}) or gradient at step "
-                                     f"{step}; training stopped, last good checkpoint: {kept}")
-        lr = config.lr * min(1.0, step / max(config.lr_warmup, 1))  # warm-up, then cosine decay
+            raise nonfinite(loss, step, config)
         for group in opt.param_groups:
-            group["lr"] = lr * (1 + math.cos(math.pi * step / config.steps)) / 2 \
-                if config.lr_decay else lr
+            group["lr"] = learning_rate(config, step)
         opt.step()
         if step <= config.ema_warmup:
             ema.n_averaged.zero_()  # AveragedModel copies the weights when n_averaged == 0
@@ -2012,18 +2052,12 @@ def train(config, stop=None):
             log.append((step, total / count, time.time() - t0))
             total, count = 0.0, 0
         if rank == 0 and (step % config.ckpt_every == 0 or step == config.steps or stopped):
-            write_atomic(out / "ckpt.pt", {
-                "model": net.state_dict(), "ema": ema.module.state_dict(),
-                "ema_n": ema.n_averaged, "opt": opt.state_dict(), "step": torch.tensor(step),
-                "loss_log": torch.tensor(log, dtype=torch.float64).reshape(-1, 3),
-                "shape": torch.tensor(shape), "num_classes": torch.tensor(k or 0)})
-            write_atomic(out / "config.json", json.dumps(asdict(config), indent=2).encode())
-            rows = "".join(f"{int(s)},{loss:.6g},{t:.2f}\n" for s, loss, t in log)
-            write_atomic(out / "loss.csv", ("step,loss,seconds\n" + rows).encode())
-
+            save_run(config, net, ema, opt, step, log, shape, k)
     if agreeing is not None:  # no collective left under way
         agreeing[1].wait()
+
     # Rank 0 evaluates: the classifier's accuracy, or final samples beside the held-out data.
+    out = Path(config.out)
     paths, quality = {name: out / name for name in ("ckpt.pt", "config.json", "loss.csv")}, {}
     trained = Model(config, ema.module.eval(), process, shape, k)
     if rank == 0 and not stopped and config.classifier:
@@ -2076,6 +2110,17 @@ def guided_model(m, y=None, w=0.0, classifier=None):
     return lambda x, t: score_to_eps(score(x, t), std(t))
 
 
+def pick_sampler(config, name=""):
+    """(name, Sampler): `name`, else the run's config.sampler, else its method's first sampler;
+    a name its method lacks is a ValueError listing the method's samplers."""
+    samplers = METHODS[config.method].samplers
+    name = name or config.sampler or next(iter(samplers))
+    if name not in samplers:
+        raise ValueError(f"sampler: {name!r} is not one of {sorted(samplers)} for method "
+                         f"{config.method}")
+    return name, samplers[name]
+
+
 FRAMES = 9  # states of x kept by draw_samples(frames=...): at most this many plus the start
 
 
@@ -2085,12 +2130,7 @@ def draw_samples(m, n, *, sampler="", steps=0, seed=0, y=None, w=0.0, classifier
     batches: labels y (n,), guidance w (guided_model), inpainting with known and mask [F31];
     images clipped to [-1, 1] (x0_hat too). The list `frames` receives (steps done, x) for the
     start and at most FRAMES evenly spaced states of the first batch."""
-    method = METHODS[m.config.method]
-    name = sampler or m.config.sampler or next(iter(method.samplers))
-    if name not in method.samplers:
-        raise ValueError(f"sampler: {name!r} is not one of {sorted(method.samplers)} for method "
-                         f"{m.config.method}")
-    spec = method.samplers[name]
+    method, (name, spec) = METHODS[m.config.method], pick_sampler(m.config, sampler)
     if known is not None and not spec.inpaint:
         can = [k for k, v in method.samplers.items() if v.inpaint] or "none"
         raise ValueError(f"sampler: {name} cannot inpaint; those of {m.config.method} that can: "
@@ -2444,7 +2484,7 @@ def sample_command(args):
     """`sample`: samples_SAMPLER[_GUIDE_classK].pt ({'x', 'y'}) and .png; with --trajectory,
     trajectory_*.png; with --inpaint, inpaint_MASK_SAMPLER.pt and .png. [F30, F31]"""
     (device, m), out = open_run(args), Path(args.run)
-    name = args.sampler or m.config.sampler or next(iter(METHODS[m.config.method].samplers))
+    name, _ = pick_sampler(m.config, args.sampler)
     data = get_data(m.config)
     if args.inpaint and (len(m.shape) != 3 or args.trajectory):
         raise ValueError(f"inpaint: needs images (C, H, W), the run's data have shape {m.shape}, "

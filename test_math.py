@@ -1711,7 +1711,7 @@ def test_F20_F21_annealed_langevin_exact_law():
     sigma_L^2 of the last levels are too short to finish mixing). [F20, F21]"""
     sigmas = torch.exp(torch.linspace(math.log(3.0), math.log(0.01), 10, dtype=F64)).tolist()
     score = lambda x, sigma: ref_gauss_score(x, 1.0, sigma ** 2)
-    law = ref_affine_law(lambda x: ds.annealed_langevin(score, 3.0 * x, sigmas), 3)
+    law = ref_affine_law(lambda x: ds.annealed_langevin(score, sigmas, 3.0 * x), 3)
     start = torch.zeros(3, dtype=F64), 9.0 * torch.eye(3, dtype=F64)      # x = 3 N(0, I)
     ref_assert_same_law(law, ref_propagate(ref_annealed_steps(sigmas, 2e-5, 100), *start))
     assert ref_w2(*law, MU, SIGMA) < 0.09
@@ -1726,8 +1726,8 @@ def test_F20_annealed_langevin_noise_levels_stay_float32_for_bfloat16_data():
     def score_fn(y, sigma):
         seen.append(sigma)
         return -y
-    out = ds.annealed_langevin(score_fn, torch.zeros(4, 2, dtype=torch.bfloat16), [1.0, 0.3, 0.07],
-                               n_steps_each=1, generator=_gen(13))
+    out = ds.annealed_langevin(score_fn, [1.0, 0.3, 0.07], torch.zeros(4, 2, dtype=torch.bfloat16),
+                               steps=1, generator=_gen(13))
     assert out.dtype == torch.bfloat16 and len(seen) == 4
     for sigma, level in zip(seen, [1.0, 0.3, 0.07, 0.07]):
         assert sigma.dtype == torch.float32 and sigma.shape == (4,)
@@ -1743,7 +1743,7 @@ def test_F20_annealed_langevin_on_the_mixture():
     here, so this check sees gross errors (a wrong sign or step size), not that bias. [F20]"""
     sigmas = torch.exp(torch.linspace(math.log(3.0), math.log(0.01), 20, dtype=F64)).tolist()
     x = 3.0 * torch.randn(N_MIX // 2, 2, generator=_gen(24), dtype=F64)
-    out = ds.annealed_langevin(lambda y, sigma: ref_mix_score(y, 1.0, sigma ** 2), x, sigmas,
+    out = ds.annealed_langevin(lambda y, sigma: ref_mix_score(y, 1.0, sigma ** 2), sigmas, x,
                                generator=_gen(25))
     ref_check_mixture(out, ref_mixture_component_laws(
         lambda mu, cov: ref_annealed_steps(sigmas, 2e-5, 100, mu, cov), start_std=3.0))
@@ -3089,7 +3089,7 @@ def test_F6_F24_F26_F29_F32_sampler_steps_never_synchronize_with_the_host():
             lambda: ds.reverse_sde_sample(score_fn, dvp, x, steps=5,
                                           predictor="reverse_diffusion", generator=g),
             lambda: ds.ode_sample(score_fn, vp, x, steps=5),
-            lambda: ds.annealed_langevin(lambda y, sg: -y, x, [1.0, 0.1], n_steps_each=2,
+            lambda: ds.annealed_langevin(lambda y, sg: -y, [1.0, 0.1], x, steps=2,
                                          generator=g)]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -3120,7 +3120,7 @@ def _all_samplers():
         "langevin": lambda x, g: ds.langevin(lambda y: -y, x, step_size=0.1, n_steps=20,
                                              generator=g),
         "annealed": lambda x, g: ds.annealed_langevin(
-            lambda y, sigma: -y / col(1 + sigma ** 2, y), x, [1.0, 0.3, 0.1], n_steps_each=10,
+            lambda y, sigma: -y / col(1 + sigma ** 2, y), [1.0, 0.3, 0.1], x, steps=10,
             generator=g),
         "pc vp": lambda x, g: ds.reverse_sde_sample(sde_score("vp"), vp, x, steps=20,
                                                     corrector_steps=1, generator=g),
@@ -3177,8 +3177,8 @@ def test_F6_F26_F27_F29_sampler_arguments_are_checked():
            (lambda: ds.ode_likelihood(score_fn, vp, x, divergence="hutchinson", n_probes=0),
             "n_probes"),
            (lambda: ds.langevin(lambda y: -y, x, step_size=0.1, n_steps=2.5), "n_steps"),
-           (lambda: ds.annealed_langevin(lambda y, sg: -y, x, []), "sigmas"),
-           (lambda: ds.annealed_langevin(lambda y, sg: -y, x, [1.0, 0.0]), "sigmas"),
+           (lambda: ds.annealed_langevin(lambda y, sg: -y, [], x), "sigmas"),
+           (lambda: ds.annealed_langevin(lambda y, sg: -y, [1.0, 0.0], x), "sigmas"),
            (lambda: ds.reverse_sde_sample(score_fn, vp, x, predictor="heun"), "predictor"),
            (lambda: ds.ode_sample(score_fn, vp, x, spacing="cosine"), "spacing"),
            (lambda: ds.ode_sample(score_fn, vp, x, method="rk45", rtol=0.0), "rtol"),

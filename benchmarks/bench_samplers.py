@@ -158,8 +158,8 @@ def w2_table():
         "reverse_sde_sample reverse_diffusion": lambda x, n: ds.reverse_sde_sample(
             score, SDE, x, steps=n, predictor="reverse_diffusion"),
         "annealed_langevin (L = 10, NFE = 10 K + 1)": lambda x, n: (ds.annealed_langevin(
-            lambda y, sg: gauss_score(y, 1.0, sg[0].item() ** 2), 10 * x, SIGMAS,
-            n_steps_each=n // 10) if n % 10 == 0 else None),
+            lambda y, sg: gauss_score(y, 1.0, sg[0].item() ** 2), SIGMAS, 10 * x,
+            steps=n // 10) if n % 10 == 0 else None),
     }
     nfes = (10, 12, 20, 50, 100)
     print("\n2. Exact W2 of the output law to the data, 16-d Gaussian (DDPM/DDIM/DPM on the "
@@ -276,7 +276,7 @@ def overhead_table():
         "reverse_sde_sample": ("sde", lambda x, n: ds.reverse_sde_sample(free_score, SDE, x,
                                                                           steps=n)),
         "annealed_langevin": ("langevin", lambda x, n: ds.annealed_langevin(
-            free_score, x, [1.0, 0.5, 0.1, 0.05], n_steps_each=n // 4)),
+            free_score, [1.0, 0.5, 0.1, 0.05], x, steps=n // 4)),
     }
     n = 100
     results = {}
