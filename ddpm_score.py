@@ -1470,9 +1470,8 @@ def read_npy(path):
     raw = Path(path).read_bytes()
     if raw[:6] != b"\x93NUMPY":
         raise ValueError(f"{path}: not a .npy file (bad magic bytes)")
-    size_fmt = "<H" if raw[6] == 1 else "<I"
-    start = 8 + struct.calcsize(size_fmt)
-    end = start + struct.unpack(size_fmt, raw[8:start])[0]
+    start = 10 if raw[6] == 1 else 12  # the header's length: 2 bytes in version 1, else 4
+    end = start + int.from_bytes(raw[8:start], "little")
     header = ast.literal_eval(raw[start:end].decode("latin1"))
     dtype, shape = NPY_DTYPES.get(header["descr"]), header["shape"]
     if dtype is None:
@@ -1595,14 +1594,12 @@ def write_atomic(path, data):
 def write_png(path, img):
     """Write a uint8 image, gray (H, W) or RGB (H, W, 3), as a PNG with zlib and struct."""
     img = img.to(torch.uint8).cpu()
-    rows = torch.cat([torch.zeros(img.shape[0], 1, dtype=torch.uint8),
-                      img.reshape(img.shape[0], -1)], dim=1)
+    rows = F.pad(img.reshape(len(img), -1), (1, 0))  # each row starts with filter type 0 (none)
 
     def chunk(kind, data):  # length, type, data, CRC-32 of type and data
         crc = struct.pack(">I", zlib.crc32(kind + data))
         return struct.pack(">I", len(data)) + kind + data + crc
-    header = struct.pack(">IIBBBBB", img.shape[1], img.shape[0], 8, 2 if img.ndim == 3 else 0, 0,
-                         0, 0)
+    header = struct.pack(">IIBBBBB", img.shape[1], len(img), 8, 2 if img.ndim == 3 else 0, 0, 0, 0)
     write_atomic(path, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
                  + chunk(b"IDAT", zlib.compress(bytes(rows.flatten().tolist()), 6))
                  + chunk(b"IEND", b""))
@@ -1623,15 +1620,15 @@ def stamp(img, number, zoom=2):
 
 
 def plane(x):
-    """Points (N, d) -> their first two coordinates (N, 2), the second 0 when d = 1."""
-    return F.pad(x[:, :2], (0, max(0, 2 - x.shape[1])))
+    """Points (N, d) -> their first two coordinates (N', 2), 0 if d = 1, the non-finite dropped."""
+    x = F.pad(x[:, :2], (0, max(0, 2 - x.shape[1])))
+    return x[torch.isfinite(x).all(dim=1)]
 
 
 def density_image(x, hi, res=160, zoom=2):
     """Points (N, d) -> uint8 (res zoom)^2 histogram picture of plane(x) on the square
     [-hi, hi]^2, white background, darker where denser (square-root scale), y axis up."""
-    x = plane(x)
-    ij = ((x[torch.isfinite(x).all(dim=1)].float().cpu() + hi) / (2 * hi) * res).floor().long()
+    ij = ((plane(x).float().cpu() + hi) / (2 * hi) * res).floor().long()
     ij = ij[((ij >= 0) & (ij < res)).all(dim=1)]
     counts = torch.bincount((res - 1 - ij[:, 1]) * res + ij[:, 0], minlength=res * res).float()
     v = (counts / max(counts.quantile(0.995).item(), 1.0)).clamp(max=1).sqrt()
@@ -1642,12 +1639,10 @@ def density_image(x, hi, res=160, zoom=2):
 def image_grid(x, ncol=8, zoom=4):
     """Images (N, C, H, W) in [-1, 1] -> uint8 grid picture (gray or RGB), 1 pixel of white
     between images and white empty cells, each pixel shown as zoom x zoom."""
-    x = torch.cat([x.float().cpu(), x.new_full((-len(x) % ncol, *x.shape[1:]), 1).float().cpu()])
-    grid = rearrange(F.pad(x.clamp(-1, 1), (1, 1, 1, 1), value=1.0),
-                     "(r c) ch h w -> (r h) (c w) ch", c=ncol)
+    x = F.pad(x.float().cpu().clamp(-1, 1), (1, 1, 1, 1, 0, 0, 0, -len(x) % ncol), value=1.0)
+    grid = rearrange(x, "(r c) ch h w -> (r h) (c w) ch", c=ncol).squeeze(-1)  # gray: (H, W)
     img = ((grid + 1) * 127.5).round().to(torch.uint8)
-    img = img.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
-    return img[..., 0] if img.shape[-1] == 1 else img
+    return img.repeat_interleave(zoom, 0).repeat_interleave(zoom, 1)
 
 
 def side_by_side(imgs, gap=6):
@@ -1658,8 +1653,7 @@ def side_by_side(imgs, gap=6):
 
 def extent(x):
     """Half-width of the square that shows points: 1.1 times the 99.5% quantile of |plane(x)|."""
-    x = plane(x)
-    return 1.1 * x[torch.isfinite(x).all(dim=1)].abs().quantile(0.995).item()
+    return 1.1 * plane(x).abs().quantile(0.995).item()
 
 
 def picture(samples, data):
