@@ -245,9 +245,9 @@ def marginal_coefs(sched, t):
 # --- DDPM: forward process [F1-F5] ----------------------------------------------------------------
 
 
-def _noise(x, noise, generator, name="noise"):
+def _noise(x, noise, generator):
     if noise is not None:
-        _check_shape(noise, x.shape, name)
+        _check_shape(noise, x.shape, "noise")
     return _randn_like(x, generator) if noise is None else noise
 
 
@@ -367,7 +367,7 @@ def vlb_bpd(eps_model, sched, x0, *, sigma2="beta", decoder="discretized",
             nll = 0.5 * (torch.log(2 * math.pi * var) + (x0 - mu) ** 2 / var)
         terms[:, step - 1] = _sum_flat(nll)
     mean_T, var_T = q_mean_var(sched, x0, torch.full((B,), sched.T, device=x0.device))
-    prior = _sum_flat(gaussian_kl(mean_T, var_T, torch.zeros_like(x0), torch.ones_like(var_T)))
+    prior = _sum_flat(gaussian_kl(mean_T, var_T, 0.0, 1.0))
     terms, prior = terms / (d * math.log(2)), prior / (d * math.log(2))
     return {"total": prior + terms.sum(1), "prior": prior, "terms": terms}
 
@@ -413,9 +413,9 @@ def _check_inpainting(x, known, mask):
         raise ValueError("known and mask must be given together for inpainting")
     if mask is not None:
         _check_shape(known, x.shape, "known")
-    if mask is not None and (mask.dtype != torch.bool or mask.shape != x.shape):
-        raise ValueError(f"mask must be a bool tensor of the data's shape {tuple(x.shape)}, "
-                         f"got {mask.dtype} {tuple(mask.shape)}")
+        if mask.dtype != torch.bool or mask.shape != x.shape:
+            raise ValueError(f"mask must be a bool tensor of the data's shape {tuple(x.shape)}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
 
 
 def _replace_known(x, known, mask, scale, std, generator):
@@ -423,12 +423,6 @@ def _replace_known(x, known, mask, scale, std, generator):
     if mask is None:
         return x
     return torch.where(mask, scale * known + std * _randn_like(x, generator), x)
-
-
-def _check_clip(clip_x0):
-    if not (clip_x0 is None or isinstance(clip_x0, (tuple, list)) and len(clip_x0) == 2 and all(
-            isinstance(v, (int, float)) for v in clip_x0) and clip_x0[0] < clip_x0[1]):
-        raise ValueError(f"clip_x0 must be None or a range (lo, hi) with lo < hi, got {clip_x0!r}")
 
 
 def _x0_hat(x, eps, alpha_bar, clip_x0):
@@ -521,8 +515,7 @@ def score_matching_loss(score_model, x):
     _check(x=x)
     x = x.detach().requires_grad_(True)
     score = score_model(x).flatten(1)
-    trace = sum(torch.autograd.grad(score[:, i].sum(), x, create_graph=True)[0].flatten(1)[:, i]
-                for i in range(score.shape[1]))
+    trace = _jacobian_trace(score, x, None, create_graph=True)
     return (0.5 * (score ** 2).sum(1) + trace) / score.shape[1]
 
 
@@ -533,9 +526,19 @@ def sliced_score_matching_loss(score_model, x, *, n_projections=1, probe="radema
     _check(x=x, probe=probe, n_projections=n_projections)
     x = x.detach().requires_grad_(True)
     score = score_model(x)
-    vjv = sum(_sum_flat(torch.autograd.grad((score * v).sum(), x, create_graph=True)[0] * v)
-              for v in (_probe(x, probe, generator) for _ in range(n_projections)))
-    return (0.5 * _sum_flat(score ** 2) + vjv / n_projections) / x[0].numel()
+    probes = [_probe(x, probe, generator) for _ in range(n_projections)]
+    vjv = _jacobian_trace(score, x, probes, create_graph=True)
+    return (0.5 * _sum_flat(score ** 2) + vjv) / x[0].numel()
+
+
+def _jacobian_trace(out, x, probes, create_graph=False):
+    """tr(grad_x out) per example, out = f(x): exact (one backward pass per dimension) if probes is
+    None, else Hutchinson's v^T (grad_x out) v averaged over the given probes. [F16, F27]"""
+    grad = partial(torch.autograd.grad, inputs=x, retain_graph=True, create_graph=create_graph)
+    if probes is None:
+        flat = out.flatten(1)
+        return sum(grad(flat[:, i].sum())[0].flatten(1)[:, i] for i in range(flat.shape[1]))
+    return sum(_sum_flat(grad((out * v).sum())[0] * v) for v in probes) / len(probes)
 
 
 def _probe(x, kind, generator):
@@ -973,22 +976,6 @@ def ode_encode(score_fn, sde, x0, *, steps=100, method="rk4", eps_s=1e-3, spacin
     return _solve_ode(f, x0, grid, method, rtol, atol, max_steps, stats)
 
 
-def _divergence(f, x, probes):
-    """div_x f(x) per example: exact (one backward pass per dimension) if probes is None, else
-    Hutchinson's v^T (grad_x f) v averaged over the given probes. [F27]"""
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        out = f(x)
-        if probes is None:
-            flat = out.flatten(1)
-            div = sum(torch.autograd.grad(flat[:, i].sum(), x, retain_graph=True)[0]
-                      .flatten(1)[:, i] for i in range(flat.shape[1]))
-        else:
-            div = sum(_sum_flat(torch.autograd.grad((out * v).sum(), x, retain_graph=True)[0] * v)
-                      for v in probes) / len(probes)
-    return out.detach(), div.detach()
-
-
 @torch.no_grad()
 def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5, spacing=None,
                    rtol=1e-5, atol=1e-5, max_steps=10_000, divergence="exact", n_probes=1,
@@ -1009,8 +996,11 @@ def ode_likelihood(score_fn, sde, x, *, steps=100, method="rk4", eps_s=1e-5, spa
     flow, grid = _flow(score_fn, sde, x, steps, eps_s, spacing, method, forward=True)
 
     def augmented(state, s):  # state = [x flattened, accumulated divergence]
-        drift, div = _divergence(lambda y: flow(y, s), state[:, :d].reshape(shape), probes)
-        return torch.cat([drift.flatten(1), div[:, None]], 1)
+        with torch.enable_grad():
+            y = state[:, :d].reshape(shape).detach().requires_grad_(True)
+            drift = flow(y, s)
+            div = _jacobian_trace(drift, y, probes)
+        return torch.cat([drift.detach().flatten(1), div.detach()[:, None]], 1)
     state, stats = torch.cat([x.flatten(1), x.new_zeros(shape[0], 1)], 1), {}
     state = _solve_ode(augmented, state, grid, method, rtol, atol, max_steps, stats)
     nats = sde.prior_logp(state[:, :d].reshape(shape)) + state[:, d]
@@ -1239,8 +1229,7 @@ def colorization_known(grey):
     """(known, mask) in the colour basis for a grey image (B, 1, ...), the mean of R, G, B. [F31]"""
     if grey.ndim < 2 or grey.shape[1] != 1:
         raise ValueError(f"grey must have shape (B, 1, ...), got {tuple(grey.shape)}")
-    known = torch.zeros(grey.shape[0], 3, *grey.shape[2:], dtype=grey.dtype, device=grey.device)
-    known[:, :1] = math.sqrt(3) * grey
+    known = torch.cat([math.sqrt(3) * grey, torch.zeros_like(grey), torch.zeros_like(grey)], 1)
     mask = torch.zeros_like(known, dtype=torch.bool)
     mask[:, :1] = True
     return known, mask
