@@ -2377,8 +2377,7 @@ def train_command(args, argv):
     after the same step, with a checkpoint: exit 130 or 143; a second Ctrl-C stops at once."""
     config_path, run_path = Path(args.out) / "config.json", Path(args.out).parent / "config.json"
     if args.resume and config_path.exists():
-        args = make_parser(replace(read_config(config_path), resume=True, overwrite=False)
-                           ).parse_args(argv)
+        args = make_parser(replace(read_config(config_path), overwrite=False)).parse_args(argv)
     elif args.classifier and run_path.exists():  # RUN/classifier: RUN's config, as a classifier
         args = make_parser(replace(read_config(run_path), classifier=True, conditional=False,
                                    resume=False, overwrite=False, out=args.out)).parse_args(argv)
@@ -2438,11 +2437,11 @@ def guidance(args, m, n, device):
         raise ValueError(f"guide: cfg needs a run trained with --conditional; {args.run} is "
                          "unconditional")
     clf, path = None, Path(args.run) / "classifier"
-    if guide == "classifier" and not (path / "ckpt.pt").exists():
-        raise ValueError(f"guide: {args.run} is {'' if m.num_classes else 'un'}conditional and "
-                         f"has no classifier; train one with `python ddpm_score.py train "
-                         f"--classifier --out {path}`")
     if guide == "classifier":
+        if not (path / "ckpt.pt").exists():
+            raise ValueError(f"guide: {args.run} is {'' if m.num_classes else 'un'}conditional "
+                             f"and has no classifier; train one with `python ddpm_score.py train "
+                             f"--classifier --out {path}`")
         clf = load_run(path, device)
         process = {"ddpm": ("schedule", "T"), "ncsn": ("sigma_min", "sigma_max", "n_sigmas"),
                    "ve": ("sigma_min", "sigma_max")}.get(m.config.method, ())
@@ -2455,7 +2454,7 @@ def guidance(args, m, n, device):
     if label is not None and label >= k:
         raise ValueError(f"class: {label} is out of range; the run has {k} classes, 0..{k - 1}")
     w = args.guidance if args.guidance is not None else (0.0 if guide == "cfg" else 1.0)
-    which = "classifier-free" if guide == "cfg" else f"classifier {Path(args.run) / 'classifier'}"
+    which = "classifier-free" if guide == "cfg" else f"classifier {path}"
     print(f"guidance: {which}, w = {w:g}, "
           f"{f'classes 0..{k - 1} in turn' if label is None else f'class {label}'}")
     y = torch.arange(n) % k if label is None else torch.full((n,), label)
