@@ -3351,6 +3351,17 @@ BAD_INPUT = {
     "sliced n_projections=0": (lambda: ds.sliced_score_matching_loss(lambda y: y, X,
                                                                      n_projections=0),
                                "n_projections"),
+    "q_step x_prev 0-dim": (lambda: ds.q_step(SCHED, torch.tensor(1.0), T_OK), "x_prev"),
+    "mu_from_eps xt list": (lambda: ds.mu_from_eps(SCHED, [[0.0]], T_OK, X), r"\bxt\b"),
+    "discretized levels=1": (lambda: ds.discretized_gaussian_logp(X, X, 1.0, levels=1), "levels"),
+    "discretized levels=2.0": (lambda: ds.discretized_gaussian_logp(X, X, 1.0, levels=2.0),
+                               "levels"),
+    "langevin step_size=0": (lambda: ds.langevin(lambda y: -y, X, step_size=0.0, n_steps=1),
+                             "step_size"),
+    "annealed eps<0": (lambda: ds.annealed_langevin(lambda y, _s: -y, [1.0], X, eps=-1e-3),
+                       r"\beps\b"),
+    "ode rk45 atol=0": (lambda: ds.ode_sample(lambda y, _s: -y, ds.VPSDE(), X, method="rk45",
+                                              atol=0.0), "atol"),
 }
 
 
