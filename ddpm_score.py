@@ -427,7 +427,7 @@ def _replace_known(x, known, mask, scale, std, generator):
 
 def _x0_hat(x, eps, alpha_bar, clip_x0):
     """x0_hat = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar), clipped to clip_x0. [F21]"""
-    x0 = (x - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
+    x0 = x.sub(eps, alpha=math.sqrt(1 - alpha_bar)).div_(math.sqrt(alpha_bar))   # fused: 2 ops
     return x0 if clip_x0 is None else x0.clamp(*clip_x0)
 
 
@@ -485,7 +485,7 @@ def ddim_sample(eps_model, sched, x, *, steps=50, eta=0.0, clip_x0=None, generat
         x0_hat = _x0_hat(x, eps, a, clip_x0)
         if clip_x0 is not None:               # eps follows the clipped x0_hat
             eps = (x - math.sqrt(a) * x0_hat) / math.sqrt(1 - a)
-        x = math.sqrt(a_prev) * x0_hat + math.sqrt(max(c, 0.0)) * eps
+        x = torch.add(math.sqrt(a_prev) * x0_hat, eps, alpha=math.sqrt(max(c, 0.0)))  # fused add
         if sigma > 0:
             x = x + sigma * _randn_like(x, generator)
         if callback is not None:
