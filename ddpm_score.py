@@ -128,6 +128,7 @@ ARGS = {  # what each argument of the math must be, by name: the rules _check ap
                     (_check_count, 1)),
     **dict.fromkeys(("n_steps", "corrector_steps"), (_check_count, 0)),
     "levels": (_check_count, 2),
+    # numbers in (0, inf): s is cosine_betas' offset (SDE times s are tensors, checked at use)
     **dict.fromkeys(("s", "beta_min", "beta_max", "sigma_min", "sigma_max", "step_size", "eps",
                      "rtol", "atol"), (_check_real,)),
     **dict.fromkeys(("beta_1", "beta_T", "max_beta", "eps_s"), (_check_real, 1)),
