@@ -93,7 +93,7 @@ def _check_batch(name, x):
         raise ValueError(f"{name} must be a tensor of shape (B, ...) with B >= 1, got {got}")
 
 
-def _check_shape(v, shape, name):
+def _check_shape(name, v, shape):
     if not isinstance(v, torch.Tensor) or v.shape != shape:
         got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
         raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {got}")
@@ -248,7 +248,7 @@ def marginal_coefs(sched, t):
 
 def _noise(x, noise, generator):
     if noise is not None:
-        _check_shape(noise, x.shape, "noise")
+        _check_shape("noise", noise, x.shape)
     return _randn_like(x, generator) if noise is None else noise
 
 
@@ -281,7 +281,7 @@ def posterior_mean_var(sched, x0, xt, t):
     mu_tilde = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) x0
              + sqrt(alpha_t) (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t) x_t."""
     _check(x0=x0)
-    _check_shape(xt, x0.shape, "xt")
+    _check_shape("xt", xt, x0.shape)
     t = _check_t(sched, t, x0)
     beta, (alpha_bar, alpha_bar_prev) = sched.beta[t], sched.alpha_bar[torch.stack([t, t - 1])]
     mu_tilde = (bcast(alpha_bar_prev.sqrt() * beta / (1 - alpha_bar), x0) * x0
@@ -293,7 +293,7 @@ def mu_from_eps(sched, xt, t, eps):
     """mu = (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_t): mu_tilde with the
     true eps (F8), the model mean with eps_theta (F9). [F8, F9]"""
     _check(xt=xt)
-    _check_shape(eps, xt.shape, "eps")
+    _check_shape("eps", eps, xt.shape)
     t = _check_t(sched, t, xt)
     coef = sched.beta[t] / (1 - sched.alpha_bar[t]).sqrt()
     return (xt - bcast(coef, xt) * eps) / bcast(sched.alpha[t].sqrt(), xt)
@@ -327,7 +327,7 @@ def discretized_gaussian_logp(x0, mean, var, levels=256):
     x0 = 2 k / (K - 1) - 1, bin x0 +- 1 / (K - 1), the bottom bin open to -inf and the top bin to
     +inf (the K masses sum to 1). As Ho et al.'s code: log Phi at k = 0, log(1 - Phi) at k = K - 1,
     log of the CDF difference between, each mass floored at 1e-12 (K = 256: their decoder)."""
-    _check_shape(mean, x0.shape, "mean")
+    _check_shape("mean", mean, x0.shape)
     _check(levels=levels)
     var = torch.as_tensor(var, dtype=x0.dtype, device=x0.device)
     if not (var > 0).all():
@@ -413,7 +413,7 @@ def _check_inpainting(x, known, mask):
     if (known is None) != (mask is None):
         raise ValueError("known and mask must be given together for inpainting")
     if mask is not None:
-        _check_shape(known, x.shape, "known")
+        _check_shape("known", known, x.shape)
         if mask.dtype != torch.bool or mask.shape != x.shape:
             raise ValueError(f"mask must be a bool tensor of the data's shape {tuple(x.shape)}, "
                              f"got {mask.dtype} {tuple(mask.shape)}")
@@ -595,7 +595,7 @@ def dsm_loss(score_model, x0, sigmas, *, sigma=None, noise=None, generator=None)
     [F18, F19] sigma (B,) given or drawn from ``sigmas``; lambda = sigma^2 (PITFALLS #6)."""
     _check(x0=x0)
     sigma = draw_sigma(sigmas, x0, generator) if sigma is None else sigma
-    _check_shape(sigma, x0.shape[:1], "sigma")
+    _check_shape("sigma", sigma, x0.shape[:1])
     if not (sigma > 0).all():
         raise ValueError(f"sigma must be > 0, got min {sigma.min().item()}")
     z, sigma_b = _noise(x0, noise, generator), bcast(sigma, x0)
@@ -649,14 +649,14 @@ def score_to_eps(score, std):
 
 def x0_from_eps(xt, eps, scale, std):
     """x0 = (x_t - std eps) / scale, inverting x_t = scale x0 + std eps. [F3, F21, F29]"""
-    _check_shape(eps, xt.shape, "eps")
+    _check_shape("eps", eps, xt.shape)
     return (xt - _as_coef(std, xt, "std") * eps) / _as_coef(scale, xt, "scale")
 
 
 def tweedie(xt, score, scale, std):
     """Tweedie: E[x0 | x_t] = (x_t + std^2 grad log p_t(x_t)) / scale; DDPM: scale =
     sqrt(alpha_bar_t), std = sqrt(1 - alpha_bar_t); NCSN: scale = 1, std = sigma. [F21]"""
-    _check_shape(score, xt.shape, "score")
+    _check_shape("score", score, xt.shape)
     return (xt + _as_coef(std, xt, "std") ** 2 * score) / _as_coef(scale, xt, "scale")
 
 
@@ -676,7 +676,7 @@ class _LinearSDE:
     def marginal(self, x0, s):
         """p_{0s}(x_s | x0) = N(m(s) x0, std(s)^2 I); returns (mean, std (B, 1, ..., 1)). [F23]"""
         _check(x0=x0)
-        _check_shape(s, x0.shape[:1], "s")
+        _check_shape("s", s, x0.shape[:1])
         scale, std = self.marginal_coefs(s)
         return bcast(scale, x0) * x0, bcast(std, x0)
 
@@ -794,7 +794,7 @@ def sde_loss(score_model, sde, x0, *, likelihood_weighting=False, s=None, noise=
     lambda = std(s)^2, or g(s)^2 with ``likelihood_weighting`` (then a bound on the KL)."""
     _check(x0=x0, eps_s=eps_s)
     s = draw_s(x0, generator, eps_s) if s is None else s
-    _check_shape(s, x0.shape[:1], "s")
+    _check_shape("s", s, x0.shape[:1])
     if not ((s > 0) & (s <= 1)).all():
         raise ValueError(f"s must lie in (0, 1], got values in {s.min().item()}..{s.max().item()}")
     z = _noise(x0, noise, generator)
